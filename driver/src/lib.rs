@@ -1,1 +1,6 @@
+//! nomad-driver-aimodel: a Nomad task-driver plugin for AI model servers.
+//!
+//! `main.rs` only installs logging and calls [`server::run`]; everything else
+//! lives here so it can be tested.
 
+pub mod cty;
