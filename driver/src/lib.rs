@@ -3,4 +3,6 @@
 //! `main.rs` only installs logging and calls [`server::run`]; everything else
 //! lives here so it can be tested.
 
+pub mod config;
 pub mod cty;
+pub mod schema;

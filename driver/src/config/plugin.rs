@@ -1,0 +1,278 @@
+//! The plugin configuration: `plugin "nomad-driver-aimodel" { config { ... } }`
+//! in the Nomad client's agent configuration.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::units::{Bytes, Dur};
+use super::ConfigError;
+use crate::schema::{attr, block, Field};
+
+/// The plugin configuration schema, reported by `ConfigSchema`.
+pub const PLUGIN_SCHEMA: &[Field] = &[
+    attr("endpoint", "string", Some(r#""unix:///var/run/docker.sock""#), "Docker Engine API endpoint: `unix:///path`, `tcp://host:port` or `http://host:port`."),
+    attr("fingerprint_period", "string", Some(r#""30s""#), "How often the fingerprint (health and attributes) is re-sent."),
+    attr("pull_activity_timeout", "string", Some(r#""5m""#), "An image pull fails when no progress arrives for this long. There is no wall-clock cap."),
+    attr("pull_progress_interval", "string", Some(r#""10s""#), "How often pull progress is reported as a task event."),
+    attr("allow_privileged", "bool", Some("false"), "Allow tasks to set `privileged = true`."),
+    attr("extra_labels", "map(string)", None, "Labels added to every container the driver creates."),
+    block("hf_cache", HF_CACHE_SCHEMA, "The shared HuggingFace cache."),
+    block("gpu", GPU_SCHEMA, "GPU discovery and assignment."),
+    block("images", IMAGES_SCHEMA, "Default image per engine, used when a task sets no `image`."),
+    block("auth", AUTH_SCHEMA, "Registry credentials used for every pull unless the task has its own `auth`."),
+    block("gc", GC_SCHEMA, "What is removed when a task is destroyed."),
+];
+
+const HF_CACHE_SCHEMA: &[Field] = &[
+    attr("host_path", "string", Some(r#""/mnt/hf-cache""#), "Host path of the HF cache (`HF_HOME`), usually an NFS mount."),
+    attr("container_path", "string", Some(r#""/root/.cache/huggingface""#), "Where the cache is mounted in the container; `HF_HOME` points here."),
+    attr("require_nfs", "bool", Some("false"), "Mark the driver unhealthy unless `host_path` is on NFS."),
+    attr("min_free", "string", Some(r#""10GiB""#), "Mark the driver unhealthy when the cache filesystem has less free space."),
+    attr("probe_timeout", "string", Some(r#""5s""#), "Time limit of every filesystem probe, so a hung NFS server cannot wedge the plugin."),
+];
+
+const GPU_SCHEMA: &[Field] = &[
+    attr("enabled", "bool", Some("true"), "Fingerprint GPUs through NVML and pass them to tasks."),
+    attr("required", "bool", Some("false"), "Mark the driver unhealthy when no GPU is found."),
+    attr("nvml_library", "string", Some(r#""libnvidia-ml.so.1""#), "Path or name of the NVML library to load."),
+    attr("visible_devices_from", "string", Some(r#""nomad""#), "`nomad`: GPUs come from Nomad's device env (`NVIDIA_VISIBLE_DEVICES`); `config`: from the task's `gpus`."),
+    attr("device_request", "string", Some(r#""docker""#), "`docker`: a DeviceRequest by UUID; `cdi`: CDI device names `nvidia.com/gpu=<uuid>`."),
+];
+
+const IMAGES_SCHEMA: &[Field] = &[
+    attr("vllm", "string", Some(r#""vllm/vllm-openai:latest""#), "Default image for `engine = \"vllm\"`."),
+    attr("sglang", "string", Some(r#""lmsysorg/sglang:latest""#), "Default image for `engine = \"sglang\"`."),
+    attr("sglang_router", "string", Some(r#""lmsysorg/sglang:latest""#), "Default image for `engine = \"sglang-router\"`."),
+    attr("ollama", "string", Some(r#""ollama/ollama:latest""#), "Default image for `engine = \"ollama\"`."),
+    attr("tgi", "string", Some(r#""ghcr.io/huggingface/text-generation-inference:latest""#), "Default image for `engine = \"tgi\"`."),
+    attr("ray", "string", Some(r#""rayproject/ray:latest-gpu""#), "Default image for `engine = \"ray\"`."),
+];
+
+/// Registry credentials; shared by the plugin and task schemas.
+pub const AUTH_SCHEMA: &[Field] = &[
+    attr("username", "string", None, "Registry user name."),
+    attr("password", "string", None, "Registry password or token. Never logged."),
+    attr("server_address", "string", None, "Registry host the credentials are for."),
+];
+
+const GC_SCHEMA: &[Field] = &[
+    attr("container", "bool", Some("true"), "Remove the container when Nomad destroys the task."),
+    attr("image", "bool", Some("false"), "Remove the image when no task uses it any more."),
+    attr("image_delay", "string", Some(r#""3m""#), "How long an unused image is kept before removal."),
+];
+
+/// The decoded plugin configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginConfig {
+    pub endpoint: String,
+    pub fingerprint_period: Dur,
+    pub pull_activity_timeout: Dur,
+    pub pull_progress_interval: Dur,
+    pub allow_privileged: bool,
+    pub extra_labels: BTreeMap<String, String>,
+    pub hf_cache: HfCacheConfig,
+    pub gpu: GpuConfig,
+    pub images: ImagesConfig,
+    pub auth: Option<RegistryAuth>,
+    pub gc: GcConfig,
+}
+
+impl Default for PluginConfig {
+    fn default() -> Self {
+        PluginConfig {
+            endpoint: "unix:///var/run/docker.sock".into(),
+            fingerprint_period: Dur(Duration::from_secs(30)),
+            pull_activity_timeout: Dur(Duration::from_secs(300)),
+            pull_progress_interval: Dur(Duration::from_secs(10)),
+            allow_privileged: false,
+            extra_labels: BTreeMap::new(),
+            hf_cache: HfCacheConfig::default(),
+            gpu: GpuConfig::default(),
+            images: ImagesConfig::default(),
+            auth: None,
+            gc: GcConfig::default(),
+        }
+    }
+}
+
+/// `hf_cache { ... }`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HfCacheConfig {
+    pub host_path: String,
+    pub container_path: String,
+    pub require_nfs: bool,
+    pub min_free: Bytes,
+    pub probe_timeout: Dur,
+}
+
+impl Default for HfCacheConfig {
+    fn default() -> Self {
+        HfCacheConfig {
+            host_path: "/mnt/hf-cache".into(),
+            container_path: "/root/.cache/huggingface".into(),
+            require_nfs: false,
+            min_free: Bytes(10 << 30),
+            probe_timeout: Dur(Duration::from_secs(5)),
+        }
+    }
+}
+
+/// Where a task's GPUs come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum VisibleDevicesFrom {
+    #[default]
+    Nomad,
+    Config,
+}
+
+/// How GPUs are requested from Docker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceRequestKind {
+    #[default]
+    Docker,
+    Cdi,
+}
+
+/// `gpu { ... }`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GpuConfig {
+    pub enabled: bool,
+    pub required: bool,
+    pub nvml_library: String,
+    pub visible_devices_from: VisibleDevicesFrom,
+    pub device_request: DeviceRequestKind,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        GpuConfig {
+            enabled: true,
+            required: false,
+            nvml_library: "libnvidia-ml.so.1".into(),
+            visible_devices_from: VisibleDevicesFrom::Nomad,
+            device_request: DeviceRequestKind::Docker,
+        }
+    }
+}
+
+/// `images { ... }`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImagesConfig {
+    pub vllm: String,
+    pub sglang: String,
+    pub sglang_router: String,
+    pub ollama: String,
+    pub tgi: String,
+    pub ray: String,
+}
+
+impl Default for ImagesConfig {
+    fn default() -> Self {
+        ImagesConfig {
+            vllm: "vllm/vllm-openai:latest".into(),
+            sglang: "lmsysorg/sglang:latest".into(),
+            sglang_router: "lmsysorg/sglang:latest".into(),
+            ollama: "ollama/ollama:latest".into(),
+            tgi: "ghcr.io/huggingface/text-generation-inference:latest".into(),
+            ray: "rayproject/ray:latest-gpu".into(),
+        }
+    }
+}
+
+/// Registry credentials. `Debug` never shows the password.
+#[derive(Clone, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryAuth {
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub server_address: Option<String>,
+}
+
+impl RegistryAuth {
+    /// True when no credential is set (an empty `auth {}` block).
+    pub fn is_empty(&self) -> bool {
+        self.username.is_none() && self.password.is_none() && self.server_address.is_none()
+    }
+}
+
+impl std::fmt::Debug for RegistryAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryAuth")
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("server_address", &self.server_address)
+            .finish()
+    }
+}
+
+/// `gc { ... }`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GcConfig {
+    pub container: bool,
+    pub image: bool,
+    pub image_delay: Dur,
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        GcConfig { container: true, image: false, image_delay: Dur(Duration::from_secs(180)) }
+    }
+}
+
+impl PluginConfig {
+    /// Checks what a field-by-field decode cannot: values that must be non-zero,
+    /// well-formed endpoints and paths.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field: &str, message: String| Err(ConfigError::Invalid { field: field.into(), message });
+        let ep = self.endpoint.as_str();
+        if !["unix://", "tcp://", "http://", "https://"].iter().any(|p| ep.starts_with(p)) || ep.ends_with("://") {
+            return invalid("endpoint", format!("{ep:?} is not a Docker endpoint (use unix:///var/run/docker.sock or tcp://host:2375)"));
+        }
+        for (field, d) in [
+            ("fingerprint_period", self.fingerprint_period),
+            ("pull_activity_timeout", self.pull_activity_timeout),
+            ("pull_progress_interval", self.pull_progress_interval),
+            ("hf_cache.probe_timeout", self.hf_cache.probe_timeout),
+        ] {
+            if d.0.is_zero() {
+                return invalid(field, "must be greater than zero".into());
+            }
+        }
+        for (field, path) in [("hf_cache.host_path", &self.hf_cache.host_path), ("hf_cache.container_path", &self.hf_cache.container_path)] {
+            if !path.starts_with('/') {
+                return invalid(field, format!("{path:?} must be an absolute path"));
+            }
+        }
+        if self.gpu.enabled && self.gpu.nvml_library.is_empty() {
+            return invalid("gpu.nvml_library", "must not be empty while gpu.enabled is true".into());
+        }
+        let images = &self.images;
+        for (field, image) in [
+            ("images.vllm", &images.vllm),
+            ("images.sglang", &images.sglang),
+            ("images.sglang_router", &images.sglang_router),
+            ("images.ollama", &images.ollama),
+            ("images.tgi", &images.tgi),
+            ("images.ray", &images.ray),
+        ] {
+            if image.trim().is_empty() || image.contains(char::is_whitespace) {
+                return invalid(field, format!("{image:?} is not an image reference"));
+            }
+        }
+        for key in self.extra_labels.keys() {
+            if key.is_empty() || key.starts_with(super::LABEL_PREFIX) {
+                return invalid("extra_labels", format!("label {key:?} is empty or uses the reserved prefix {}", super::LABEL_PREFIX));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,248 @@
+//! The task configuration: `config { ... }` of a `driver = "aimodel"` task.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::plugin::{RegistryAuth, AUTH_SCHEMA};
+use super::units::{Bytes, Dur};
+use super::ConfigError;
+use crate::schema::{attr, block, required, Field};
+
+/// The task configuration schema, reported by `TaskConfigSchema`.
+pub const TASK_SCHEMA: &[Field] = &[
+    required("engine", "string", "Model server: `vllm`, `sglang`, `sglang-router`, `ollama`, `tgi`, `ray` or `custom`."),
+    attr("image", "string", None, "Container image; defaults to the plugin's `images` entry for the engine."),
+    attr("model", "string", None, "HuggingFace repo id (`org/name`); required for vllm, sglang and tgi."),
+    attr("revision", "string", Some(r#""main""#), "Branch, tag or commit of the model; pinned to a commit when the task starts."),
+    attr("served_model_name", "string", None, "Name the server answers to in the OpenAI API; defaults to `model`."),
+    attr("port", "string", None, "Label of the Nomad port the server listens on (`network { port \"http\" {} }`)."),
+    attr("args", "list(string)", None, "Extra arguments appended to the engine's command line."),
+    attr("command", "string", None, "Command to run (engine `custom`; overrides the image's command)."),
+    attr("entrypoint", "list(string)", None, "Entrypoint override."),
+    attr("gpus", "string", None, "GPUs when the job has no `device \"nvidia/gpu\"` block: a count or `\"all\"`."),
+    attr("shm_size", "string", None, "Size of `/dev/shm`, e.g. `\"16g\"`."),
+    attr("ipc_mode", "string", None, "Docker IPC mode, e.g. `\"host\"`."),
+    attr("load_format", "string", None, "Engine weight format (vLLM `--load-format`)."),
+    attr("load_strategy", "string", Some(r#""auto""#), "`auto` (eager loading when the cache is on NFS), `eager`, `mmap` or `none`."),
+    attr("offline", "bool", Some("true"), "Run with `HF_HUB_OFFLINE=1`; the model must be complete in the cache."),
+    attr("prewarm", "bool", Some("false"), "Fetch a missing model into the cache before starting."),
+    attr("privileged", "bool", Some("false"), "Run privileged (needs the plugin's `allow_privileged`)."),
+    attr("volumes", "list(string)", None, "Extra bind mounts, `host:container[:ro]`."),
+    attr("labels", "map(string)", None, "Extra container labels."),
+    block("readiness", READINESS_SCHEMA, "Readiness probe of the model server."),
+    block("auth", AUTH_SCHEMA, "Registry credentials for this task's image."),
+];
+
+const READINESS_SCHEMA: &[Field] = &[
+    attr("path", "string", None, "HTTP path polled after start; defaults to the engine's health path."),
+    attr("interval", "string", Some(r#""2s""#), "Time between readiness polls."),
+    attr("timeout", "string", Some(r#""30m""#), "How long to wait for readiness before reporting the server as not ready."),
+];
+
+/// A model-server engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Engine {
+    Vllm,
+    Sglang,
+    SglangRouter,
+    Ollama,
+    Tgi,
+    Ray,
+    Custom,
+}
+
+impl Engine {
+    /// The engine's name as written in job files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Engine::Vllm => "vllm",
+            Engine::Sglang => "sglang",
+            Engine::SglangRouter => "sglang-router",
+            Engine::Ollama => "ollama",
+            Engine::Tgi => "tgi",
+            Engine::Ray => "ray",
+            Engine::Custom => "custom",
+        }
+    }
+
+    /// Whether the engine serves a single HF model named by `model`.
+    pub fn needs_model(self) -> bool {
+        matches!(self, Engine::Vllm | Engine::Sglang | Engine::Tgi)
+    }
+}
+
+/// How weights are read from the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadStrategy {
+    #[default]
+    Auto,
+    Eager,
+    Mmap,
+    None,
+}
+
+/// The GPUs a task asks for in its own config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuCount {
+    All,
+    Count(u32),
+}
+
+/// The decoded task configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskConfig {
+    pub engine: Engine,
+    #[serde(default)]
+    pub image: Option<String>,
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default = "default_revision")]
+    pub revision: String,
+    #[serde(default)]
+    pub served_model_name: Option<String>,
+    #[serde(default)]
+    pub port: Option<String>,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub command: Option<String>,
+    #[serde(default)]
+    pub entrypoint: Vec<String>,
+    #[serde(default)]
+    pub gpus: Option<String>,
+    #[serde(default)]
+    pub shm_size: Option<Bytes>,
+    #[serde(default)]
+    pub ipc_mode: Option<String>,
+    #[serde(default)]
+    pub load_format: Option<String>,
+    #[serde(default)]
+    pub load_strategy: LoadStrategy,
+    #[serde(default = "yes")]
+    pub offline: bool,
+    #[serde(default)]
+    pub prewarm: bool,
+    #[serde(default)]
+    pub privileged: bool,
+    #[serde(default)]
+    pub volumes: Vec<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub readiness: Readiness,
+    #[serde(default)]
+    pub auth: Option<RegistryAuth>,
+}
+
+fn default_revision() -> String {
+    "main".into()
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `readiness { ... }`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Readiness {
+    pub path: Option<String>,
+    pub interval: Dur,
+    pub timeout: Dur,
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Readiness { path: None, interval: Dur(Duration::from_secs(2)), timeout: Dur(Duration::from_secs(1800)) }
+    }
+}
+
+impl TaskConfig {
+    /// Cross-field checks; the error names the attribute.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field: &str, message: String| Err(ConfigError::Invalid { field: field.into(), message });
+        match (&self.model, self.engine.needs_model()) {
+            (None, true) => return invalid("model", format!("is required for engine {:?}", self.engine.as_str())),
+            (Some(m), _) if !valid_repo_id(m) && self.engine != Engine::Ollama => {
+                return invalid("model", format!("{m:?} is not a HuggingFace repo id (org/name)"))
+            }
+            _ => {}
+        }
+        if self.revision.trim().is_empty() || self.revision.contains(['/', ' ']) && !self.revision.starts_with("refs/") {
+            return invalid("revision", format!("{:?} is not a branch, tag or commit", self.revision));
+        }
+        if self.engine == Engine::Custom && self.image.is_none() {
+            return invalid("image", "is required for engine \"custom\"".into());
+        }
+        if let Some(img) = &self.image {
+            if img.trim().is_empty() || img.contains(char::is_whitespace) {
+                return invalid("image", format!("{img:?} is not an image reference"));
+            }
+        }
+        if let Some(port) = &self.port {
+            if port.is_empty() || !port.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                return invalid("port", format!("{port:?} is not a port label"));
+            }
+        }
+        if let Some(g) = &self.gpus {
+            if let Err(e) = parse_gpus(g) {
+                return invalid("gpus", e);
+            }
+        }
+        for v in &self.volumes {
+            let parts: Vec<&str> = v.split(':').collect();
+            let ok = matches!(parts.len(), 2 | 3)
+                && parts[1].starts_with('/')
+                && !parts[0].is_empty()
+                && (parts.len() == 2 || matches!(parts[2], "ro" | "rw"));
+            if !ok {
+                return invalid("volumes", format!("{v:?} is not host:container[:ro|rw] with an absolute container path"));
+            }
+        }
+        if self.readiness.interval.0.is_zero() {
+            return invalid("readiness.interval", "must be greater than zero".into());
+        }
+        if let Some(p) = &self.readiness.path {
+            if !p.starts_with('/') {
+                return invalid("readiness.path", format!("{p:?} must start with /"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The requested GPU count, when the task config sets `gpus`.
+    pub fn gpu_count(&self) -> Option<GpuCount> {
+        self.gpus.as_deref().and_then(|g| parse_gpus(g).ok())
+    }
+}
+
+fn parse_gpus(g: &str) -> Result<GpuCount, String> {
+    if g.eq_ignore_ascii_case("all") {
+        return Ok(GpuCount::All);
+    }
+    match g.trim().parse::<i64>() {
+        Ok(n) if n > 0 && n <= 1024 => Ok(GpuCount::Count(n as u32)),
+        Ok(n) => Err(format!("must be a positive count or \"all\", found {n}")),
+        Err(_) => Err(format!("must be a count or \"all\", found {g:?}")),
+    }
+}
+
+fn valid_repo_id(id: &str) -> bool {
+    let mut parts = id.split('/');
+    let ok_part = |p: &str| {
+        !p.is_empty()
+            && !p.starts_with(['.', '-'])
+            && !p.contains("..")
+            && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(name), None, None) => ok_part(name),
+        (Some(org), Some(name), None) => ok_part(org) && ok_part(name),
+        _ => false,
+    }
+}
