@@ -1,8 +1,14 @@
 //! nomad-driver-aimodel: a Nomad task-driver plugin for AI model servers.
 //!
-//! `main.rs` only installs logging and calls [`server::run`]; everything else
-//! lives here so it can be tested.
+//! `main.rs` only checks the environment, installs logging and calls
+//! [`server::run`]; everything else lives here so it can be tested.
 
 pub mod config;
 pub mod cty;
+pub mod driver;
+pub mod error;
+pub mod grpc;
+pub mod logging;
+pub mod runtime;
 pub mod schema;
+pub mod server;

@@ -1,0 +1,165 @@
+//! The driver core, in Nomad's vocabulary and in protocol order. gRPC adapters
+//! (`grpc`) call into it; it knows nothing of tonic or protobuf.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{decode_plugin_config, PluginConfig};
+use crate::error::DriverError;
+use crate::runtime::{ContainerRuntime, DockerRuntime};
+
+/// The name jobs use in `driver = "..."`.
+pub const PLUGIN_NAME: &str = "aimodel";
+/// The Nomad plugin API version we speak (`drivers.ApiVersion010`).
+pub const PLUGIN_API_VERSION: &str = "0.1.0";
+/// This plugin's version.
+pub const PLUGIN_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The first fingerprint must not wait longer than this for the engine.
+const FIRST_PROBE_TIMEOUT: Duration = Duration::from_millis(750);
+/// Later probes may take longer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Task events buffered for slow TaskEvents readers.
+const EVENT_BUFFER: usize = 1024;
+
+/// A node attribute value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttrValue {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+}
+
+/// Driver health as Nomad models it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Undetected,
+    Unhealthy,
+    Healthy,
+}
+
+/// One fingerprint: attributes and health.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fingerprint {
+    pub attributes: BTreeMap<String, AttrValue>,
+    pub health: Health,
+    pub description: String,
+}
+
+/// A task event for the TaskEvents stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskEvent {
+    pub task_id: String,
+    pub alloc_id: String,
+    pub task_name: String,
+    pub at: SystemTime,
+    pub message: String,
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Builds the container runtime for an endpoint (replaced by fakes in tests).
+pub type RuntimeFactory = Arc<dyn Fn(&str) -> Arc<dyn ContainerRuntime> + Send + Sync>;
+
+/// The driver: configuration, engine handle, event bus and lifetime.
+#[derive(Clone)]
+pub struct Driver {
+    config: watch::Sender<Arc<PluginConfig>>,
+    runtime: Arc<RwLock<Arc<dyn ContainerRuntime>>>,
+    factory: RuntimeFactory,
+    events: broadcast::Sender<TaskEvent>,
+    shutdown: CancellationToken,
+}
+
+impl Driver {
+    /// A driver talking to Docker, with default configuration until SetConfig.
+    pub fn new(shutdown: CancellationToken) -> Self {
+        Self::with_runtime(shutdown, Arc::new(|endpoint: &str| Arc::new(DockerRuntime::new(endpoint)) as Arc<dyn ContainerRuntime>))
+    }
+
+    /// A driver whose runtime comes from `factory`.
+    pub fn with_runtime(shutdown: CancellationToken, factory: RuntimeFactory) -> Self {
+        let config = Arc::new(PluginConfig::default());
+        let runtime = factory(&config.endpoint);
+        Driver {
+            config: watch::channel(config).0,
+            runtime: Arc::new(RwLock::new(runtime)),
+            factory,
+            events: broadcast::channel(EVENT_BUFFER).0,
+            shutdown,
+        }
+    }
+
+    /// The token cancelled when the plugin shuts down; long-lived streams end on it.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<PluginConfig> {
+        self.config.borrow().clone()
+    }
+
+    /// Watches configuration changes (the fingerprint loop re-reads its period).
+    pub fn watch_config(&self) -> watch::Receiver<Arc<PluginConfig>> {
+        self.config.subscribe()
+    }
+
+    fn runtime(&self) -> Arc<dyn ContainerRuntime> {
+        self.runtime.read().map(|r| r.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// SetConfig: decode, validate and apply. Nomad calls this twice without
+    /// `nomad_config` in a throwaway validation process and once with it in the
+    /// long-lived process; applying the same config again is harmless.
+    pub fn set_config(&self, msgpack: &[u8], from_long_lived_client: bool) -> Result<(), DriverError> {
+        let cfg = decode_plugin_config(msgpack).map_err(DriverError::PluginConfig)?;
+        if cfg.endpoint != self.config().endpoint {
+            let rt = (self.factory)(&cfg.endpoint);
+            match self.runtime.write() {
+                Ok(mut w) => *w = rt,
+                Err(p) => *p.into_inner() = rt,
+            }
+        }
+        tracing::info!(
+            endpoint = %cfg.endpoint,
+            hf_cache = %cfg.hf_cache.host_path,
+            fingerprint_period = ?cfg.fingerprint_period.0,
+            nomad_config = from_long_lived_client,
+            "plugin configured"
+        );
+        self.config.send_replace(Arc::new(cfg));
+        Ok(())
+    }
+
+    /// One fingerprint. `first` bounds the engine probe tightly so the first
+    /// message reaches Nomad at once.
+    pub async fn fingerprint(&self, first: bool) -> Fingerprint {
+        let timeout = if first { FIRST_PROBE_TIMEOUT } else { PROBE_TIMEOUT };
+        let mut attributes = BTreeMap::new();
+        attributes.insert(format!("driver.{PLUGIN_NAME}"), AttrValue::Bool(true));
+        attributes.insert(format!("driver.{PLUGIN_NAME}.version"), AttrValue::Str(PLUGIN_VERSION.into()));
+        let runtime = self.runtime();
+        match runtime.info(timeout).await {
+            Ok(info) => {
+                attributes.insert(format!("driver.{PLUGIN_NAME}.docker.version"), AttrValue::Str(info.version));
+                attributes.insert(format!("driver.{PLUGIN_NAME}.docker.api_version"), AttrValue::Str(info.api_version));
+                Fingerprint { attributes, health: Health::Healthy, description: "healthy".into() }
+            }
+            Err(e) => Fingerprint { attributes, health: Health::Unhealthy, description: e.to_string() },
+        }
+    }
+
+    /// Subscribes to task events.
+    pub fn subscribe_events(&self) -> broadcast::Receiver<TaskEvent> {
+        self.events.subscribe()
+    }
+
+    /// Publishes a task event to every TaskEvents stream.
+    pub fn emit(&self, event: TaskEvent) {
+        let _ = self.events.send(event);
+    }
+}
