@@ -77,7 +77,10 @@ pub struct Driver {
 impl Driver {
     /// A driver talking to Docker, with default configuration until SetConfig.
     pub fn new(shutdown: CancellationToken) -> Self {
-        Self::with_runtime(shutdown, Arc::new(|endpoint: &str| Arc::new(DockerRuntime::new(endpoint)) as Arc<dyn ContainerRuntime>))
+        Self::with_runtime(
+            shutdown,
+            Arc::new(|endpoint: &str| Arc::new(DockerRuntime::new(endpoint)) as Arc<dyn ContainerRuntime>),
+        )
     }
 
     /// A driver whose runtime comes from `factory`.

@@ -81,7 +81,8 @@ mod tests {
         let s = with_recoverable(Code::FailedPrecondition, "engine down".into(), true);
         assert_eq!(recoverable_detail(&s), Some(true));
         assert_eq!(recoverable_detail(&Status::internal("x")), None);
-        let e: Status = DriverError::Runtime(RuntimeError::Unreachable { endpoint: "e".into(), reason: "r".into() }).into();
+        let e: Status =
+            DriverError::Runtime(RuntimeError::Unreachable { endpoint: "e".into(), reason: "r".into() }).into();
         assert_eq!(e.code(), Code::FailedPrecondition);
         assert_eq!(recoverable_detail(&e), Some(true));
     }

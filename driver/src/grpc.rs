@@ -16,11 +16,15 @@ use aimodel_proto::drivers::{
     self as pb, driver_capabilities::FsIsolation, driver_server, fingerprint_response::HealthState,
     network_isolation_spec::NetworkIsolationMode,
 };
-use aimodel_proto::goplugin::{grpc_broker_server::GrpcBroker, grpc_controller_server::GrpcController, grpc_stdio_server::GrpcStdio};
+use aimodel_proto::goplugin::{
+    grpc_broker_server::GrpcBroker, grpc_controller_server::GrpcController, grpc_stdio_server::GrpcStdio,
+};
 use aimodel_proto::{goplugin, structs};
 
 use crate::config::{PLUGIN_SCHEMA, TASK_SCHEMA};
-use crate::driver::{AttrValue, Driver, Fingerprint, Health, TaskEvent, PLUGIN_API_VERSION, PLUGIN_NAME, PLUGIN_VERSION};
+use crate::driver::{
+    AttrValue, Driver, Fingerprint, Health, TaskEvent, PLUGIN_API_VERSION, PLUGIN_NAME, PLUGIN_VERSION,
+};
 use crate::schema::to_spec;
 
 /// Delay between answering GRPCController.Shutdown and stopping, so the reply
@@ -85,7 +89,10 @@ impl driver_server::Driver for Service {
         Ok(Response::new(pb::TaskConfigSchemaResponse { spec: Some(to_spec(TASK_SCHEMA)) }))
     }
 
-    async fn capabilities(&self, _: Request<pb::CapabilitiesRequest>) -> Result<Response<pb::CapabilitiesResponse>, Status> {
+    async fn capabilities(
+        &self,
+        _: Request<pb::CapabilitiesRequest>,
+    ) -> Result<Response<pb::CapabilitiesResponse>, Status> {
         Ok(Response::new(pb::CapabilitiesResponse {
             capabilities: Some(pb::DriverCapabilities {
                 send_signals: true,
@@ -93,7 +100,7 @@ impl driver_server::Driver for Service {
                 fs_isolation: FsIsolation::Image as i32,
                 network_isolation_modes: vec![NetworkIsolationMode::Host as i32, NetworkIsolationMode::Group as i32],
                 must_create_network: false,
-                mount_configs: pb::driver_capabilities::MountConfigs::UnknownMounts as i32 /* == ANY_MOUNTS */,
+                mount_configs: pb::driver_capabilities::MountConfigs::UnknownMounts as i32, /* == ANY_MOUNTS */
                 disable_log_collection: true,
                 dynamic_workload_users: false,
             }),

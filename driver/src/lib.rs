@@ -3,6 +3,8 @@
 //! `main.rs` only checks the environment, installs logging and calls
 //! [`server::run`]; everything else lives here so it can be tested.
 
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+
 pub mod config;
 pub mod cty;
 pub mod driver;

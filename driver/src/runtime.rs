@@ -42,23 +42,43 @@ pub trait ContainerRuntime: Send + Sync + 'static {
 /// Docker Engine API over bollard.
 pub struct DockerRuntime {
     endpoint: String,
-    docker: Result<Docker, RuntimeError>,
+    docker: std::sync::Mutex<Option<Docker>>,
 }
 
 impl DockerRuntime {
     /// Connects lazily: a bad or absent daemon is reported by [`ContainerRuntime::info`].
     pub fn new(endpoint: &str) -> Self {
-        let bad = |reason: String| RuntimeError::BadEndpoint { endpoint: endpoint.into(), reason };
+        DockerRuntime { endpoint: endpoint.into(), docker: std::sync::Mutex::new(None) }
+    }
+
+    /// The client, connecting on first use and again after a failure (the
+    /// socket may appear later, e.g. when dockerd starts after the plugin).
+    fn client(&self) -> Result<Docker, RuntimeError> {
+        let mut slot = self.docker.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(d) = slot.as_ref() {
+            return Ok(d.clone());
+        }
+        let endpoint = self.endpoint.as_str();
+        let unreachable =
+            |e: bollard::errors::Error| RuntimeError::Unreachable { endpoint: endpoint.into(), reason: e.to_string() };
         let docker = if let Some(path) = endpoint.strip_prefix("unix://") {
-            Docker::connect_with_unix(path, 120, API_DEFAULT_VERSION).map_err(|e| bad(e.to_string()))
+            Docker::connect_with_unix(path, 120, API_DEFAULT_VERSION).map_err(unreachable)?
         } else if let Some(addr) = endpoint.strip_prefix("tcp://") {
-            Docker::connect_with_http(&format!("http://{addr}"), 120, API_DEFAULT_VERSION).map_err(|e| bad(e.to_string()))
+            Docker::connect_with_http(&format!("http://{addr}"), 120, API_DEFAULT_VERSION).map_err(unreachable)?
         } else if endpoint.starts_with("http://") {
-            Docker::connect_with_http(endpoint, 120, API_DEFAULT_VERSION).map_err(|e| bad(e.to_string()))
+            Docker::connect_with_http(endpoint, 120, API_DEFAULT_VERSION).map_err(unreachable)?
         } else {
-            Err(bad("only unix:// and tcp:// endpoints are supported".into()))
+            return Err(RuntimeError::BadEndpoint {
+                endpoint: endpoint.into(),
+                reason: "only unix://, tcp:// and http:// endpoints are supported".into(),
+            });
         };
-        DockerRuntime { endpoint: endpoint.into(), docker }
+        *slot = Some(docker.clone());
+        Ok(docker)
+    }
+
+    fn forget_client(&self) {
+        *self.docker.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 }
 
@@ -69,11 +89,14 @@ impl ContainerRuntime for DockerRuntime {
     }
 
     async fn info(&self, timeout: Duration) -> Result<RuntimeInfo, RuntimeError> {
-        let docker = self.docker.as_ref().map_err(Clone::clone)?;
+        let docker = self.client()?;
         let call = docker.version();
         match tokio::time::timeout(timeout, call).await {
             Err(_) => Err(RuntimeError::Timeout { endpoint: self.endpoint.clone(), timeout }),
-            Ok(Err(e)) => Err(RuntimeError::Unreachable { endpoint: self.endpoint.clone(), reason: e.to_string() }),
+            Ok(Err(e)) => {
+                self.forget_client();
+                Err(RuntimeError::Unreachable { endpoint: self.endpoint.clone(), reason: e.to_string() })
+            }
             Ok(Ok(v)) => Ok(RuntimeInfo {
                 version: v.version.unwrap_or_default(),
                 api_version: v.api_version.unwrap_or_default(),

@@ -44,7 +44,8 @@ fn wrap(b: S) -> hclspec::Spec {
 
 /// The hclspec object Nomad uses to decode a `config { ... }` body.
 pub fn to_spec(fields: &[Field]) -> hclspec::Spec {
-    let attributes: HashMap<String, hclspec::Spec> = fields.iter().map(|f| (f.name.to_string(), field_spec(f))).collect();
+    let attributes: HashMap<String, hclspec::Spec> =
+        fields.iter().map(|f| (f.name.to_string(), field_spec(f))).collect();
     wrap(S::Object(hclspec::Object { attributes }))
 }
 
@@ -117,35 +118,6 @@ pub fn markdown_table(fields: &[Field]) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const INNER: &[Field] = &[attr("b", "bool", Some("true"), "b")];
-    const FIELDS: &[Field] = &[required("a", "string", "a"), block("blk", INNER, "blk")];
-
-    #[test]
-    fn spec_shapes_match_hclspec() {
-        let spec = to_spec(FIELDS);
-        let Some(S::Object(obj)) = spec.block else { panic!("not an object") };
-        let Some(S::Attr(a)) = &obj.attributes["a"].block else { panic!("a is not an attr") };
-        assert!(a.required);
-        assert_eq!(a.r#type, "string");
-        let Some(S::BlockValue(b)) = &obj.attributes["blk"].block else { panic!("blk is not a block") };
-        let Some(S::Object(inner)) = &b.nested.as_ref().unwrap().block else { panic!() };
-        let Some(S::Default(d)) = &inner.attributes["b"].block else { panic!("b has no default") };
-        let Some(S::Literal(l)) = &d.default.as_ref().unwrap().block else { panic!() };
-        assert_eq!(l.value, "true");
-    }
-
-    #[test]
-    fn doc_rows_flatten_blocks() {
-        let paths: Vec<_> = doc_rows(FIELDS).into_iter().map(|r| r.path).collect();
-        assert_eq!(paths, ["a", "blk.b"]);
-        assert!(markdown_table(FIELDS).contains("| `blk.b` | `bool` | `true` |"));
-    }
-}
-
 /// The value Nomad would send for an empty `config {}` body: every attribute
 /// present, defaults applied, blocks null. With `fill_blocks`, absent blocks are
 /// replaced by their own defaults (what an empty `block {}` would give).
@@ -174,5 +146,34 @@ fn literal_value(lit: &str) -> crate::cty::Value {
         Ok(serde_json::Value::Bool(b)) => Value::Bool(b),
         Ok(serde_json::Value::Number(n)) => Number::from_decimal(&n.to_string()).map_or(Value::Null, Value::Number),
         _ => Value::Null,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INNER: &[Field] = &[attr("b", "bool", Some("true"), "b")];
+    const FIELDS: &[Field] = &[required("a", "string", "a"), block("blk", INNER, "blk")];
+
+    #[test]
+    fn spec_shapes_match_hclspec() {
+        let spec = to_spec(FIELDS);
+        let Some(S::Object(obj)) = spec.block else { panic!("not an object") };
+        let Some(S::Attr(a)) = &obj.attributes["a"].block else { panic!("a is not an attr") };
+        assert!(a.required);
+        assert_eq!(a.r#type, "string");
+        let Some(S::BlockValue(b)) = &obj.attributes["blk"].block else { panic!("blk is not a block") };
+        let Some(S::Object(inner)) = &b.nested.as_ref().unwrap().block else { panic!() };
+        let Some(S::Default(d)) = &inner.attributes["b"].block else { panic!("b has no default") };
+        let Some(S::Literal(l)) = &d.default.as_ref().unwrap().block else { panic!() };
+        assert_eq!(l.value, "true");
+    }
+
+    #[test]
+    fn doc_rows_flatten_blocks() {
+        let paths: Vec<_> = doc_rows(FIELDS).into_iter().map(|r| r.path).collect();
+        assert_eq!(paths, ["a", "blk.b"]);
+        assert!(markdown_table(FIELDS).contains("| `blk.b` | `bool` | `true` |"));
     }
 }

@@ -16,7 +16,8 @@ use tonic::transport::Server;
 use aimodel_proto::base::base_plugin_server::BasePluginServer;
 use aimodel_proto::drivers::driver_server::DriverServer;
 use aimodel_proto::goplugin::{
-    grpc_broker_server::GrpcBrokerServer, grpc_controller_server::GrpcControllerServer, grpc_stdio_server::GrpcStdioServer,
+    grpc_broker_server::GrpcBrokerServer, grpc_controller_server::GrpcControllerServer,
+    grpc_stdio_server::GrpcStdioServer,
 };
 
 use crate::driver::Driver;
@@ -89,7 +90,8 @@ fn bind_socket() -> std::io::Result<(UnixListener, PathBuf)> {
     let dir = socket_dir();
     let seed = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().subsec_nanos();
     for attempt in 0..32u32 {
-        let path = dir.join(format!("plugin{}{:09}", std::process::id(), seed.wrapping_add(attempt.wrapping_mul(7919))));
+        let path =
+            dir.join(format!("plugin{}{:09}", std::process::id(), seed.wrapping_add(attempt.wrapping_mul(7919))));
         match UnixListener::bind(&path) {
             Ok(l) => {
                 std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
@@ -136,9 +138,15 @@ pub async fn run() -> std::io::Result<()> {
     let result = Server::builder()
         .add_service(health_service)
         .add_service(
-            BasePluginServer::new(service.clone()).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE),
+            BasePluginServer::new(service.clone())
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
         )
-        .add_service(DriverServer::new(service.clone()).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE))
+        .add_service(
+            DriverServer::new(service.clone())
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
         .add_service(GrpcControllerServer::new(service.clone()))
         .add_service(GrpcStdioServer::new(service.clone()))
         .add_service(GrpcBrokerServer::new(service))
@@ -194,7 +202,8 @@ mod tests {
         assert_eq!(check_environment(env(&[])), Err(HandshakeError::MissingCookie));
         assert_eq!(check_environment(env(&[(MAGIC_COOKIE_KEY, "nope")])), Err(HandshakeError::WrongCookie));
         assert!(check_environment(env(&[(MAGIC_COOKIE_KEY, MAGIC_COOKIE_VALUE)])).is_ok());
-        assert!(check_environment(env(&[(MAGIC_COOKIE_KEY, MAGIC_COOKIE_VALUE), ("PLUGIN_PROTOCOL_VERSIONS", "1,2")])).is_ok());
+        assert!(check_environment(env(&[(MAGIC_COOKIE_KEY, MAGIC_COOKIE_VALUE), ("PLUGIN_PROTOCOL_VERSIONS", "1,2")]))
+            .is_ok());
         assert!(matches!(
             check_environment(env(&[(MAGIC_COOKIE_KEY, MAGIC_COOKIE_VALUE), ("PLUGIN_PROTOCOL_VERSIONS", "1")])),
             Err(HandshakeError::ProtocolVersion(_))

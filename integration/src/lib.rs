@@ -1,1 +1,10 @@
+//! A Nomad-client simulator: launches the real plugin binary exactly as a
+//! Nomad client does (environment, handshake, call order, cty-msgpack
+//! payloads) and drives it over gRPC. Used by the tests, the benchmarks and the
+//! demo (`nomad-sim`).
 
+pub mod cli;
+pub mod hcl_eval;
+pub mod plugin;
+pub mod sequence;
+pub mod support;

@@ -50,7 +50,10 @@ pub fn decode_plugin_config(bytes: &[u8]) -> Result<PluginConfig, ConfigError> {
 pub fn decode_task_config(bytes: &[u8]) -> Result<TaskConfig, ConfigError> {
     let value = cty::decode(bytes)?;
     if value == cty::Value::Null {
-        return Err(ConfigError::Invalid { field: "engine".into(), message: "is required (the task has no config)".into() });
+        return Err(ConfigError::Invalid {
+            field: "engine".into(),
+            message: "is required (the task has no config)".into(),
+        });
     }
     let mut cfg: TaskConfig = cty::from_value(&value)?;
     cfg.auth = cfg.auth.filter(|a| !a.is_empty());

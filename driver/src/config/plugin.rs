@@ -12,9 +12,24 @@ use crate::schema::{attr, block, Field};
 
 /// The plugin configuration schema, reported by `ConfigSchema`.
 pub const PLUGIN_SCHEMA: &[Field] = &[
-    attr("endpoint", "string", Some(r#""unix:///var/run/docker.sock""#), "Docker Engine API endpoint: `unix:///path`, `tcp://host:port` or `http://host:port`."),
-    attr("fingerprint_period", "string", Some(r#""30s""#), "How often the fingerprint (health and attributes) is re-sent."),
-    attr("pull_activity_timeout", "string", Some(r#""5m""#), "An image pull fails when no progress arrives for this long. There is no wall-clock cap."),
+    attr(
+        "endpoint",
+        "string",
+        Some(r#""unix:///var/run/docker.sock""#),
+        "Docker Engine API endpoint: `unix:///path`, `tcp://host:port` or `http://host:port`.",
+    ),
+    attr(
+        "fingerprint_period",
+        "string",
+        Some(r#""30s""#),
+        "How often the fingerprint (health and attributes) is re-sent.",
+    ),
+    attr(
+        "pull_activity_timeout",
+        "string",
+        Some(r#""5m""#),
+        "An image pull fails when no progress arrives for this long. There is no wall-clock cap.",
+    ),
     attr("pull_progress_interval", "string", Some(r#""10s""#), "How often pull progress is reported as a task event."),
     attr("allow_privileged", "bool", Some("false"), "Allow tasks to set `privileged = true`."),
     attr("extra_labels", "map(string)", None, "Labels added to every container the driver creates."),
@@ -26,27 +41,67 @@ pub const PLUGIN_SCHEMA: &[Field] = &[
 ];
 
 const HF_CACHE_SCHEMA: &[Field] = &[
-    attr("host_path", "string", Some(r#""/mnt/hf-cache""#), "Host path of the HF cache (`HF_HOME`), usually an NFS mount."),
-    attr("container_path", "string", Some(r#""/root/.cache/huggingface""#), "Where the cache is mounted in the container; `HF_HOME` points here."),
+    attr(
+        "host_path",
+        "string",
+        Some(r#""/mnt/hf-cache""#),
+        "Host path of the HF cache (`HF_HOME`), usually an NFS mount.",
+    ),
+    attr(
+        "container_path",
+        "string",
+        Some(r#""/root/.cache/huggingface""#),
+        "Where the cache is mounted in the container; `HF_HOME` points here.",
+    ),
     attr("require_nfs", "bool", Some("false"), "Mark the driver unhealthy unless `host_path` is on NFS."),
-    attr("min_free", "string", Some(r#""10GiB""#), "Mark the driver unhealthy when the cache filesystem has less free space."),
-    attr("probe_timeout", "string", Some(r#""5s""#), "Time limit of every filesystem probe, so a hung NFS server cannot wedge the plugin."),
+    attr(
+        "min_free",
+        "string",
+        Some(r#""10GiB""#),
+        "Mark the driver unhealthy when the cache filesystem has less free space.",
+    ),
+    attr(
+        "probe_timeout",
+        "string",
+        Some(r#""5s""#),
+        "Time limit of every filesystem probe, so a hung NFS server cannot wedge the plugin.",
+    ),
 ];
 
 const GPU_SCHEMA: &[Field] = &[
     attr("enabled", "bool", Some("true"), "Fingerprint GPUs through NVML and pass them to tasks."),
     attr("required", "bool", Some("false"), "Mark the driver unhealthy when no GPU is found."),
     attr("nvml_library", "string", Some(r#""libnvidia-ml.so.1""#), "Path or name of the NVML library to load."),
-    attr("visible_devices_from", "string", Some(r#""nomad""#), "`nomad`: GPUs come from Nomad's device env (`NVIDIA_VISIBLE_DEVICES`); `config`: from the task's `gpus`."),
-    attr("device_request", "string", Some(r#""docker""#), "`docker`: a DeviceRequest by UUID; `cdi`: CDI device names `nvidia.com/gpu=<uuid>`."),
+    attr(
+        "visible_devices_from",
+        "string",
+        Some(r#""nomad""#),
+        "`nomad`: GPUs come from Nomad's device env (`NVIDIA_VISIBLE_DEVICES`); `config`: from the task's `gpus`.",
+    ),
+    attr(
+        "device_request",
+        "string",
+        Some(r#""docker""#),
+        "`docker`: a DeviceRequest by UUID; `cdi`: CDI device names `nvidia.com/gpu=<uuid>`.",
+    ),
 ];
 
 const IMAGES_SCHEMA: &[Field] = &[
     attr("vllm", "string", Some(r#""vllm/vllm-openai:latest""#), "Default image for `engine = \"vllm\"`."),
     attr("sglang", "string", Some(r#""lmsysorg/sglang:latest""#), "Default image for `engine = \"sglang\"`."),
-    attr("sglang_router", "string", Some(r#""lmsysorg/sglang:latest""#), "Default image for `engine = \"sglang-router\"`."),
+    attr(
+        "sglang_router",
+        "string",
+        Some(r#""lmsysorg/sglang:latest""#),
+        "Default image for `engine = \"sglang-router\"`.",
+    ),
     attr("ollama", "string", Some(r#""ollama/ollama:latest""#), "Default image for `engine = \"ollama\"`."),
-    attr("tgi", "string", Some(r#""ghcr.io/huggingface/text-generation-inference:latest""#), "Default image for `engine = \"tgi\"`."),
+    attr(
+        "tgi",
+        "string",
+        Some(r#""ghcr.io/huggingface/text-generation-inference:latest""#),
+        "Default image for `engine = \"tgi\"`.",
+    ),
     attr("ray", "string", Some(r#""rayproject/ray:latest-gpu""#), "Default image for `engine = \"ray\"`."),
 ];
 
@@ -235,7 +290,10 @@ impl PluginConfig {
         let invalid = |field: &str, message: String| Err(ConfigError::Invalid { field: field.into(), message });
         let ep = self.endpoint.as_str();
         if !["unix://", "tcp://", "http://", "https://"].iter().any(|p| ep.starts_with(p)) || ep.ends_with("://") {
-            return invalid("endpoint", format!("{ep:?} is not a Docker endpoint (use unix:///var/run/docker.sock or tcp://host:2375)"));
+            return invalid(
+                "endpoint",
+                format!("{ep:?} is not a Docker endpoint (use unix:///var/run/docker.sock or tcp://host:2375)"),
+            );
         }
         for (field, d) in [
             ("fingerprint_period", self.fingerprint_period),
@@ -247,7 +305,10 @@ impl PluginConfig {
                 return invalid(field, "must be greater than zero".into());
             }
         }
-        for (field, path) in [("hf_cache.host_path", &self.hf_cache.host_path), ("hf_cache.container_path", &self.hf_cache.container_path)] {
+        for (field, path) in [
+            ("hf_cache.host_path", &self.hf_cache.host_path),
+            ("hf_cache.container_path", &self.hf_cache.container_path),
+        ] {
             if !path.starts_with('/') {
                 return invalid(field, format!("{path:?} must be an absolute path"));
             }
@@ -270,7 +331,10 @@ impl PluginConfig {
         }
         for key in self.extra_labels.keys() {
             if key.is_empty() || key.starts_with(super::LABEL_PREFIX) {
-                return invalid("extra_labels", format!("label {key:?} is empty or uses the reserved prefix {}", super::LABEL_PREFIX));
+                return invalid(
+                    "extra_labels",
+                    format!("label {key:?} is empty or uses the reserved prefix {}", super::LABEL_PREFIX),
+                );
             }
         }
         Ok(())

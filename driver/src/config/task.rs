@@ -12,10 +12,19 @@ use crate::schema::{attr, block, required, Field};
 
 /// The task configuration schema, reported by `TaskConfigSchema`.
 pub const TASK_SCHEMA: &[Field] = &[
-    required("engine", "string", "Model server: `vllm`, `sglang`, `sglang-router`, `ollama`, `tgi`, `ray` or `custom`."),
+    required(
+        "engine",
+        "string",
+        "Model server: `vllm`, `sglang`, `sglang-router`, `ollama`, `tgi`, `ray` or `custom`.",
+    ),
     attr("image", "string", None, "Container image; defaults to the plugin's `images` entry for the engine."),
     attr("model", "string", None, "HuggingFace repo id (`org/name`); required for vllm, sglang and tgi."),
-    attr("revision", "string", Some(r#""main""#), "Branch, tag or commit of the model; pinned to a commit when the task starts."),
+    attr(
+        "revision",
+        "string",
+        Some(r#""main""#),
+        "Branch, tag or commit of the model; pinned to a commit when the task starts.",
+    ),
     attr("served_model_name", "string", None, "Name the server answers to in the OpenAI API; defaults to `model`."),
     attr("port", "string", None, "Label of the Nomad port the server listens on (`network { port \"http\" {} }`)."),
     attr("args", "list(string)", None, "Extra arguments appended to the engine's command line."),
@@ -25,7 +34,12 @@ pub const TASK_SCHEMA: &[Field] = &[
     attr("shm_size", "string", None, "Size of `/dev/shm`, e.g. `\"16g\"`."),
     attr("ipc_mode", "string", None, "Docker IPC mode, e.g. `\"host\"`."),
     attr("load_format", "string", None, "Engine weight format (vLLM `--load-format`)."),
-    attr("load_strategy", "string", Some(r#""auto""#), "`auto` (eager loading when the cache is on NFS), `eager`, `mmap` or `none`."),
+    attr(
+        "load_strategy",
+        "string",
+        Some(r#""auto""#),
+        "`auto` (eager loading when the cache is on NFS), `eager`, `mmap` or `none`.",
+    ),
     attr("offline", "bool", Some("true"), "Run with `HF_HUB_OFFLINE=1`; the model must be complete in the cache."),
     attr("prewarm", "bool", Some("false"), "Fetch a missing model into the cache before starting."),
     attr("privileged", "bool", Some("false"), "Run privileged (needs the plugin's `allow_privileged`)."),
@@ -38,7 +52,12 @@ pub const TASK_SCHEMA: &[Field] = &[
 const READINESS_SCHEMA: &[Field] = &[
     attr("path", "string", None, "HTTP path polled after start; defaults to the engine's health path."),
     attr("interval", "string", Some(r#""2s""#), "Time between readiness polls."),
-    attr("timeout", "string", Some(r#""30m""#), "How long to wait for readiness before reporting the server as not ready."),
+    attr(
+        "timeout",
+        "string",
+        Some(r#""30m""#),
+        "How long to wait for readiness before reporting the server as not ready.",
+    ),
 ];
 
 /// A model-server engine.
@@ -173,7 +192,8 @@ impl TaskConfig {
             }
             _ => {}
         }
-        if self.revision.trim().is_empty() || self.revision.contains(['/', ' ']) && !self.revision.starts_with("refs/") {
+        if self.revision.trim().is_empty() || self.revision.contains(['/', ' ']) && !self.revision.starts_with("refs/")
+        {
             return invalid("revision", format!("{:?} is not a branch, tag or commit", self.revision));
         }
         if self.engine == Engine::Custom && self.image.is_none() {
@@ -201,7 +221,10 @@ impl TaskConfig {
                 && !parts[0].is_empty()
                 && (parts.len() == 2 || matches!(parts[2], "ro" | "rw"));
             if !ok {
-                return invalid("volumes", format!("{v:?} is not host:container[:ro|rw] with an absolute container path"));
+                return invalid(
+                    "volumes",
+                    format!("{v:?} is not host:container[:ro|rw] with an absolute container path"),
+                );
             }
         }
         if self.readiness.interval.0.is_zero() {

@@ -39,7 +39,10 @@ fn bad_plugin_inputs_name_the_field() {
         (plugin_bytes(&[("allow_privileged", Value::str("maybe"))]), "allow_privileged"),
         (plugin_bytes(&[("endpoint", Value::str("docker.sock"))]), "endpoint"),
         (plugin_bytes(&[("hf_cache", Value::object([("min_free", Value::str("-1GiB"))]))]), "hf_cache.min_free"),
-        (plugin_bytes(&[("gpu", Value::object([("visible_devices_from", Value::str("bogus"))]))]), "gpu.visible_devices_from"),
+        (
+            plugin_bytes(&[("gpu", Value::object([("visible_devices_from", Value::str("bogus"))]))]),
+            "gpu.visible_devices_from",
+        ),
         (plugin_bytes(&[("gpu", Value::object([("device_request", Value::int(3))]))]), "gpu.device_request"),
         (plugin_bytes(&[("no_such_option", Value::Bool(true))]), "no_such_option"),
         (plugin_bytes(&[("extra_labels", Value::List(vec![]))]), "extra_labels"),
@@ -70,7 +73,8 @@ fn task(pairs: &[(&str, Value)]) -> Result<TaskConfig, ConfigError> {
 
 #[test]
 fn task_config_checks() {
-    let ok = task(&[("engine", Value::str("vllm")), ("model", Value::str("org/name")), ("gpus", Value::int(2))]).unwrap();
+    let ok =
+        task(&[("engine", Value::str("vllm")), ("model", Value::str("org/name")), ("gpus", Value::int(2))]).unwrap();
     assert_eq!(ok.engine, Engine::Vllm);
     assert_eq!(ok.gpu_count(), Some(GpuCount::Count(2)));
     assert_eq!(task(&[("engine", Value::str("sglang-router"))]).unwrap().engine, Engine::SglangRouter);
@@ -81,12 +85,18 @@ fn task_config_checks() {
     assert_eq!(field(&[("engine", Value::str("vllm")), ("model", Value::str("../etc"))]).as_deref(), Some("model"));
     assert_eq!(field(&[("engine", Value::str("custom"))]).as_deref(), Some("image"));
     assert_eq!(field(&[("engine", Value::str("ollama")), ("gpus", Value::int(0))]).as_deref(), Some("gpus"));
-    assert_eq!(field(&[("engine", Value::str("ollama")), ("shm_size", Value::str("-1g"))]).as_deref(), Some("shm_size"));
+    assert_eq!(
+        field(&[("engine", Value::str("ollama")), ("shm_size", Value::str("-1g"))]).as_deref(),
+        Some("shm_size")
+    );
     assert_eq!(field(&[("engine", Value::str("ollama")), ("port", Value::str("h t"))]).as_deref(), Some("port"));
     assert_eq!(
         field(&[("engine", Value::str("ollama")), ("volumes", Value::List(vec![Value::str("relative")]))]).as_deref(),
         Some("volumes")
     );
-    assert_eq!(field(&[("engine", Value::str("ollama")), ("load_strategy", Value::str("lazy"))]).as_deref(), Some("load_strategy"));
+    assert_eq!(
+        field(&[("engine", Value::str("ollama")), ("load_strategy", Value::str("lazy"))]).as_deref(),
+        Some("load_strategy")
+    );
     assert_eq!(decode_task_config(&[]).unwrap_err().field(), Some("engine"));
 }

@@ -33,7 +33,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
         let unit_len = rest[num_len..].find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len() - num_len);
         let (num, unit) = (&rest[..num_len], &rest[num_len..num_len + unit_len]);
-        let n: f64 = num.parse().map_err(|_| format!("invalid duration {text:?} (use e.g. \"30s\", \"5m\", \"1h\")"))?;
+        let n: f64 =
+            num.parse().map_err(|_| format!("invalid duration {text:?} (use e.g. \"30s\", \"5m\", \"1h\")"))?;
         let scale = match unit {
             "ns" => 1e-9,
             "us" | "µs" => 1e-6,

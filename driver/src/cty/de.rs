@@ -37,10 +37,7 @@ impl de::Error for Error {
 pub fn from_value<T: DeserializeOwned>(v: &Value) -> Result<T, DecodeError> {
     serde_path_to_error::deserialize(ValueDe(v)).map_err(|e| {
         let field = e.path().to_string();
-        DecodeError {
-            field: if field == "." { "(root)".into() } else { field },
-            message: e.into_inner().0,
-        }
+        DecodeError { field: if field == "." { "(root)".into() } else { field }, message: e.into_inner().0 }
     })
 }
 
@@ -209,9 +206,7 @@ impl<'de, 'a> de::Deserializer<'de> for ValueDe<'a> {
         match self.0 {
             // Null attributes are "not set": skip them so serde defaults apply.
             Value::Map(map) => visitor.visit_map(de::value::MapDeserializer::new(
-                map.iter()
-                    .filter(|(_, v)| !matches!(v, Value::Null))
-                    .map(|(k, v)| (k.as_str(), ValueDe(v))),
+                map.iter().filter(|(_, v)| !matches!(v, Value::Null)).map(|(k, v)| (k.as_str(), ValueDe(v))),
             )),
             Value::Null => visitor.visit_map(de::value::MapDeserializer::new(std::iter::empty::<(&str, ValueDe)>())),
             _ => Err(self.mismatch("an object")),

@@ -29,10 +29,10 @@ impl Number {
             return Err(CtyError::InvalidNumber { text: "NaN".into() });
         }
         if f.fract() == 0.0 && f.is_finite() {
-            if f >= -9.223_372_036_854_776e18 && f < 9.223_372_036_854_776e18 {
+            if (-9.223_372_036_854_776e18..9.223_372_036_854_776e18).contains(&f) {
                 return Ok(Number::Int(f as i64));
             }
-            if f >= 0.0 && f < 1.844_674_407_370_955_2e19 {
+            if (0.0..1.844_674_407_370_955_2e19).contains(&f) {
                 return Ok(Number::UInt(f as u64));
             }
         }

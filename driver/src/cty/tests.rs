@@ -186,12 +186,9 @@ fn arb_number() -> impl Strategy<Value = Number> {
     prop_oneof![
         any::<i64>().prop_map(Number::Int),
         (i64::MAX as u64 + 1..=u64::MAX).prop_map(Number::UInt),
-        any::<f64>()
-            .prop_filter("finite, non-integral", |f| f.is_finite() && f.fract() != 0.0)
-            .prop_map(Number::Float),
-        (1u32..1000, 1u32..6).prop_map(|(n, k)| {
-            Number::from_decimal(&format!("{n}.{}1", "0".repeat(k as usize))).unwrap()
-        }),
+        any::<f64>().prop_filter("finite, non-integral", |f| f.is_finite() && f.fract() != 0.0).prop_map(Number::Float),
+        (1u32..1000, 1u32..6)
+            .prop_map(|(n, k)| { Number::from_decimal(&format!("{n}.{}1", "0".repeat(k as usize))).unwrap() }),
     ]
 }
 

@@ -1,0 +1,303 @@
+//! Nomad's start sequence for an external driver (nomad-wire.md §2.2): a
+//! fingerprint process, a validation process, then the long-lived process with
+//! its Fingerprint and TaskEvents streams.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use hcl::eval::Context as EvalContext;
+use tokio::task::JoinHandle;
+
+use aimodel_driver::cty;
+use aimodel_proto::base::{
+    ConfigSchemaRequest, NomadConfig, NomadDriverConfig, PluginInfoRequest, PluginInfoResponse, PluginType,
+    SetConfigRequest,
+};
+use aimodel_proto::drivers::{
+    CapabilitiesRequest, DriverCapabilities, DriverTaskEvent, FingerprintRequest, FingerprintResponse, InitRequest,
+    TaskConfigSchemaRequest, TaskEventsRequest,
+};
+use aimodel_proto::hclspec::Spec;
+
+use crate::hcl_eval::{eval_body, plugin_stanza};
+use crate::plugin::{Launch, PluginProcess};
+
+/// The API version Nomad supports (`drivers.ApiVersion010`).
+pub const NOMAD_API_VERSION: &str = "v0.1.0";
+/// The client's plugin port range, sent in `NomadDriverConfig`.
+pub const CLIENT_MIN_PORT: u32 = 14000;
+/// Upper end of the client's plugin port range.
+pub const CLIENT_MAX_PORT: u32 = 14512;
+
+/// One fingerprint received on the stream, with its arrival time.
+#[derive(Debug, Clone)]
+pub struct Received<T> {
+    pub at: Instant,
+    pub msg: T,
+}
+
+/// What a stream has delivered so far, and whether it is still open.
+#[derive(Debug)]
+pub struct StreamLog<T> {
+    pub items: Vec<Received<T>>,
+    pub ended: Option<String>,
+}
+
+impl<T> Default for StreamLog<T> {
+    fn default() -> Self {
+        StreamLog { items: Vec::new(), ended: None }
+    }
+}
+
+/// The long-lived plugin as the Nomad client holds it after start-up.
+pub struct LiveDriver {
+    pub process: PluginProcess,
+    pub info: PluginInfoResponse,
+    pub task_schema: Spec,
+    pub capabilities: DriverCapabilities,
+    pub msgpack_config: Vec<u8>,
+    /// When the Fingerprint stream was opened.
+    pub fingerprint_opened: Instant,
+    pub fingerprints: Arc<Mutex<StreamLog<FingerprintResponse>>>,
+    pub events: Arc<Mutex<StreamLog<DriverTaskEvent>>>,
+    streams: Vec<JoinHandle<()>>,
+}
+
+impl LiveDriver {
+    /// Waits until at least `n` fingerprints have arrived.
+    pub async fn wait_fingerprints(&self, n: usize, within: Duration) -> Result<Vec<Received<FingerprintResponse>>> {
+        let deadline = Instant::now() + within;
+        loop {
+            {
+                let log = self.fingerprints.lock().unwrap();
+                if log.items.len() >= n {
+                    return Ok(log.items.clone());
+                }
+                if let Some(e) = &log.ended {
+                    bail!("fingerprint stream ended after {} messages: {e}", log.items.len());
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!("fewer than {n} fingerprints within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Nomad's `Kill()` of the long-lived process.
+    pub async fn kill(self) -> Result<(bool, Duration)> {
+        let r = self.process.kill().await;
+        for s in self.streams {
+            s.abort();
+        }
+        r
+    }
+}
+
+/// Everything the start sequence observed.
+pub struct StartReport {
+    pub fingerprint_process: ProcessReport,
+    pub validation_process: ProcessReport,
+    pub live: LiveDriver,
+}
+
+/// How a throwaway process went.
+#[derive(Debug, Clone)]
+pub struct ProcessReport {
+    pub handshake_after: Duration,
+    pub exited_gracefully: bool,
+    pub stderr: Vec<String>,
+    pub extra_stdout: Vec<String>,
+}
+
+/// Checks PluginInfo the way Nomad's loader does.
+pub fn check_plugin_info(info: &PluginInfoResponse) -> Result<()> {
+    ensure!(info.r#type == PluginType::Driver as i32, "plugin type {} is not DRIVER", info.r#type);
+    ensure!(!info.name.is_empty(), "plugin has no name");
+    ensure!(
+        parse_go_version(&info.plugin_version).is_some(),
+        "plugin_version {:?} is not a version",
+        info.plugin_version
+    );
+    let want = parse_go_version(NOMAD_API_VERSION);
+    ensure!(
+        info.plugin_api_versions.iter().any(|v| parse_go_version(v) == want),
+        "no plugin API version in common with Nomad ({:?} vs {NOMAD_API_VERSION})",
+        info.plugin_api_versions
+    );
+    Ok(())
+}
+
+/// hashicorp/go-version segments, padded to three (`v0.1` == `0.1.0`).
+fn parse_go_version(v: &str) -> Option<Vec<u64>> {
+    let core = v.trim().trim_start_matches('v');
+    let core = core.split(['-', '+']).next()?;
+    let mut segs: Vec<u64> = core.split('.').map(|s| s.parse().ok()).collect::<Option<_>>()?;
+    if segs.is_empty() || segs.len() > 3 {
+        return None;
+    }
+    segs.resize(3, 0);
+    Some(segs)
+}
+
+/// Encodes a plugin `config { ... }` body as Nomad would for `spec`.
+pub fn encode_config(spec: &Spec, body: &hcl::Body) -> Result<Vec<u8>> {
+    let value = eval_body(spec, body, &EvalContext::new())?;
+    Ok(cty::encode(&value))
+}
+
+/// Runs the whole start sequence for `binary` with the client configuration text.
+pub async fn start(binary: &Path, client_hcl: &str, launch_env: &[(&str, &str)]) -> Result<StartReport> {
+    let name = binary.file_name().and_then(|n| n.to_str()).context("binary has no file name")?;
+    let (args, body) = plugin_stanza(client_hcl, name)?
+        .with_context(|| format!("plugin not referenced in the agent configuration file, loading skipped: {name}"))?;
+    let mut launch = Launch::nomad(binary);
+    launch.args = args;
+    for (k, v) in launch_env {
+        launch = launch.env(k, Some(v));
+    }
+
+    // 1. Fingerprint process: PluginInfo, ConfigSchema, Kill.
+    let p = PluginProcess::launch(&launch).await?;
+    let info = p.base().plugin_info(PluginInfoRequest {}).await?.into_inner();
+    check_plugin_info(&info)?;
+    let schema = p.base().config_schema(ConfigSchemaRequest {}).await?.into_inner().spec;
+    let fingerprint_process = finish(p).await?;
+    let api_version = info.plugin_api_versions[0].clone();
+
+    // 2. Validation process: SetConfig twice without nomad_config, Kill.
+    let msgpack_config = match &schema {
+        Some(spec) => encode_config(spec, &body)?,
+        None if body.attributes().count() + body.blocks().count() > 0 => {
+            bail!("configuration not allowed but config passed")
+        }
+        None => Vec::new(),
+    };
+    let p = PluginProcess::launch(&launch).await?;
+    for _ in 0..2 {
+        p.base()
+            .set_config(SetConfigRequest {
+                msgpack_config: msgpack_config.clone(),
+                nomad_config: None,
+                plugin_api_version: api_version.clone(),
+            })
+            .await
+            .context("validation SetConfig")?;
+    }
+    let validation_process = finish(p).await?;
+
+    // 3. Long-lived process.
+    let process = PluginProcess::launch(&launch).await?;
+    let info = process.base().plugin_info(PluginInfoRequest {}).await?.into_inner();
+    process
+        .base()
+        .set_config(SetConfigRequest {
+            msgpack_config: msgpack_config.clone(),
+            nomad_config: Some(NomadConfig {
+                driver: Some(NomadDriverConfig {
+                    client_max_port: CLIENT_MAX_PORT,
+                    client_min_port: CLIENT_MIN_PORT,
+                    topology: None,
+                }),
+            }),
+            plugin_api_version: api_version,
+        })
+        .await
+        .context("SetConfig")?;
+    match process.driver().init(InitRequest {}).await {
+        Ok(_) => {}
+        Err(s) if s.code() == tonic::Code::Unimplemented => {}
+        Err(s) => bail!("Init failed: {s}"),
+    }
+    let fingerprint_opened = Instant::now();
+    let fingerprints = Arc::new(Mutex::new(StreamLog::default()));
+    let events = Arc::new(Mutex::new(StreamLog::default()));
+    let fp_stream = process.driver().fingerprint(FingerprintRequest {}).await?.into_inner();
+    let ev_stream = process.driver().task_events(TaskEventsRequest {}).await?.into_inner();
+    let streams =
+        vec![tokio::spawn(pump(fp_stream, fingerprints.clone())), tokio::spawn(pump(ev_stream, events.clone()))];
+    let task_schema = process
+        .driver()
+        .task_config_schema(TaskConfigSchemaRequest {})
+        .await?
+        .into_inner()
+        .spec
+        .context("nil spec from TaskConfigSchema")?;
+    let capabilities = process
+        .driver()
+        .capabilities(CapabilitiesRequest {})
+        .await?
+        .into_inner()
+        .capabilities
+        .context("nil capabilities")?;
+    let live = LiveDriver {
+        process,
+        info,
+        task_schema,
+        capabilities,
+        msgpack_config,
+        fingerprint_opened,
+        fingerprints,
+        events,
+        streams,
+    };
+    Ok(StartReport { fingerprint_process, validation_process, live })
+}
+
+async fn finish(p: PluginProcess) -> Result<ProcessReport> {
+    let stderr = p.stderr.clone();
+    let extra = p.extra_stdout.clone();
+    let handshake_after = p.handshake_after;
+    let (exited_gracefully, _) = p.kill().await?;
+    let stderr = stderr.lock().unwrap().clone();
+    let extra_stdout = extra.lock().unwrap().clone();
+    Ok(ProcessReport { handshake_after, exited_gracefully, stderr, extra_stdout })
+}
+
+async fn pump<T>(mut stream: tonic::Streaming<T>, log: Arc<Mutex<StreamLog<T>>>) {
+    loop {
+        match stream.message().await {
+            Ok(Some(msg)) => log.lock().unwrap().items.push(Received { at: Instant::now(), msg }),
+            Ok(None) => {
+                log.lock().unwrap().ended = Some("EOF".into());
+                return;
+            }
+            Err(e) => {
+                log.lock().unwrap().ended = Some(e.to_string());
+                return;
+            }
+        }
+    }
+}
+
+impl<T: Clone> Clone for StreamLog<T> {
+    fn clone(&self) -> Self {
+        StreamLog { items: self.items.clone(), ended: self.ended.clone() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_version_equality() {
+        assert_eq!(parse_go_version("0.1.0"), parse_go_version("v0.1.0"));
+        assert_eq!(parse_go_version("0.1"), parse_go_version("v0.1.0"));
+        assert!(parse_go_version("banana").is_none());
+        let mut info = PluginInfoResponse {
+            r#type: PluginType::Driver as i32,
+            plugin_api_versions: vec!["0.1.0".into()],
+            plugin_version: "0.1.0".into(),
+            name: "aimodel".into(),
+        };
+        assert!(check_plugin_info(&info).is_ok());
+        info.plugin_api_versions = vec!["0.2.0".into()];
+        assert!(check_plugin_info(&info).is_err());
+        info.plugin_api_versions = vec!["0.1.0".into()];
+        info.r#type = PluginType::Unknown as i32;
+        assert!(check_plugin_info(&info).is_err());
+    }
+}
