@@ -37,6 +37,12 @@ pub enum Cmd {
         #[arg(long, default_value = "0")]
         watch_secs: u64,
     },
+    /// Check the configuration reference tables in the docs against the schemas
+    /// (with --write, regenerate them).
+    Docs {
+        #[arg(long)]
+        write: bool,
+    },
 }
 
 /// Runs the command.
@@ -44,6 +50,18 @@ pub async fn run(args: Args) -> Result<()> {
     match args.command {
         Cmd::Start { plugin_dir, config, watch_secs } => {
             start(plugin_dir, config, Duration::from_secs(watch_secs)).await
+        }
+        Cmd::Docs { write } => {
+            let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+            let stale = crate::docs::check(&root, write)?;
+            match (stale.is_empty(), write) {
+                (true, _) => println!("configuration tables are up to date"),
+                (false, true) => println!("rewrote {}", stale.join(", ")),
+                (false, false) => {
+                    bail!("stale configuration tables in {}; run `nomad-sim docs --write`", stale.join(", "))
+                }
+            }
+            Ok(())
         }
     }
 }

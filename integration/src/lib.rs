@@ -4,6 +4,7 @@
 //! demo (`nomad-sim`).
 
 pub mod cli;
+pub mod docs;
 pub mod hcl_eval;
 pub mod plugin;
 pub mod sequence;
