@@ -279,3 +279,24 @@ async fn closed_stderr_does_not_kill_the_plugin() {
     let (graceful, _) = p.kill().await.unwrap();
     assert!(graceful);
 }
+
+#[tokio::test]
+async fn reattach_keeps_the_configuration_without_set_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let env = [("TMPDIR", tmp.path().to_str().unwrap())];
+    let hcl = client_hcl(r#"endpoint = "unix:///nonexistent/reattach.sock""#);
+    let report = sequence::start(&binary(DRIVER_BIN).unwrap(), &hcl, &env).await.unwrap();
+    let mut live = report.live;
+    live.wait_fingerprints(1, Duration::from_secs(1)).await.unwrap();
+
+    // The client "crashes": its connection goes away, the plugin stays. The next
+    // client reconnects to the saved address with no handshake and no SetConfig.
+    let handshake = live.process.handshake.clone();
+    live.process.channel = aimodel_integration::plugin::connect(&handshake).await.unwrap();
+    let info = live.process.base().plugin_info(PluginInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.name, "aimodel");
+    let mut fp = live.process.driver().fingerprint(FingerprintRequest {}).await.unwrap().into_inner();
+    let msg = fp.message().await.unwrap().unwrap();
+    assert!(msg.health_description.contains("/nonexistent/reattach.sock"), "config lost: {}", msg.health_description);
+    live.kill().await.unwrap();
+}
