@@ -8,9 +8,12 @@
 pub mod config;
 pub mod cty;
 pub mod driver;
+pub mod engine;
 pub mod error;
 pub mod grpc;
 pub mod logging;
 pub mod runtime;
 pub mod schema;
 pub mod server;
+pub mod task;
+pub mod timefmt;

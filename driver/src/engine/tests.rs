@@ -1,0 +1,216 @@
+use super::*;
+use crate::config::{decode_task_config, TASK_SCHEMA};
+use crate::cty::{encode, Value};
+use crate::schema::default_value;
+use crate::task::NomadPort;
+
+fn cfg(pairs: &[(&str, Value)]) -> TaskConfig {
+    let Value::Map(mut m) = default_value(TASK_SCHEMA, false) else { unreachable!() };
+    for (k, v) in pairs {
+        m.insert((*k).to_string(), v.clone());
+    }
+    decode_task_config(&encode(&Value::Map(m))).unwrap()
+}
+
+fn task() -> NomadTask {
+    NomadTask {
+        id: "a1/llm/1234abcd".into(),
+        name: "llm".into(),
+        alloc_id: "a1".into(),
+        job_name: "job".into(),
+        node_name: "node-1".into(),
+        alloc_dir: "/nomad/alloc/a1".into(),
+        memory_mb: 1024,
+        cpu_shares: 500,
+        ports: vec![NomadPort { label: "http".into(), value: 23456, to: 8000, host_ip: "10.0.0.5".into() }],
+        env: BTreeMap::from([("NOMAD_TASK_NAME".into(), "llm".into())]),
+        ..Default::default()
+    }
+}
+
+fn vllm() -> Vec<(&'static str, Value)> {
+    vec![("engine", Value::str("vllm")), ("model", Value::str("org/m")), ("port", Value::str("http"))]
+}
+
+#[test]
+fn vllm_command_line_and_host_network() {
+    let p = plan(&cfg(&vllm()), &task(), &PluginConfig::default(), &NodeFacts::default()).unwrap();
+    let cmd = p.spec.cmd.clone().unwrap();
+    assert_eq!(
+        cmd,
+        [
+            "--model",
+            "org/m",
+            "--revision",
+            "main",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "23456",
+            "--served-model-name",
+            "org/m"
+        ]
+    );
+    assert_eq!(p.spec.entrypoint, None);
+    assert_eq!(p.spec.image, "vllm/vllm-openai:latest");
+    assert_eq!(p.spec.network_mode, "host");
+    assert_eq!(p.readiness_url.as_deref(), Some("http://127.0.0.1:23456/health"));
+    assert_eq!(p.port_map["http"], 23456);
+    assert_eq!(p.spec.memory_bytes, Some(1024 << 20));
+    assert_eq!(p.spec.cpu_shares, Some(500));
+    assert!(p.spec.env.contains(&"HF_HUB_OFFLINE=1".to_string()));
+    assert!(p.spec.env.contains(&"HF_HOME=/root/.cache/huggingface".to_string()));
+    assert!(p.spec.env.contains(&"HF_HUB_CACHE=/root/.cache/huggingface/hub".to_string()));
+    assert!(p.spec.binds.contains(&"/nomad/alloc/a1/alloc:/alloc".to_string()));
+    assert!(p.spec.binds.contains(&"/nomad/alloc/a1/llm/secrets:/secrets".to_string()));
+    assert!(p.spec.binds.contains(&"/mnt/hf-cache:/root/.cache/huggingface".to_string()));
+    assert_eq!(p.spec.labels[LABEL_TASK_ID], "a1/llm/1234abcd");
+    assert_eq!(p.spec.labels[LABEL_MANAGED], "true");
+    assert_eq!(p.spec.name, "llm-a1-1234abcd");
+}
+
+#[test]
+fn group_network_publishes_every_port() {
+    let mut t = task();
+    t.network_mode = NetworkMode::Group;
+    t.ports.push(NomadPort { label: "metrics".into(), value: 23457, to: 0, host_ip: String::new() });
+    let p = plan(&cfg(&vllm()), &t, &PluginConfig::default(), &NodeFacts::default()).unwrap();
+    assert_eq!(p.spec.network_mode, "bridge");
+    assert_eq!(
+        p.spec.ports,
+        [
+            PortBinding { container_port: 8000, host_ip: "10.0.0.5".into(), host_port: 23456 },
+            PortBinding { container_port: 23457, host_ip: String::new(), host_port: 23457 },
+        ]
+    );
+    assert!(p.spec.cmd.unwrap().windows(2).any(|w| w == ["--port", "8000"]));
+    assert_eq!(p.readiness_url.as_deref(), Some("http://10.0.0.5:23456/health"));
+}
+
+#[test]
+fn tensor_parallel_follows_the_assigned_gpus() {
+    let mut t = task();
+    t.device_env.insert("NVIDIA_VISIBLE_DEVICES".into(), "GPU-a,GPU-b".into());
+    let p = plan(&cfg(&vllm()), &t, &PluginConfig::default(), &NodeFacts::default()).unwrap();
+    assert!(p.spec.cmd.clone().unwrap().windows(2).any(|w| w == ["--tensor-parallel-size", "2"]));
+    assert_eq!(p.spec.gpus, Some(GpuRequest::Uuids(vec!["GPU-a".into(), "GPU-b".into()])));
+    let mut plugin = PluginConfig::default();
+    plugin.gpu.device_request = DeviceRequestKind::Cdi;
+    let p = plan(&cfg(&vllm()), &t, &plugin, &NodeFacts::default()).unwrap();
+    assert_eq!(p.spec.gpus, Some(GpuRequest::Cdi(vec!["nvidia.com/gpu=GPU-a".into(), "nvidia.com/gpu=GPU-b".into()])));
+    let mut with_count = vllm();
+    with_count.push(("gpus", Value::str("all")));
+    let p = plan(&cfg(&with_count), &task(), &PluginConfig::default(), &NodeFacts::default()).unwrap();
+    assert_eq!(p.spec.gpus, Some(GpuRequest::Count(-1)));
+}
+
+#[test]
+fn every_engine_builds_its_command() {
+    let cases: Vec<(Vec<(&str, Value)>, Option<Vec<&str>>, Vec<&str>, Option<&str>)> = vec![
+        (
+            vec![("engine", Value::str("sglang")), ("model", Value::str("org/m")), ("port", Value::str("http"))],
+            Some(vec!["python3", "-m", "sglang.launch_server"]),
+            vec![
+                "--model-path",
+                "org/m",
+                "--revision",
+                "main",
+                "--host",
+                "0.0.0.0",
+                "--port",
+                "23456",
+                "--served-model-name",
+                "org/m",
+            ],
+            Some("/health"),
+        ),
+        (
+            vec![
+                ("engine", Value::str("sglang-router")),
+                ("port", Value::str("http")),
+                ("args", Value::List(vec![Value::str("--worker-urls"), Value::str("http://w:1")])),
+            ],
+            Some(vec!["python3", "-m", "sglang_router.launch_router"]),
+            vec!["--host", "0.0.0.0", "--port", "23456", "--worker-urls", "http://w:1"],
+            Some("/health"),
+        ),
+        (
+            vec![("engine", Value::str("ollama")), ("port", Value::str("http"))],
+            None,
+            vec!["serve"],
+            Some("/api/version"),
+        ),
+        (
+            vec![("engine", Value::str("tgi")), ("model", Value::str("org/m")), ("port", Value::str("http"))],
+            None,
+            vec!["--model-id", "org/m", "--revision", "main", "--hostname", "0.0.0.0", "--port", "23456"],
+            Some("/health"),
+        ),
+        (
+            vec![("engine", Value::str("ray")), ("port", Value::str("http"))],
+            None,
+            vec!["ray", "start", "--block", "--dashboard-host=0.0.0.0", "--dashboard-port=23456"],
+            None,
+        ),
+        (
+            vec![
+                ("engine", Value::str("custom")),
+                ("image", Value::str("my/server:1")),
+                ("command", Value::str("/bin/serve")),
+                ("args", Value::List(vec![Value::str("-v")])),
+                ("port", Value::str("http")),
+                ("readiness", Value::object([("path", Value::str("/ready"))])),
+            ],
+            None,
+            vec!["/bin/serve", "-v"],
+            Some("/ready"),
+        ),
+    ];
+    for (pairs, entry, cmd, ready) in cases {
+        let c = cfg(&pairs);
+        let p = plan(&c, &task(), &PluginConfig::default(), &NodeFacts::default()).unwrap();
+        let name = c.engine.as_str();
+        assert_eq!(p.spec.entrypoint, entry.map(|e| e.iter().map(|s| s.to_string()).collect()), "{name}");
+        assert_eq!(p.spec.cmd.unwrap(), cmd, "{name}");
+        assert_eq!(p.readiness_url, ready.map(|r| format!("http://127.0.0.1:23456{r}")), "{name}");
+    }
+}
+
+#[test]
+fn load_strategy_auto_is_eager_on_nfs() {
+    let facts = NodeFacts { cache_on_nfs: true, resolved_revision: Some("abc123".into()) };
+    let p = plan(&cfg(&vllm()), &task(), &PluginConfig::default(), &facts).unwrap();
+    let cmd = p.spec.cmd.unwrap();
+    assert!(cmd.windows(2).any(|w| w == ["--safetensors-load-strategy", "eager"]));
+    assert!(cmd.windows(2).any(|w| w == ["--revision", "abc123"]));
+    let mut sg = vec![("engine", Value::str("sglang")), ("model", Value::str("org/m"))];
+    let p = plan(&cfg(&sg), &task(), &PluginConfig::default(), &facts).unwrap();
+    assert!(p.spec.cmd.unwrap().contains(&"--weight-loader-disable-mmap".to_string()));
+    sg.push(("load_strategy", Value::str("none")));
+    let p = plan(&cfg(&sg), &task(), &PluginConfig::default(), &facts).unwrap();
+    assert!(p.load_flags.is_empty());
+    let p = plan(&cfg(&vllm()), &task(), &PluginConfig::default(), &NodeFacts::default()).unwrap();
+    assert!(p.load_flags.is_empty());
+}
+
+#[test]
+fn bad_inputs_name_the_field() {
+    let mut bad_port = vllm();
+    bad_port[2] = ("port", Value::str("grpc"));
+    let e = plan(&cfg(&bad_port), &task(), &PluginConfig::default(), &NodeFacts::default()).unwrap_err();
+    assert_eq!(e.field(), Some("port"));
+    assert!(e.to_string().contains("grpc"));
+    let mut privileged = vllm();
+    privileged.push(("privileged", Value::Bool(true)));
+    let e = plan(&cfg(&privileged), &task(), &PluginConfig::default(), &NodeFacts::default()).unwrap_err();
+    assert_eq!(e.field(), Some("privileged"));
+}
+
+#[test]
+fn memory_max_becomes_the_limit_and_memory_the_reservation() {
+    let mut t = task();
+    t.memory_max_mb = 4096;
+    let p = plan(&cfg(&vllm()), &t, &PluginConfig::default(), &NodeFacts::default()).unwrap();
+    assert_eq!(p.spec.memory_bytes, Some(4096 << 20));
+    assert_eq!(p.spec.memory_reservation_bytes, Some(1024 << 20));
+}

@@ -1,0 +1,504 @@
+//! [`ContainerRuntime`] over the Docker Engine API (bollard).
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use bollard::auth::DockerCredentials;
+use bollard::container::LogOutput;
+use bollard::errors::Error as BollardError;
+use bollard::exec::{StartExecOptions, StartExecResults};
+use bollard::models::{ContainerCreateBody, DeviceRequest, ExecConfig, HostConfig, PortBinding as DockerPortBinding};
+use bollard::query_parameters::{
+    CreateContainerOptions, CreateImageOptions, KillContainerOptions, ListContainersOptions, LogsOptions,
+    RemoveContainerOptions, ResizeExecOptions, StatsOptions, WaitContainerOptions,
+};
+use bollard::{Docker, API_DEFAULT_VERSION};
+use futures::stream::BoxStream;
+use futures::StreamExt;
+
+use super::{
+    ContainerRuntime, ContainerSpec, ContainerState, ExecOutput, ExecSession, GpuRequest, LogRecord, LogStream,
+    PullProgress, RuntimeError, RuntimeInfo, Stats,
+};
+use crate::config::RegistryAuth;
+use crate::timefmt::parse_rfc3339_utc;
+
+/// Client-side request timeout for ordinary calls (streams are not bounded by it).
+const REQUEST_TIMEOUT_SECS: u64 = 120;
+
+/// Docker Engine API over bollard.
+pub struct DockerRuntime {
+    endpoint: String,
+    docker: tokio::sync::Mutex<Option<Docker>>,
+}
+
+impl DockerRuntime {
+    /// Connects lazily: a bad or absent daemon is reported by the first call.
+    pub fn new(endpoint: &str) -> Self {
+        DockerRuntime { endpoint: endpoint.into(), docker: tokio::sync::Mutex::new(None) }
+    }
+
+    /// The client, connecting (and negotiating the API version: engines as old
+    /// as 20.10 speak 1.41) on first use and again after a failure.
+    async fn client(&self) -> Result<Docker, RuntimeError> {
+        let mut slot = self.docker.lock().await;
+        if let Some(d) = slot.as_ref() {
+            return Ok(d.clone());
+        }
+        let endpoint = self.endpoint.as_str();
+        let unreachable =
+            |e: BollardError| RuntimeError::Unreachable { endpoint: endpoint.into(), reason: e.to_string() };
+        let docker = if let Some(path) = endpoint.strip_prefix("unix://") {
+            Docker::connect_with_unix(path, REQUEST_TIMEOUT_SECS, API_DEFAULT_VERSION).map_err(unreachable)?
+        } else if let Some(addr) = endpoint.strip_prefix("tcp://") {
+            Docker::connect_with_http(&format!("http://{addr}"), REQUEST_TIMEOUT_SECS, API_DEFAULT_VERSION)
+                .map_err(unreachable)?
+        } else if endpoint.starts_with("http://") {
+            Docker::connect_with_http(endpoint, REQUEST_TIMEOUT_SECS, API_DEFAULT_VERSION).map_err(unreachable)?
+        } else {
+            return Err(RuntimeError::BadEndpoint {
+                endpoint: endpoint.into(),
+                reason: "only unix://, tcp:// and http:// endpoints are supported".into(),
+            });
+        };
+        let docker = docker.negotiate_version().await.map_err(unreachable)?;
+        *slot = Some(docker.clone());
+        Ok(docker)
+    }
+
+    async fn forget_client(&self) {
+        *self.docker.lock().await = None;
+    }
+
+    fn api(&self, op: &'static str) -> impl Fn(BollardError) -> RuntimeError + '_ {
+        move |e| match e {
+            BollardError::DockerResponseServerError { status_code: 404, message } => {
+                RuntimeError::NotFound { id: message }
+            }
+            BollardError::HyperResponseError { .. } | BollardError::IOError { .. } => {
+                RuntimeError::Unreachable { endpoint: self.endpoint.clone(), reason: e.to_string() }
+            }
+            e => RuntimeError::Api { op, reason: e.to_string() },
+        }
+    }
+}
+
+fn credentials(auth: Option<&RegistryAuth>) -> Option<DockerCredentials> {
+    auth.map(|a| DockerCredentials {
+        username: a.username.clone(),
+        password: a.password.clone(),
+        serveraddress: a.server_address.clone(),
+        ..Default::default()
+    })
+}
+
+fn split_image(image: &str) -> (String, String) {
+    // The tag is after the last ':' unless that ':' belongs to a registry port.
+    if let Some((name, digest)) = image.split_once('@') {
+        return (name.to_string(), digest.to_string());
+    }
+    match image.rfind(':') {
+        Some(i) if !image[i..].contains('/') => (image[..i].to_string(), image[i + 1..].to_string()),
+        _ => (image.to_string(), "latest".to_string()),
+    }
+}
+
+fn host_config(spec: &ContainerSpec) -> HostConfig {
+    let port_bindings: HashMap<String, Option<Vec<DockerPortBinding>>> = spec
+        .ports
+        .iter()
+        .map(|p| {
+            let binding = DockerPortBinding {
+                host_ip: Some(p.host_ip.clone()).filter(|s| !s.is_empty()),
+                host_port: Some(p.host_port.to_string()),
+            };
+            (format!("{}/tcp", p.container_port), Some(vec![binding]))
+        })
+        .collect();
+    let device_requests = spec.gpus.as_ref().and_then(|g| match g {
+        GpuRequest::Uuids(ids) => Some(vec![DeviceRequest {
+            driver: Some("nvidia".into()),
+            device_ids: Some(ids.clone()),
+            capabilities: Some(vec![vec!["gpu".into()]]),
+            ..Default::default()
+        }]),
+        GpuRequest::Count(n) => Some(vec![DeviceRequest {
+            driver: Some("nvidia".into()),
+            count: Some(*n),
+            capabilities: Some(vec![vec!["gpu".into()]]),
+            ..Default::default()
+        }]),
+        GpuRequest::Cdi(names) => Some(vec![DeviceRequest {
+            driver: Some("cdi".into()),
+            device_ids: Some(names.clone()),
+            ..Default::default()
+        }]),
+    });
+    let non_empty = |v: &Vec<String>| Some(v.clone()).filter(|v| !v.is_empty());
+    HostConfig {
+        binds: non_empty(&spec.binds),
+        port_bindings: Some(port_bindings).filter(|m| !m.is_empty()),
+        network_mode: Some(spec.network_mode.clone()).filter(|m| !m.is_empty()),
+        memory: spec.memory_bytes,
+        memory_reservation: spec.memory_reservation_bytes,
+        cpu_shares: spec.cpu_shares,
+        cpuset_cpus: spec.cpuset_cpus.clone(),
+        shm_size: spec.shm_size,
+        ipc_mode: spec.ipc_mode.clone(),
+        privileged: Some(spec.privileged),
+        device_requests,
+        dns: non_empty(&spec.dns),
+        dns_search: non_empty(&spec.dns_search),
+        dns_options: non_empty(&spec.dns_options),
+        ..Default::default()
+    }
+}
+
+#[tonic::async_trait]
+impl ContainerRuntime for DockerRuntime {
+    fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    async fn info(&self, timeout: Duration) -> Result<RuntimeInfo, RuntimeError> {
+        let call = async {
+            let docker = self.client().await?;
+            docker
+                .version()
+                .await
+                .map_err(|e| RuntimeError::Unreachable { endpoint: self.endpoint.clone(), reason: e.to_string() })
+        };
+        match tokio::time::timeout(timeout, call).await {
+            Err(_) => Err(RuntimeError::Timeout { endpoint: self.endpoint.clone(), timeout }),
+            Ok(Err(e)) => {
+                self.forget_client().await;
+                Err(e)
+            }
+            Ok(Ok(v)) => Ok(RuntimeInfo {
+                version: v.version.unwrap_or_default(),
+                api_version: v.api_version.unwrap_or_default(),
+            }),
+        }
+    }
+
+    async fn image_present(&self, image: &str) -> Result<bool, RuntimeError> {
+        match self.client().await?.inspect_image(image).await {
+            Ok(_) => Ok(true),
+            Err(BollardError::DockerResponseServerError { status_code: 404, .. }) => Ok(false),
+            Err(e) => Err(self.api("inspect image")(e)),
+        }
+    }
+
+    async fn pull(
+        &self,
+        image: &str,
+        auth: Option<&RegistryAuth>,
+        activity_timeout: Duration,
+        progress: &(dyn Fn(PullProgress) + Send + Sync),
+    ) -> Result<(), RuntimeError> {
+        let docker = self.client().await?;
+        let (from_image, tag) = split_image(image);
+        let options = CreateImageOptions { from_image: Some(from_image), tag: Some(tag), ..Default::default() };
+        let mut stream = docker.create_image(Some(options), None, credentials(auth));
+        let mut layers: BTreeMap<String, (u64, u64, bool)> = BTreeMap::new();
+        loop {
+            // The pull is bounded by activity, never by wall-clock time.
+            let next = match tokio::time::timeout(activity_timeout, stream.next()).await {
+                Err(_) => return Err(RuntimeError::PullStalled { image: image.into(), idle: activity_timeout }),
+                Ok(None) => return Ok(()),
+                Ok(Some(item)) => item,
+            };
+            let info = next.map_err(|e| match e {
+                BollardError::DockerResponseServerError { status_code: 404, message } => {
+                    RuntimeError::ImageNotFound { image: image.into(), reason: message }
+                }
+                BollardError::DockerResponseServerError { message, .. }
+                    if message.contains("not found") || message.contains("does not exist") =>
+                {
+                    RuntimeError::ImageNotFound { image: image.into(), reason: message }
+                }
+                e => RuntimeError::Pull { image: image.into(), reason: e.to_string() },
+            })?;
+            if let Some(err) = info.error_detail.and_then(|d| d.message) {
+                return Err(RuntimeError::Pull { image: image.into(), reason: err });
+            }
+            if let Some(id) = info.id {
+                let entry = layers.entry(id).or_default();
+                if let Some(d) = info.progress_detail {
+                    entry.0 = d.current.unwrap_or(0).max(0) as u64;
+                    entry.1 = entry.1.max(d.total.unwrap_or(0).max(0) as u64);
+                }
+                if matches!(info.status.as_deref(), Some("Pull complete" | "Already exists")) {
+                    entry.2 = true;
+                    entry.0 = entry.1;
+                }
+            }
+            progress(PullProgress {
+                layers: layers.len(),
+                layers_done: layers.values().filter(|l| l.2).count(),
+                bytes_done: layers.values().map(|l| l.0).sum(),
+                bytes_total: layers.values().map(|l| l.1).sum(),
+            });
+        }
+    }
+
+    async fn create(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
+        let docker = self.client().await?;
+        let body = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            entrypoint: spec.entrypoint.clone(),
+            cmd: spec.cmd.clone(),
+            env: Some(spec.env.clone()),
+            labels: Some(spec.labels.clone().into_iter().collect()),
+            user: spec.user.clone(),
+            exposed_ports: Some(spec.ports.iter().map(|p| format!("{}/tcp", p.container_port)).collect())
+                .filter(|v: &Vec<String>| !v.is_empty()),
+            host_config: Some(host_config(spec)),
+            ..Default::default()
+        };
+        let options = CreateContainerOptions { name: Some(spec.name.clone()), ..Default::default() };
+        let created = docker.create_container(Some(options), body).await.map_err(|e| match e {
+            BollardError::DockerResponseServerError { status_code: 404, message } => {
+                RuntimeError::ImageNotFound { image: spec.image.clone(), reason: message }
+            }
+            e => self.api("create")(e),
+        })?;
+        Ok(created.id)
+    }
+
+    async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        self.client().await?.start_container(id, None).await.map_err(self.api("start"))
+    }
+
+    async fn inspect(&self, id: &str) -> Result<Option<ContainerState>, RuntimeError> {
+        match self.client().await?.inspect_container(id, None).await {
+            Err(BollardError::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
+            Err(e) => Err(self.api("inspect")(e)),
+            Ok(c) => {
+                let s = c.state.unwrap_or_default();
+                Ok(Some(ContainerState {
+                    running: s.running.unwrap_or(false),
+                    exit_code: s.exit_code.unwrap_or(0),
+                    oom_killed: s.oom_killed.unwrap_or(false),
+                    pid: s.pid.unwrap_or(0),
+                    error: s.error.unwrap_or_default(),
+                    status: s.status.map(|st| st.to_string()).unwrap_or_default(),
+                }))
+            }
+        }
+    }
+
+    async fn wait(&self, id: &str) -> Result<(), RuntimeError> {
+        let docker = self.client().await?;
+        let options = WaitContainerOptions { condition: "not-running".into() };
+        let mut s = docker.wait_container(id, Some(options));
+        while let Some(item) = s.next().await {
+            match item {
+                Ok(_) => {}
+                // A non-zero exit is reported as an error by bollard; it still means "exited".
+                Err(BollardError::DockerContainerWaitError { .. }) => {}
+                Err(BollardError::DockerResponseServerError { status_code: 404, .. }) => return Ok(()),
+                Err(e) => return Err(self.api("wait")(e)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn kill(&self, id: &str, signal: &str) -> Result<(), RuntimeError> {
+        let options = KillContainerOptions { signal: signal.into() };
+        match self.client().await?.kill_container(id, Some(options)).await {
+            Ok(()) => Ok(()),
+            // 409: not running any more, which is what we wanted.
+            Err(BollardError::DockerResponseServerError { status_code: 409, .. }) => Ok(()),
+            Err(e) => Err(self.api("kill")(e)),
+        }
+    }
+
+    async fn remove(&self, id: &str, force: bool) -> Result<(), RuntimeError> {
+        let options = RemoveContainerOptions { force, v: true, ..Default::default() };
+        match self.client().await?.remove_container(id, Some(options)).await {
+            Ok(()) | Err(BollardError::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
+            // 409 "removal already in progress" is as good as removed.
+            Err(BollardError::DockerResponseServerError { status_code: 409, message })
+                if message.contains("in progress") =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(self.api("remove")(e)),
+        }
+    }
+
+    async fn logs(
+        &self,
+        id: &str,
+        since_secs: i64,
+        follow: bool,
+    ) -> Result<BoxStream<'static, Result<LogRecord, RuntimeError>>, RuntimeError> {
+        let id = id.to_string();
+        let endpoint = self.endpoint.clone();
+        let docker = self.client().await?;
+        let options = LogsOptions {
+            follow,
+            stdout: true,
+            stderr: true,
+            timestamps: true,
+            since: i32::try_from(since_secs).unwrap_or(0),
+            ..Default::default()
+        };
+        let stream = docker
+            .logs(&id, Some(options))
+            .map(move |item| {
+                let out = item.map_err(|e| RuntimeError::Api { op: "logs", reason: format!("{e} ({endpoint})") })?;
+                let (stream, bytes) = match out {
+                    LogOutput::StdOut { message } | LogOutput::Console { message } => (LogStream::Stdout, message),
+                    LogOutput::StdErr { message } => (LogStream::Stderr, message),
+                    LogOutput::StdIn { message } => (LogStream::Stdout, message),
+                };
+                Ok(split_timestamp(stream, &bytes))
+            })
+            .boxed();
+        Ok(stream)
+    }
+
+    async fn stats(&self, id: &str) -> Result<Stats, RuntimeError> {
+        let docker = self.client().await?;
+        // stream=false: Docker samples twice, one second apart, and fills precpu_stats.
+        let options = StatsOptions { stream: false, one_shot: false };
+        let s = docker
+            .stats(id, Some(options))
+            .next()
+            .await
+            .ok_or_else(|| RuntimeError::Api { op: "stats", reason: "no sample".into() })?
+            .map_err(self.api("stats"))?;
+        let cpu = s.cpu_stats.unwrap_or_default();
+        let pre = s.precpu_stats.unwrap_or_default();
+        let usage = cpu.cpu_usage.clone().unwrap_or_default();
+        let pre_usage = pre.cpu_usage.unwrap_or_default();
+        let d_total = usage.total_usage.unwrap_or(0).saturating_sub(pre_usage.total_usage.unwrap_or(0)) as f64;
+        let d_system = cpu.system_cpu_usage.unwrap_or(0).saturating_sub(pre.system_cpu_usage.unwrap_or(0)) as f64;
+        let cpus = f64::from(cpu.online_cpus.unwrap_or(1).max(1));
+        let cpu_percent = if d_system > 0.0 { d_total / d_system * cpus * 100.0 } else { 0.0 };
+        let throttling = cpu.throttling_data.unwrap_or_default();
+        let mem = s.memory_stats.unwrap_or_default();
+        let detail = mem.stats.unwrap_or_default();
+        let get = |k: &str| detail.get(k).copied().unwrap_or(0);
+        // cgroup v1 reports rss/cache, v2 anon/file.
+        let rss = get("rss").max(get("anon"));
+        let cache = get("cache").max(get("file"));
+        Ok(Stats {
+            cpu_percent,
+            cpu_user_ns: usage.usage_in_usermode.unwrap_or(0),
+            cpu_kernel_ns: usage.usage_in_kernelmode.unwrap_or(0),
+            throttled_periods: throttling.throttled_periods.unwrap_or(0),
+            throttled_time_ns: throttling.throttled_time.unwrap_or(0),
+            mem_usage: mem.usage.unwrap_or(0),
+            mem_max: mem.max_usage.unwrap_or(0),
+            mem_rss: rss,
+            mem_cache: cache,
+            mem_swap: get("swap"),
+        })
+    }
+
+    async fn exec(&self, id: &str, cmd: &[String]) -> Result<ExecOutput, RuntimeError> {
+        let session = self.exec_interactive(id, cmd, false).await?;
+        let mut out = ExecOutput::default();
+        let ExecSession { id: exec_id, mut output, input } = session;
+        drop(input);
+        while let Some(chunk) = output.next().await {
+            match chunk? {
+                (LogStream::Stdout, b) => out.stdout.extend(b),
+                (LogStream::Stderr, b) => out.stderr.extend(b),
+            }
+        }
+        out.exit_code = self.exec_exit_code(&exec_id).await?.unwrap_or(-1);
+        Ok(out)
+    }
+
+    async fn exec_interactive(&self, id: &str, cmd: &[String], tty: bool) -> Result<ExecSession, RuntimeError> {
+        let docker = self.client().await?;
+        let config = ExecConfig {
+            attach_stdin: Some(true),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            tty: Some(tty),
+            cmd: Some(cmd.to_vec()),
+            ..Default::default()
+        };
+        let created = docker.create_exec(id, config).await.map_err(self.api("exec create"))?;
+        let options = StartExecOptions { detach: false, tty, ..Default::default() };
+        match docker.start_exec(&created.id, Some(options)).await.map_err(self.api("exec start"))? {
+            StartExecResults::Attached { output, input } => Ok(ExecSession {
+                id: created.id,
+                output: output
+                    .map(|item| {
+                        item.map(|o| match o {
+                            LogOutput::StdErr { message } => (LogStream::Stderr, message.to_vec()),
+                            LogOutput::StdOut { message }
+                            | LogOutput::Console { message }
+                            | LogOutput::StdIn { message } => (LogStream::Stdout, message.to_vec()),
+                        })
+                        .map_err(|e| RuntimeError::Api { op: "exec output", reason: e.to_string() })
+                    })
+                    .boxed(),
+                input,
+            }),
+            StartExecResults::Detached => {
+                Err(RuntimeError::Api { op: "exec start", reason: "exec started detached".into() })
+            }
+        }
+    }
+
+    async fn exec_resize(&self, exec_id: &str, height: u16, width: u16) -> Result<(), RuntimeError> {
+        let options = ResizeExecOptions { h: i32::from(height), w: i32::from(width) };
+        self.client().await?.resize_exec(exec_id, options).await.map_err(self.api("exec resize"))
+    }
+
+    async fn exec_exit_code(&self, exec_id: &str) -> Result<Option<i64>, RuntimeError> {
+        let r = self.client().await?.inspect_exec(exec_id).await.map_err(self.api("exec inspect"))?;
+        Ok(if r.running.unwrap_or(false) { None } else { r.exit_code })
+    }
+
+    async fn list_labelled(
+        &self,
+        label: &str,
+        value: &str,
+    ) -> Result<Vec<(String, BTreeMap<String, String>)>, RuntimeError> {
+        let filters = HashMap::from([("label".to_string(), vec![format!("{label}={value}")])]);
+        let options = ListContainersOptions { all: true, filters: Some(filters), ..Default::default() };
+        let list = self.client().await?.list_containers(Some(options)).await.map_err(self.api("list"))?;
+        Ok(list.into_iter().filter_map(|c| Some((c.id?, c.labels.unwrap_or_default().into_iter().collect()))).collect())
+    }
+}
+
+/// Splits Docker's `timestamps=true` prefix (`RFC3339Nano ` + message) off a chunk.
+fn split_timestamp(stream: LogStream, bytes: &[u8]) -> LogRecord {
+    if let Some(space) = bytes.iter().position(|b| *b == b' ') {
+        if let Some(ts) = std::str::from_utf8(&bytes[..space]).ok().and_then(parse_rfc3339_utc) {
+            return LogRecord { stream, ts, bytes: bytes[space + 1..].to_vec() };
+        }
+    }
+    LogRecord { stream, ts: (0, 0), bytes: bytes.to_vec() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_references_split_into_name_and_tag() {
+        assert_eq!(split_image("busybox"), ("busybox".into(), "latest".into()));
+        assert_eq!(split_image("vllm/vllm-openai:v0.6"), ("vllm/vllm-openai".into(), "v0.6".into()));
+        assert_eq!(split_image("registry:5000/x/y"), ("registry:5000/x/y".into(), "latest".into()));
+        assert_eq!(split_image("registry:5000/x/y:1"), ("registry:5000/x/y".into(), "1".into()));
+        assert_eq!(split_image("x@sha256:abc"), ("x".into(), "sha256:abc".into()));
+    }
+
+    #[test]
+    fn log_timestamps_are_split_off() {
+        let r = split_timestamp(LogStream::Stdout, b"2026-01-02T03:04:05.000000001Z line 1\n");
+        assert_eq!(r.ts, (1_767_323_045, 1));
+        assert_eq!(r.bytes, b"line 1\n");
+        let r = split_timestamp(LogStream::Stderr, b"no timestamp here");
+        assert_eq!(r.ts, (0, 0));
+    }
+}

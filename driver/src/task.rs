@@ -1,0 +1,143 @@
+//! What Nomad tells us about a task (`NomadTask`, converted from the proto
+//! TaskConfig in `grpc`) and what we keep to recover it (`DriverState`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// A port of the allocation: Nomad's `PortMapping` (label, host port, mapped port, host ip).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NomadPort {
+    pub label: String,
+    pub value: u16,
+    pub to: u16,
+    pub host_ip: String,
+}
+
+/// A Nomad-requested bind mount (volume_mount, CSI, host volume).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NomadMount {
+    pub host_path: String,
+    pub task_path: String,
+    pub readonly: bool,
+}
+
+/// How the task's network is set up by Nomad.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum NetworkMode {
+    /// No isolation: the host's network namespace.
+    #[default]
+    Host,
+    /// `network { mode = "bridge" }` at group level: ports are published on the host.
+    Group,
+}
+
+/// The task as Nomad describes it in `StartTask`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct NomadTask {
+    pub id: String,
+    pub name: String,
+    pub alloc_id: String,
+    pub job_name: String,
+    pub job_id: String,
+    pub namespace: String,
+    pub group: String,
+    pub node_name: String,
+    pub user: String,
+    pub alloc_dir: String,
+    pub stdout_path: String,
+    pub stderr_path: String,
+    pub env: BTreeMap<String, String>,
+    pub device_env: BTreeMap<String, String>,
+    pub memory_mb: i64,
+    pub memory_max_mb: i64,
+    pub cpu_shares: i64,
+    pub cpuset_cpus: String,
+    pub ports: Vec<NomadPort>,
+    pub mounts: Vec<NomadMount>,
+    pub network_mode: NetworkMode,
+    pub dns_servers: Vec<String>,
+    pub dns_searches: Vec<String>,
+    pub dns_options: Vec<String>,
+    pub driver_config: Vec<u8>,
+}
+
+impl NomadTask {
+    /// The last part of the task id: Nomad makes it new on every (re)start.
+    pub fn run_suffix(&self) -> &str {
+        self.id.rsplit('/').next().unwrap_or_default()
+    }
+
+    /// Whether Nomad's log collection is off (`logs { disabled = true }` gives /dev/null).
+    pub fn logs_disabled(&self) -> bool {
+        self.stdout_path.is_empty() || self.stdout_path == "/dev/null"
+    }
+}
+
+/// Version of [`DriverState`]'s layout, also the TaskHandle version.
+pub const DRIVER_STATE_VERSION: i32 = 1;
+
+/// Everything recovery needs, stored by Nomad in `TaskHandle.driver_state`
+/// (Nomad drops `msgpack_driver_config` from stored handles).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DriverState {
+    pub container_id: String,
+    pub container_name: String,
+    pub image: String,
+    pub engine: String,
+    pub model: Option<String>,
+    pub revision: Option<String>,
+    /// Unix nanoseconds of the start.
+    pub started_at_ns: u64,
+    pub stdout_path: String,
+    pub stderr_path: String,
+    pub logs_disabled: bool,
+    /// The log relay process (pid and a file it keeps its position in).
+    pub relay_pid: i32,
+    pub relay_state: String,
+    pub port_map: BTreeMap<String, u16>,
+    pub readiness_url: Option<String>,
+    pub alloc_id: String,
+    pub task_name: String,
+}
+
+impl DriverState {
+    /// msgpack (map form), as Go drivers store theirs.
+    pub fn encode(&self) -> Vec<u8> {
+        rmp_serde::to_vec_named(self).unwrap_or_default()
+    }
+
+    /// Decodes what [`DriverState::encode`] wrote.
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        rmp_serde::from_slice(bytes).map_err(|e| format!("driver_state is not ours or is damaged: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn driver_state_round_trips() {
+        let s = DriverState {
+            container_id: "abc".into(),
+            container_name: "t-1".into(),
+            image: "img".into(),
+            engine: "vllm".into(),
+            model: Some("org/m".into()),
+            revision: None,
+            started_at_ns: 42,
+            stdout_path: "/a".into(),
+            stderr_path: "/b".into(),
+            logs_disabled: false,
+            relay_pid: 7,
+            relay_state: "/s".into(),
+            port_map: BTreeMap::from([("http".into(), 8000)]),
+            readiness_url: None,
+            alloc_id: "alloc".into(),
+            task_name: "t".into(),
+        };
+        assert_eq!(DriverState::decode(&s.encode()).unwrap(), s);
+        assert!(DriverState::decode(b"\xc1garbage").is_err());
+    }
+}
