@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{decode_plugin_config, PluginConfig};
 use crate::error::DriverError;
+use crate::lifecycle::TaskStore;
 use crate::runtime::{ContainerRuntime, DockerRuntime};
 
 /// The name jobs use in `driver = "..."`.
@@ -72,6 +73,7 @@ pub struct Driver {
     factory: RuntimeFactory,
     events: broadcast::Sender<TaskEvent>,
     shutdown: CancellationToken,
+    tasks: TaskStore,
 }
 
 impl Driver {
@@ -93,6 +95,7 @@ impl Driver {
             factory,
             events: broadcast::channel(EVENT_BUFFER).0,
             shutdown,
+            tasks: TaskStore::default(),
         }
     }
 
@@ -111,7 +114,13 @@ impl Driver {
         self.config.subscribe()
     }
 
-    fn runtime(&self) -> Arc<dyn ContainerRuntime> {
+    /// The tasks this process tracks.
+    pub fn tasks(&self) -> &TaskStore {
+        &self.tasks
+    }
+
+    /// The container runtime for the configured endpoint.
+    pub fn runtime(&self) -> Arc<dyn ContainerRuntime> {
         self.runtime.read().map(|r| r.clone()).unwrap_or_else(|p| p.into_inner().clone())
     }
 

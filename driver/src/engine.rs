@@ -122,13 +122,20 @@ fn sanitize(name: &str) -> String {
     name.chars().map(|c| if c.is_ascii_alphanumeric() || "_.-".contains(c) { c } else { '-' }).collect()
 }
 
+/// The network a container gets.
+struct Net {
+    mode: String,
+    bindings: Vec<PortBinding>,
+    /// The port the server listens on inside the container.
+    inside: u16,
+    /// Where the host reaches it (ip, port).
+    host: Option<(String, u16)>,
+    port_map: BTreeMap<String, u16>,
+}
+
 /// Resolves the network: which ports to publish, which port the server listens
 /// on inside the container, and the host port Nomad assigned to it.
-fn network(
-    cfg: &TaskConfig,
-    task: &NomadTask,
-    default_port: u16,
-) -> Result<(String, Vec<PortBinding>, u16, Option<(String, u16)>, BTreeMap<String, u16>), ConfigError> {
+fn network(cfg: &TaskConfig, task: &NomadTask, default_port: u16) -> Result<Net, ConfigError> {
     let port_map: BTreeMap<String, u16> = task.ports.iter().map(|p| (p.label.clone(), p.value)).collect();
     let chosen = match &cfg.port {
         Some(label) => Some(task.ports.iter().find(|p| &p.label == label).ok_or_else(|| {
@@ -155,14 +162,14 @@ fn network(
                 }
                 None => (default_port, None),
             };
-            Ok(("bridge".into(), bindings, inside, host, port_map))
+            Ok(Net { mode: "bridge".into(), bindings, inside, host, port_map })
         }
         NetworkMode::Host => {
             let (inside, host) = match chosen {
                 Some(p) => (p.value, Some(("127.0.0.1".to_string(), p.value))),
                 None => (default_port, Some(("127.0.0.1".to_string(), default_port))),
             };
-            Ok(("host".into(), Vec::new(), inside, host, port_map))
+            Ok(Net { mode: "host".into(), bindings: Vec::new(), inside, host, port_map })
         }
     }
 }
@@ -174,7 +181,7 @@ pub fn plan(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, facts: &N
     }
     let image = image_for(cfg, plugin)?;
     let (default_port, health_path) = engine_defaults(cfg.engine);
-    let (network_mode, ports, port, host, port_map) = network(cfg, task, default_port)?;
+    let Net { mode: network_mode, bindings: ports, inside: port, host, port_map } = network(cfg, task, default_port)?;
     let gpus = gpu_request(cfg, task, plugin);
     let flags = load_flags(cfg, facts);
     let revision = facts.resolved_revision.clone().unwrap_or_else(|| cfg.revision.clone());

@@ -20,6 +20,26 @@ pub enum DriverError {
     Runtime(#[from] RuntimeError),
     #[error("task {id} not found")]
     TaskNotFound { id: String },
+    #[error("task {id} is already running")]
+    TaskExists { id: String },
+    #[error("starting a container of {image}: {reason}")]
+    StartFailed { image: String, reason: String },
+    #[error("the plugin is shutting down")]
+    ShuttingDown,
+    #[error("task {id} did not stop even after SIGKILL")]
+    StopTimeout { id: String },
+    #[error("task {id} is still running; destroy it with force or stop it first")]
+    StillRunning { id: String },
+    #[error("cannot recover the task: {reason}")]
+    BadHandle { reason: String },
+    #[error("cannot recover task {id}: its container {container} no longer exists")]
+    ContainerGone { id: String, container: String },
+    #[error("invalid signal {signal:?} (use a name such as SIGHUP or SIGUSR1)")]
+    BadSignal { signal: String },
+    #[error("{message}")]
+    BadRequest { message: String },
+    #[error("exec did not finish within {timeout:?}")]
+    ExecTimeout { timeout: std::time::Duration },
     #[error("{what} is not implemented yet")]
     NotImplemented { what: &'static str },
 }
@@ -62,11 +82,22 @@ impl From<DriverError> for Status {
         let message = e.to_string();
         match e {
             DriverError::PluginConfig(_) | DriverError::TaskConfig(_) => Status::invalid_argument(message),
-            DriverError::Runtime(r) => {
+            DriverError::Runtime(r) if r.is_recoverable() => {
                 // Go drivers use FailedPrecondition for recoverable errors.
-                with_recoverable(Code::FailedPrecondition, message, r.is_recoverable())
+                with_recoverable(Code::FailedPrecondition, message, true)
             }
-            DriverError::TaskNotFound { .. } => Status::not_found(message),
+            DriverError::Runtime(RuntimeError::ImageNotFound { .. } | RuntimeError::NotFound { .. }) => {
+                Status::not_found(message)
+            }
+            DriverError::Runtime(_) => Status::internal(message),
+            DriverError::TaskNotFound { .. } | DriverError::ContainerGone { .. } => Status::not_found(message),
+            DriverError::TaskExists { .. } => Status::already_exists(message),
+            DriverError::StartFailed { .. } | DriverError::StillRunning { .. } => Status::failed_precondition(message),
+            DriverError::ShuttingDown => Status::unavailable(message),
+            DriverError::StopTimeout { .. } | DriverError::ExecTimeout { .. } => Status::deadline_exceeded(message),
+            DriverError::BadHandle { .. } | DriverError::BadSignal { .. } | DriverError::BadRequest { .. } => {
+                Status::invalid_argument(message)
+            }
             DriverError::NotImplemented { .. } => Status::unimplemented(message),
         }
     }

@@ -16,16 +16,16 @@ use aimodel_proto::drivers::{
     self as pb, driver_capabilities::FsIsolation, driver_server, fingerprint_response::HealthState,
     network_isolation_spec::NetworkIsolationMode,
 };
+use aimodel_proto::goplugin;
 use aimodel_proto::goplugin::{
     grpc_broker_server::GrpcBroker, grpc_controller_server::GrpcController, grpc_stdio_server::GrpcStdio,
 };
-use aimodel_proto::{goplugin, structs};
 
 use crate::config::{PLUGIN_SCHEMA, TASK_SCHEMA};
-use crate::driver::{
-    AttrValue, Driver, Fingerprint, Health, TaskEvent, PLUGIN_API_VERSION, PLUGIN_NAME, PLUGIN_VERSION,
-};
+use crate::convert::{attribute_to_proto, duration, event_to_proto, exit_to_proto, stats_to_proto, task_from_proto};
+use crate::driver::{Driver, Fingerprint, Health, PLUGIN_API_VERSION, PLUGIN_NAME, PLUGIN_VERSION};
 use crate::schema::to_spec;
+use crate::task::DRIVER_STATE_VERSION;
 
 /// Delay between answering GRPCController.Shutdown and stopping, so the reply
 /// is flushed before the connection goes away.
@@ -147,6 +147,157 @@ impl driver_server::Driver for Service {
         Ok(Response::new(ReceiverStream::new(rx).boxed()))
     }
 
+    async fn start_task(&self, req: Request<pb::StartTaskRequest>) -> Result<Response<pb::StartTaskResponse>, Status> {
+        let config = req.into_inner().task.ok_or_else(|| Status::invalid_argument("StartTask without a task"))?;
+        let task = task_from_proto(&config);
+        let started = self.driver.start_task(task).await.map_err(|e| {
+            tracing::warn!(task_id = %config.id, error = %e, "start failed");
+            Status::from(e)
+        })?;
+        let port_map = started.port_map.iter().map(|(k, v)| (k.clone(), i32::from(*v))).collect();
+        Ok(Response::new(pb::StartTaskResponse {
+            result: pb::start_task_response::Result::Success as i32,
+            driver_error_msg: String::new(),
+            // Echo the TaskConfig: without it Nomad cannot recover the task later.
+            handle: Some(pb::TaskHandle {
+                version: DRIVER_STATE_VERSION,
+                config: Some(config),
+                state: pb::TaskState::Running as i32,
+                driver_state: started.state.encode(),
+            }),
+            network_override: Some(pb::NetworkOverride { port_map, addr: String::new(), auto_advertise: false }),
+        }))
+    }
+
+    async fn wait_task(&self, req: Request<pb::WaitTaskRequest>) -> Result<Response<pb::WaitTaskResponse>, Status> {
+        let r = self.driver.wait_task(&req.into_inner().task_id).await?;
+        Ok(Response::new(pb::WaitTaskResponse { result: Some(exit_to_proto(&r)), err: r.err.unwrap_or_default() }))
+    }
+
+    async fn stop_task(&self, req: Request<pb::StopTaskRequest>) -> Result<Response<pb::StopTaskResponse>, Status> {
+        let r = req.into_inner();
+        self.driver.stop_task(&r.task_id, duration(r.timeout.as_ref()), &r.signal).await?;
+        Ok(Response::new(pb::StopTaskResponse {}))
+    }
+
+    async fn destroy_task(
+        &self,
+        req: Request<pb::DestroyTaskRequest>,
+    ) -> Result<Response<pb::DestroyTaskResponse>, Status> {
+        let r = req.into_inner();
+        self.driver.destroy_task(&r.task_id, r.force).await?;
+        Ok(Response::new(pb::DestroyTaskResponse {}))
+    }
+
+    async fn recover_task(
+        &self,
+        req: Request<pb::RecoverTaskRequest>,
+    ) -> Result<Response<pb::RecoverTaskResponse>, Status> {
+        // Nomad fills only `handle`; the id comes from handle.config.id.
+        let handle = req.into_inner().handle.ok_or_else(|| Status::invalid_argument("RecoverTask without a handle"))?;
+        let config = handle.config.ok_or_else(|| Status::invalid_argument("RecoverTask handle without config"))?;
+        let task = task_from_proto(&config);
+        self.driver.recover_task(task, &handle.driver_state).await.map_err(|e| {
+            tracing::warn!(task_id = %config.id, error = %e, "recovery failed");
+            Status::from(e)
+        })?;
+        Ok(Response::new(pb::RecoverTaskResponse {}))
+    }
+
+    async fn inspect_task(
+        &self,
+        req: Request<pb::InspectTaskRequest>,
+    ) -> Result<Response<pb::InspectTaskResponse>, Status> {
+        let e = self.driver.inspect_task(&req.into_inner().task_id)?;
+        let exit = e.exit_result();
+        let completed = *e.completed_at.lock().unwrap_or_else(|p| p.into_inner());
+        let mut attributes: std::collections::HashMap<String, String> = Default::default();
+        attributes.insert("container_id".into(), e.state.container_id.clone());
+        attributes.insert("image".into(), e.state.image.clone());
+        attributes.insert("engine".into(), e.state.engine.clone());
+        Ok(Response::new(pb::InspectTaskResponse {
+            task: Some(pb::TaskStatus {
+                id: e.task.id.clone(),
+                name: e.task.name.clone(),
+                state: if exit.is_some() { pb::TaskState::Exited } else { pb::TaskState::Running } as i32,
+                // Go clients need both timestamps non-nil; zero means "not yet".
+                started_at: Some(prost_types::Timestamp::from(e.started_at)),
+                completed_at: Some(completed.map(prost_types::Timestamp::from).unwrap_or_default()),
+                result: exit.as_ref().map(exit_to_proto),
+            }),
+            driver: Some(pb::TaskDriverStatus { attributes }),
+            network_override: Some(pb::NetworkOverride {
+                port_map: e.state.port_map.iter().map(|(k, v)| (k.clone(), i32::from(*v))).collect(),
+                addr: String::new(),
+                auto_advertise: false,
+            }),
+        }))
+    }
+
+    async fn task_stats(
+        &self,
+        req: Request<pb::TaskStatsRequest>,
+    ) -> Result<Response<BoxStream<pb::TaskStatsResponse>>, Status> {
+        let r = req.into_inner();
+        let interval = duration(r.collection_interval.as_ref()).max(Duration::from_millis(100));
+        let first = self.driver.task_usage(&r.task_id, None).await?;
+        let driver = self.driver.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        tokio::spawn(async move {
+            let stop = driver.shutdown_token();
+            let mut prev = first;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tx.closed() => return,
+                    _ = tokio::time::sleep(interval) => {}
+                }
+                match driver.task_usage(&r.task_id, Some(&prev)).await {
+                    Ok(u) => {
+                        let msg = pb::TaskStatsResponse { stats: Some(stats_to_proto(&r.task_id, &u)) };
+                        if tx.send(Ok(msg)).await.is_err() {
+                            return;
+                        }
+                        prev = u;
+                    }
+                    Err(e) => {
+                        // The stream ends; Nomad re-calls after an interval.
+                        tracing::debug!(task_id = %r.task_id, error = %e, "stats stream ends");
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx).boxed()))
+    }
+
+    async fn signal_task(
+        &self,
+        req: Request<pb::SignalTaskRequest>,
+    ) -> Result<Response<pb::SignalTaskResponse>, Status> {
+        let r = req.into_inner();
+        self.driver.signal_task(&r.task_id, &r.signal).await?;
+        Ok(Response::new(pb::SignalTaskResponse {}))
+    }
+
+    async fn exec_task(&self, req: Request<pb::ExecTaskRequest>) -> Result<Response<pb::ExecTaskResponse>, Status> {
+        let r = req.into_inner();
+        let out = self.driver.exec_task(&r.task_id, &r.command, duration(r.timeout.as_ref())).await?;
+        Ok(Response::new(pb::ExecTaskResponse {
+            stdout: out.stdout,
+            stderr: out.stderr,
+            result: Some(pb::ExitResult { exit_code: out.exit_code as i32, signal: 0, oom_killed: false }),
+        }))
+    }
+
+    async fn exec_task_streaming(
+        &self,
+        req: Request<tonic::Streaming<pb::ExecTaskStreamingRequest>>,
+    ) -> Result<Response<BoxStream<pb::ExecTaskStreamingResponse>>, Status> {
+        let stream = crate::exec_stream::run(self.driver.clone(), req.into_inner()).await?;
+        Ok(Response::new(stream))
+    }
+
     async fn shutdown(&self, _: Request<pb::ShutdownRequest>) -> Result<Response<pb::ShutdownResponse>, Status> {
         // Driver.Shutdown (Nomad 2.0.4+) precedes Kill on a graceful client stop.
         // Tasks must keep running, so there is nothing to tear down here.
@@ -222,28 +373,5 @@ fn fingerprint_to_proto(fp: Fingerprint) -> pb::FingerprintResponse {
         health: health as i32,
         health_description: fp.description,
         err: String::new(),
-    }
-}
-
-/// A domain attribute as Nomad's typed attribute.
-pub fn attribute_to_proto(v: AttrValue) -> structs::Attribute {
-    use structs::attribute::Value;
-    let value = match v {
-        AttrValue::Bool(b) => Value::BoolVal(b),
-        AttrValue::Int(i) => Value::IntVal(i),
-        AttrValue::Float(f) => Value::FloatVal(f),
-        AttrValue::Str(s) => Value::StringVal(s),
-    };
-    structs::Attribute { value: Some(value), unit: String::new() }
-}
-
-fn event_to_proto(ev: TaskEvent) -> pb::DriverTaskEvent {
-    pb::DriverTaskEvent {
-        task_id: ev.task_id,
-        alloc_id: ev.alloc_id,
-        task_name: ev.task_name,
-        timestamp: Some(prost_types::Timestamp::from(ev.at)),
-        message: ev.message,
-        annotations: ev.annotations.into_iter().collect(),
     }
 }

@@ -6,12 +6,17 @@
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
 pub mod config;
+pub mod convert;
 pub mod cty;
 pub mod driver;
 pub mod engine;
 pub mod error;
+pub mod exec_stream;
 pub mod grpc;
+pub mod lifecycle;
 pub mod logging;
+pub mod logrelay;
+pub mod readiness;
 pub mod runtime;
 pub mod schema;
 pub mod server;

@@ -106,7 +106,8 @@ fn tensor_parallel_follows_the_assigned_gpus() {
 
 #[test]
 fn every_engine_builds_its_command() {
-    let cases: Vec<(Vec<(&str, Value)>, Option<Vec<&str>>, Vec<&str>, Option<&str>)> = vec![
+    type Case<'a> = (Vec<(&'a str, Value)>, Option<Vec<&'a str>>, Vec<&'a str>, Option<&'a str>);
+    let cases: Vec<Case> = vec![
         (
             vec![("engine", Value::str("sglang")), ("model", Value::str("org/m")), ("port", Value::str("http"))],
             Some(vec!["python3", "-m", "sglang.launch_server"]),

@@ -115,24 +115,22 @@ fn host_config(spec: &ContainerSpec) -> HostConfig {
             (format!("{}/tcp", p.container_port), Some(vec![binding]))
         })
         .collect();
-    let device_requests = spec.gpus.as_ref().and_then(|g| match g {
-        GpuRequest::Uuids(ids) => Some(vec![DeviceRequest {
+    let device_requests = spec.gpus.as_ref().map(|g| match g {
+        GpuRequest::Uuids(ids) => vec![DeviceRequest {
             driver: Some("nvidia".into()),
             device_ids: Some(ids.clone()),
             capabilities: Some(vec![vec!["gpu".into()]]),
             ..Default::default()
-        }]),
-        GpuRequest::Count(n) => Some(vec![DeviceRequest {
+        }],
+        GpuRequest::Count(n) => vec![DeviceRequest {
             driver: Some("nvidia".into()),
             count: Some(*n),
             capabilities: Some(vec![vec!["gpu".into()]]),
             ..Default::default()
-        }]),
-        GpuRequest::Cdi(names) => Some(vec![DeviceRequest {
-            driver: Some("cdi".into()),
-            device_ids: Some(names.clone()),
-            ..Default::default()
-        }]),
+        }],
+        GpuRequest::Cdi(names) => {
+            vec![DeviceRequest { driver: Some("cdi".into()), device_ids: Some(names.clone()), ..Default::default() }]
+        }
     });
     let non_empty = |v: &Vec<String>| Some(v.clone()).filter(|v| !v.is_empty());
     HostConfig {
@@ -362,8 +360,9 @@ impl ContainerRuntime for DockerRuntime {
 
     async fn stats(&self, id: &str) -> Result<Stats, RuntimeError> {
         let docker = self.client().await?;
-        // stream=false: Docker samples twice, one second apart, and fills precpu_stats.
-        let options = StatsOptions { stream: false, one_shot: false };
+        // one_shot: a single sample without Docker's one-second precpu wait; the
+        // caller computes rates from consecutive samples.
+        let options = StatsOptions { stream: false, one_shot: true };
         let s = docker
             .stats(id, Some(options))
             .next()
@@ -371,13 +370,7 @@ impl ContainerRuntime for DockerRuntime {
             .ok_or_else(|| RuntimeError::Api { op: "stats", reason: "no sample".into() })?
             .map_err(self.api("stats"))?;
         let cpu = s.cpu_stats.unwrap_or_default();
-        let pre = s.precpu_stats.unwrap_or_default();
         let usage = cpu.cpu_usage.clone().unwrap_or_default();
-        let pre_usage = pre.cpu_usage.unwrap_or_default();
-        let d_total = usage.total_usage.unwrap_or(0).saturating_sub(pre_usage.total_usage.unwrap_or(0)) as f64;
-        let d_system = cpu.system_cpu_usage.unwrap_or(0).saturating_sub(pre.system_cpu_usage.unwrap_or(0)) as f64;
-        let cpus = f64::from(cpu.online_cpus.unwrap_or(1).max(1));
-        let cpu_percent = if d_system > 0.0 { d_total / d_system * cpus * 100.0 } else { 0.0 };
         let throttling = cpu.throttling_data.unwrap_or_default();
         let mem = s.memory_stats.unwrap_or_default();
         let detail = mem.stats.unwrap_or_default();
@@ -386,7 +379,9 @@ impl ContainerRuntime for DockerRuntime {
         let rss = get("rss").max(get("anon"));
         let cache = get("cache").max(get("file"));
         Ok(Stats {
-            cpu_percent,
+            cpu_total_ns: usage.total_usage.unwrap_or(0),
+            system_cpu_ns: cpu.system_cpu_usage.unwrap_or(0),
+            online_cpus: cpu.online_cpus.unwrap_or(1).max(1),
             cpu_user_ns: usage.usage_in_usermode.unwrap_or(0),
             cpu_kernel_ns: usage.usage_in_kernelmode.unwrap_or(0),
             throttled_periods: throttling.throttled_periods.unwrap_or(0),

@@ -137,7 +137,11 @@ pub struct LogRecord {
 /// One resource sample.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Stats {
-    pub cpu_percent: f64,
+    /// Cumulative CPU time of the container, all cores.
+    pub cpu_total_ns: u64,
+    /// Cumulative CPU time of the host, all cores (Docker's `system_cpu_usage`).
+    pub system_cpu_ns: u64,
+    pub online_cpus: u32,
     pub cpu_user_ns: u64,
     pub cpu_kernel_ns: u64,
     pub throttled_periods: u64,

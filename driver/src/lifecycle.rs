@@ -1,0 +1,607 @@
+//! The task lifecycle in protocol order: StartTask, WaitTask, StopTask,
+//! DestroyTask, RecoverTask, InspectTask, SignalTask, ExecTask, TaskStats.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{decode_task_config, TaskConfig};
+use crate::driver::{Driver, TaskEvent};
+use crate::engine::{self, NodeFacts, Plan};
+use crate::error::DriverError;
+use crate::logrelay::{self, RelayArgs};
+use crate::readiness;
+use crate::runtime::{ContainerRuntime, ExecOutput, PullProgress, RuntimeError, Stats};
+use crate::task::{DriverState, NomadTask};
+
+/// How often a running container's cgroup OOM counter is read.
+const OOM_POLL: Duration = Duration::from_millis(200);
+/// How long StopTask waits after SIGKILL for the container to be gone.
+const KILL_WAIT: Duration = Duration::from_secs(30);
+/// Log lines quoted in the event when a server dies while starting.
+const LAST_LINES: usize = 10;
+
+/// How a task ended.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ExitResult {
+    pub exit_code: i32,
+    pub signal: i32,
+    pub oom_killed: bool,
+    pub err: Option<String>,
+}
+
+/// A task this plugin instance tracks.
+pub struct TaskEntry {
+    pub task: NomadTask,
+    pub state: DriverState,
+    pub started_at: SystemTime,
+    pub completed_at: Mutex<Option<SystemTime>>,
+    exit: watch::Receiver<Option<ExitResult>>,
+    /// Our own write ends of the log FIFOs, so logmon never sees EOF between relays.
+    fifo_fds: Mutex<Vec<OwnedFd>>,
+    cancel: CancellationToken,
+}
+
+impl TaskEntry {
+    /// The exit result, if the task has exited.
+    pub fn exit_result(&self) -> Option<ExitResult> {
+        self.exit.borrow().clone()
+    }
+}
+
+/// The tasks tracked by this plugin process.
+#[derive(Default, Clone)]
+pub struct TaskStore {
+    tasks: Arc<Mutex<HashMap<String, Arc<TaskEntry>>>>,
+}
+
+impl TaskStore {
+    fn get(&self, id: &str) -> Option<Arc<TaskEntry>> {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+    }
+
+    fn insert(&self, id: String, e: Arc<TaskEntry>) {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).insert(id, e);
+    }
+
+    fn remove(&self, id: &str) -> Option<Arc<TaskEntry>> {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).remove(id)
+    }
+
+    /// Number of tracked tasks.
+    pub fn len(&self) -> usize {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// True when no task is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Ids of tracked tasks.
+    pub fn ids(&self) -> Vec<String> {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
+    }
+}
+
+/// What StartTask returns to Nomad.
+pub struct Started {
+    pub state: DriverState,
+    pub port_map: BTreeMap<String, u16>,
+}
+
+/// A StatsSample with the rates Nomad wants.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct TaskUsage {
+    pub at: Option<SystemTime>,
+    pub cpu_percent: f64,
+    pub cpu_user_ms: f64,
+    pub cpu_system_ms: f64,
+    pub total_ticks: f64,
+    pub raw: Stats,
+}
+
+impl Driver {
+    fn event(&self, task: &NomadTask, message: String, annotations: &[(&str, String)]) {
+        self.emit(TaskEvent {
+            task_id: task.id.clone(),
+            alloc_id: task.alloc_id.clone(),
+            task_name: task.name.clone(),
+            at: SystemTime::now(),
+            message,
+            annotations: annotations.iter().map(|(k, v)| ((*k).to_string(), v.clone())).collect(),
+        });
+    }
+
+    fn entry(&self, id: &str) -> Result<Arc<TaskEntry>, DriverError> {
+        self.tasks().get(id).ok_or_else(|| DriverError::TaskNotFound { id: id.into() })
+    }
+
+    /// StartTask: plan, pull, create, start, relay logs, watch exit and readiness.
+    pub async fn start_task(&self, task: NomadTask) -> Result<Started, DriverError> {
+        if self.tasks().get(&task.id).is_some() {
+            return Err(DriverError::TaskExists { id: task.id.clone() });
+        }
+        let cfg = decode_task_config(&task.driver_config).map_err(DriverError::TaskConfig)?;
+        let plugin = self.config();
+        let facts = NodeFacts::default();
+        let plan = engine::plan(&cfg, &task, &plugin, &facts).map_err(DriverError::TaskConfig)?;
+        let rt = self.runtime();
+        self.ensure_image(&task, &cfg, &plan, rt.as_ref()).await?;
+        if !plan.load_flags.is_empty() {
+            self.event(&task, format!("load strategy: {}", plan.load_flags.join(" ")), &[]);
+        }
+
+        let id = match rt.create(&plan.spec).await {
+            Ok(id) => id,
+            Err(RuntimeError::Api { reason, .. })
+                if reason.contains("Conflict") || reason.contains("already in use") =>
+            {
+                // A container of a previous attempt with the same name: replace it.
+                rt.remove(&plan.spec.name, true).await?;
+                rt.create(&plan.spec).await?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if let Err(e) = rt.start(&id).await {
+            let _ = rt.remove(&id, true).await;
+            return Err(DriverError::StartFailed { image: plan.spec.image.clone(), reason: e.to_string() });
+        }
+        let started_at = SystemTime::now();
+        let relay_state = self.relay_state_path(&task);
+        let state = DriverState {
+            container_id: id.clone(),
+            container_name: plan.spec.name.clone(),
+            image: plan.spec.image.clone(),
+            engine: cfg.engine.as_str().into(),
+            model: cfg.model.clone(),
+            revision: Some(cfg.revision.clone()),
+            started_at_ns: started_at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64,
+            stdout_path: task.stdout_path.clone(),
+            stderr_path: task.stderr_path.clone(),
+            logs_disabled: task.logs_disabled(),
+            relay_pid: 0,
+            relay_state: relay_state.display().to_string(),
+            port_map: plan.port_map.clone(),
+            readiness_url: plan.readiness_url.clone(),
+            alloc_id: task.alloc_id.clone(),
+            task_name: task.name.clone(),
+        };
+        let entry = self.track(task, state, started_at, true).await;
+        tracing::info!(task_id = %entry.task.id, container = %id, image = %entry.state.image, "task started");
+        if let Some(url) = plan.readiness_url.clone() {
+            tokio::spawn(run_readiness(
+                self.clone(),
+                entry.clone(),
+                url,
+                cfg.readiness.interval.0,
+                cfg.readiness.timeout.0,
+            ));
+        }
+        Ok(Started { state: entry.state.clone(), port_map: plan.port_map })
+    }
+
+    async fn ensure_image(
+        &self,
+        task: &NomadTask,
+        cfg: &TaskConfig,
+        plan: &Plan,
+        rt: &dyn ContainerRuntime,
+    ) -> Result<(), DriverError> {
+        let image = &plan.spec.image;
+        if rt.image_present(image).await? {
+            return Ok(());
+        }
+        let plugin = self.config();
+        self.event(task, format!("Downloading image {image}"), &[("image", image.clone())]);
+        let every = plugin.pull_progress_interval.0;
+        let last = Mutex::new(Instant::now());
+        let me = self.clone();
+        let t = task.clone();
+        let report = move |p: PullProgress| {
+            let mut l = last.lock().unwrap_or_else(|e| e.into_inner());
+            if l.elapsed() >= every {
+                *l = Instant::now();
+                me.event(
+                    &t,
+                    format!(
+                        "Pulling image: {}/{} layers, {:.1}/{:.1} MB",
+                        p.layers_done,
+                        p.layers,
+                        p.bytes_done as f64 / 1e6,
+                        p.bytes_total as f64 / 1e6
+                    ),
+                    &[],
+                );
+            }
+        };
+        let auth = cfg.auth.as_ref().or(plugin.auth.as_ref());
+        rt.pull(image, auth, plugin.pull_activity_timeout.0, &report).await?;
+        self.event(task, format!("Downloaded image {image}"), &[]);
+        Ok(())
+    }
+
+    fn relay_state_path(&self, task: &NomadTask) -> PathBuf {
+        let dir =
+            if task.alloc_dir.is_empty() { std::env::temp_dir() } else { Path::new(&task.alloc_dir).join(&task.name) };
+        dir.join(format!(".aimodel-logrelay-{}.pos", task.run_suffix()))
+    }
+
+    /// Starts watchers and the log relay for a task and records it.
+    async fn track(
+        &self,
+        task: NomadTask,
+        mut state: DriverState,
+        started_at: SystemTime,
+        fresh: bool,
+    ) -> Arc<TaskEntry> {
+        let mut fds = Vec::new();
+        if !state.logs_disabled {
+            if fresh || !logrelay::relay_alive(state.relay_pid, &state.container_id) {
+                match self.spawn_relay(&state).await {
+                    Ok(pid) => state.relay_pid = pid,
+                    Err(e) => {
+                        tracing::error!(task_id = %task.id, error = %e, "cannot start the log relay");
+                        self.event(&task, format!("log relay failed to start: {e}"), &[]);
+                    }
+                }
+            }
+            for p in [&state.stdout_path, &state.stderr_path] {
+                let path = PathBuf::from(p);
+                if let Ok(Ok(fd)) =
+                    tokio::task::spawn_blocking(move || logrelay::open_fifo_writer(&path, Duration::from_secs(5))).await
+                {
+                    fds.push(fd);
+                }
+            }
+        }
+        let (tx, rx) = watch::channel(None);
+        let entry = Arc::new(TaskEntry {
+            task,
+            state,
+            started_at,
+            completed_at: Mutex::new(None),
+            exit: rx,
+            fifo_fds: Mutex::new(fds),
+            cancel: CancellationToken::new(),
+        });
+        self.tasks().insert(entry.task.id.clone(), entry.clone());
+        tokio::spawn(run_exit_watch(self.clone(), entry.clone(), tx));
+        entry
+    }
+
+    async fn spawn_relay(&self, state: &DriverState) -> std::io::Result<i32> {
+        let exe = std::env::current_exe()?;
+        let args = RelayArgs {
+            endpoint: self.config().endpoint.clone(),
+            container: state.container_id.clone(),
+            stdout: state.stdout_path.clone().into(),
+            stderr: state.stderr_path.clone().into(),
+            state: state.relay_state.clone().into(),
+        };
+        let mut cmd = tokio::process::Command::new(exe);
+        cmd.arg(logrelay::SUBCOMMAND)
+            .args(args.to_args())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            // Its own process group: a signal to the plugin's group must not reach it.
+            .process_group(0);
+        let mut child = cmd.spawn()?;
+        let pid = child.id().map_or(0, |p| p as i32);
+        // Reap it when it exits while we live; it outlives us otherwise.
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
+        Ok(pid)
+    }
+
+    /// WaitTask: blocks until the task exits.
+    pub async fn wait_task(&self, id: &str) -> Result<ExitResult, DriverError> {
+        let entry = self.entry(id)?;
+        let mut rx = entry.exit.clone();
+        let stop = self.shutdown_token();
+        loop {
+            if let Some(r) = rx.borrow_and_update().clone() {
+                return Ok(r);
+            }
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() {
+                    return Err(DriverError::TaskNotFound { id: id.into() });
+                },
+                _ = stop.cancelled() => return Err(DriverError::ShuttingDown),
+            }
+        }
+    }
+
+    /// StopTask: the signal, then SIGKILL after `timeout`; returns once the container is gone.
+    pub async fn stop_task(&self, id: &str, timeout: Duration, signal: &str) -> Result<(), DriverError> {
+        let entry = self.entry(id)?;
+        if entry.exit_result().is_some() {
+            return Ok(());
+        }
+        let signal = if signal.is_empty() { "SIGTERM".to_string() } else { normalize_signal(signal)? };
+        let rt = self.runtime();
+        rt.kill(&entry.state.container_id, &signal).await?;
+        if wait_exit(&entry, timeout).await {
+            return Ok(());
+        }
+        tracing::info!(task_id = %id, ?timeout, "task did not stop in time, killing");
+        rt.kill(&entry.state.container_id, "SIGKILL").await?;
+        if wait_exit(&entry, KILL_WAIT).await {
+            Ok(())
+        } else {
+            Err(DriverError::StopTimeout { id: id.into() })
+        }
+    }
+
+    /// DestroyTask: free everything; unknown ids are fine.
+    pub async fn destroy_task(&self, id: &str, force: bool) -> Result<(), DriverError> {
+        let Some(entry) = self.tasks().get(id) else { return Ok(()) };
+        if entry.exit_result().is_none() && !force {
+            return Err(DriverError::StillRunning { id: id.into() });
+        }
+        let rt = self.runtime();
+        if self.config().gc.container {
+            rt.remove(&entry.state.container_id, true).await?;
+        } else if entry.exit_result().is_none() {
+            rt.kill(&entry.state.container_id, "SIGKILL").await?;
+        }
+        entry.cancel.cancel();
+        entry.fifo_fds.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let _ = std::fs::remove_file(&entry.state.relay_state);
+        self.tasks().remove(id);
+        tracing::info!(task_id = %id, "task destroyed");
+        Ok(())
+    }
+
+    /// RecoverTask: reattach from the stored handle alone (idempotent).
+    pub async fn recover_task(&self, task: NomadTask, driver_state: &[u8]) -> Result<(), DriverError> {
+        if self.tasks().get(&task.id).is_some() {
+            return Ok(());
+        }
+        let state = DriverState::decode(driver_state).map_err(|reason| DriverError::BadHandle { reason })?;
+        let rt = self.runtime();
+        if rt.inspect(&state.container_id).await?.is_none() {
+            return Err(DriverError::ContainerGone { id: task.id.clone(), container: state.container_id.clone() });
+        }
+        let started_at = crate::timefmt::from_parts(
+            (state.started_at_ns / 1_000_000_000) as i64,
+            (state.started_at_ns % 1_000_000_000) as u32,
+        );
+        let entry = self.track(task, state, started_at, false).await;
+        tracing::info!(task_id = %entry.task.id, container = %entry.state.container_id, "task recovered");
+        Ok(())
+    }
+
+    /// InspectTask.
+    pub fn inspect_task(&self, id: &str) -> Result<Arc<TaskEntry>, DriverError> {
+        self.entry(id)
+    }
+
+    /// SignalTask with a name such as `SIGHUP` (or `HUP`).
+    pub async fn signal_task(&self, id: &str, signal: &str) -> Result<(), DriverError> {
+        let entry = self.entry(id)?;
+        let signal = normalize_signal(signal)?;
+        self.runtime().kill(&entry.state.container_id, &signal).await?;
+        Ok(())
+    }
+
+    /// ExecTask: runs a command to completion, bounded by `timeout` (zero: none).
+    pub async fn exec_task(&self, id: &str, cmd: &[String], timeout: Duration) -> Result<ExecOutput, DriverError> {
+        let entry = self.entry(id)?;
+        if cmd.is_empty() {
+            return Err(DriverError::BadRequest { message: "exec needs a command".into() });
+        }
+        let rt = self.runtime();
+        let call = rt.exec(&entry.state.container_id, cmd);
+        if timeout.is_zero() {
+            return Ok(call.await?);
+        }
+        match tokio::time::timeout(timeout, call).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(DriverError::ExecTimeout { timeout }),
+        }
+    }
+
+    /// The container id of a tracked task (for interactive exec).
+    pub fn container_of(&self, id: &str) -> Result<String, DriverError> {
+        Ok(self.entry(id)?.state.container_id.clone())
+    }
+
+    /// One usage sample; `prev` gives the CPU rate.
+    pub async fn task_usage(&self, id: &str, prev: Option<&TaskUsage>) -> Result<TaskUsage, DriverError> {
+        let entry = self.entry(id)?;
+        let raw = self.runtime().stats(&entry.state.container_id).await?;
+        let mut u = TaskUsage {
+            at: Some(SystemTime::now()),
+            cpu_user_ms: raw.cpu_user_ns as f64 / 1e6,
+            cpu_system_ms: raw.cpu_kernel_ns as f64 / 1e6,
+            raw,
+            ..Default::default()
+        };
+        if let Some(p) = prev {
+            let d_cpu = raw.cpu_total_ns.saturating_sub(p.raw.cpu_total_ns) as f64;
+            let d_sys = raw.system_cpu_ns.saturating_sub(p.raw.system_cpu_ns) as f64;
+            if d_sys > 0.0 {
+                u.cpu_percent = d_cpu / d_sys * f64::from(raw.online_cpus) * 100.0;
+            }
+        }
+        u.total_ticks = u.cpu_percent / 100.0 * cpu_mhz();
+        Ok(u)
+    }
+}
+
+/// Accepts `SIGHUP`, `HUP`, `sighup` or a number; answers Docker's spelling.
+pub fn normalize_signal(s: &str) -> Result<String, DriverError> {
+    let up = s.trim().to_ascii_uppercase();
+    let name = if up.starts_with("SIG") { up.clone() } else { format!("SIG{up}") };
+    if let Ok(n) = up.parse::<i32>() {
+        return nix::sys::signal::Signal::try_from(n)
+            .map(|sig| sig.as_str().to_string())
+            .map_err(|_| DriverError::BadSignal { signal: s.into() });
+    }
+    name.parse::<nix::sys::signal::Signal>()
+        .map(|sig| sig.as_str().to_string())
+        .map_err(|_| DriverError::BadSignal { signal: s.into() })
+}
+
+async fn wait_exit(entry: &TaskEntry, timeout: Duration) -> bool {
+    let mut rx = entry.exit.clone();
+    tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await.is_ok_and(|r| r.is_ok())
+}
+
+fn cpu_mhz() -> f64 {
+    static MHZ: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *MHZ.get_or_init(|| {
+        std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| {
+                s.lines().find(|l| l.starts_with("cpu MHz")).and_then(|l| l.split(':').nth(1)?.trim().parse().ok())
+            })
+            .unwrap_or(1000.0)
+    })
+}
+
+/// The cgroup files that count OOM kills for a container (v2 and v1 layouts).
+fn oom_files(container: &str) -> Vec<PathBuf> {
+    let root = Path::new("/sys/fs/cgroup");
+    vec![
+        root.join(format!("system.slice/docker-{container}.scope/memory.events")),
+        root.join(format!("docker/{container}/memory.events")),
+        root.join(format!("memory/docker/{container}/memory.oom_control")),
+        root.join(format!("memory/system.slice/docker-{container}.scope/memory.oom_control")),
+    ]
+}
+
+fn read_oom_kills(files: &[PathBuf]) -> Option<u64> {
+    files.iter().find_map(|f| {
+        let text = std::fs::read_to_string(f).ok()?;
+        text.lines().find_map(|l| l.strip_prefix("oom_kill ").and_then(|v| v.trim().parse().ok()))
+    })
+}
+
+/// Waits for the container to stop, watching the cgroup's OOM counter while it
+/// runs (the cgroup disappears with the container), then publishes the result.
+async fn run_exit_watch(driver: Driver, entry: Arc<TaskEntry>, tx: watch::Sender<Option<ExitResult>>) {
+    let rt = driver.runtime();
+    let id = entry.state.container_id.clone();
+    let files = oom_files(&id);
+    let mut oom_kills = read_oom_kills(&files).unwrap_or(0);
+    let mut wait = Box::pin(rt.wait(&id));
+    let waited = loop {
+        tokio::select! {
+            r = &mut wait => break r,
+            _ = tokio::time::sleep(OOM_POLL) => {
+                if let Some(n) = read_oom_kills(&files) {
+                    oom_kills = oom_kills.max(n);
+                }
+            }
+            _ = entry.cancel.cancelled() => return,
+        }
+    };
+    if let Some(n) = read_oom_kills(&files) {
+        oom_kills = oom_kills.max(n);
+    }
+    let result = match waited {
+        Err(e) => ExitResult { exit_code: -1, err: Some(e.to_string()), ..Default::default() },
+        Ok(()) => match rt.inspect(&id).await {
+            Ok(Some(s)) => {
+                let code = s.exit_code as i32;
+                ExitResult {
+                    exit_code: code,
+                    signal: if (129..=192).contains(&code) { code - 128 } else { 0 },
+                    oom_killed: s.oom_killed || oom_kills > 0,
+                    err: Some(s.error).filter(|e| !e.is_empty()),
+                }
+            }
+            Ok(None) => ExitResult { exit_code: -1, err: Some("container was removed".into()), ..Default::default() },
+            Err(e) => ExitResult { exit_code: -1, err: Some(e.to_string()), ..Default::default() },
+        },
+    };
+    *entry.completed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(SystemTime::now());
+    tracing::info!(task_id = %entry.task.id, exit_code = result.exit_code, oom = result.oom_killed, "task exited");
+    let _ = tx.send(Some(result));
+}
+
+/// Polls the readiness URL, emitting "waiting for model server" and "model
+/// server ready after N s", or the last log lines if the server dies first.
+async fn run_readiness(driver: Driver, entry: Arc<TaskEntry>, url: String, interval: Duration, timeout: Duration) {
+    let started = Instant::now();
+    driver.event(&entry.task, format!("waiting for model server at {url}"), &[("url", url.clone())]);
+    loop {
+        if let Some(exit) = entry.exit_result() {
+            let tail = last_log_lines(&driver, &entry.state.container_id).await;
+            driver.event(
+                &entry.task,
+                format!("model server exited with code {} while starting; last lines:\n{tail}", exit.exit_code),
+                &[("exit_code", exit.exit_code.to_string())],
+            );
+            return;
+        }
+        if let Ok(code) = readiness::probe(&url, interval.max(Duration::from_secs(1))).await {
+            if (200..300).contains(&code) {
+                let secs = started.elapsed().as_secs_f64();
+                driver.event(
+                    &entry.task,
+                    format!("model server ready after {secs:.1} s"),
+                    &[("ready_after_seconds", format!("{secs:.1}"))],
+                );
+                return;
+            }
+        }
+        if started.elapsed() > timeout {
+            driver.event(&entry.task, format!("model server not ready after {timeout:?}"), &[]);
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = entry.cancel.cancelled() => return,
+        }
+    }
+}
+
+async fn last_log_lines(driver: &Driver, container: &str) -> String {
+    use futures::StreamExt;
+    let Ok(mut s) = driver.runtime().logs(container, 0, false).await else { return String::new() };
+    let mut text = Vec::new();
+    while let Some(Ok(rec)) = s.next().await {
+        text.extend(rec.bytes);
+    }
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(LAST_LINES)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_are_normalised() {
+        assert_eq!(normalize_signal("SIGHUP").unwrap(), "SIGHUP");
+        assert_eq!(normalize_signal("hup").unwrap(), "SIGHUP");
+        assert_eq!(normalize_signal("9").unwrap(), "SIGKILL");
+        assert!(normalize_signal("SIGBOGUS").is_err());
+        assert!(normalize_signal("").is_err());
+    }
+
+    #[test]
+    fn oom_counters_are_read_from_v1_and_v2_files() {
+        let dir = std::env::temp_dir().join(format!("aimodel-oom-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let v2 = dir.join("memory.events");
+        std::fs::write(&v2, "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n").unwrap();
+        let v1 = dir.join("memory.oom_control");
+        std::fs::write(&v1, "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n").unwrap();
+        assert_eq!(read_oom_kills(&[dir.join("missing"), v2.clone()]), Some(1));
+        assert_eq!(read_oom_kills(&[v1]), Some(2));
+        assert_eq!(read_oom_kills(&[dir.join("missing")]), None);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

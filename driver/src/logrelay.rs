@@ -1,0 +1,313 @@
+//! The per-task log relay: a detached process (`nomad-driver-aimodel log-relay`)
+//! that holds Nomad's log FIFOs and streams the container's output into them.
+//!
+//! Nomad's logmon copies each FIFO once until EOF and never reopens it
+//! (`client/logmon/logmon.go`), so the writer must outlive the plugin: a plugin
+//! crash, upgrade or restart must lose no line. The relay records the Docker
+//! timestamp of the last record it delivered in a small state file, so a new
+//! relay resumes exactly after it. While the plugin runs it also holds a write
+//! end of each FIFO, so the reader never sees EOF between two relays.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::StreamExt;
+use nix::fcntl::{fcntl, open, FcntlArg, OFlag};
+use nix::sys::stat::Mode;
+
+use crate::runtime::{ContainerRuntime, DockerRuntime, LogStream};
+
+/// The subcommand name.
+pub const SUBCOMMAND: &str = "log-relay";
+/// How long to wait for Nomad's logmon to open the read end of a FIFO.
+const READER_WAIT: Duration = Duration::from_secs(30);
+
+/// Position of the relay: the last delivered record's timestamp and how many
+/// records carried exactly that timestamp (Docker's `since` is whole seconds
+/// and inclusive, so a resumed stream repeats them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Position {
+    pub secs: i64,
+    pub nanos: u32,
+    pub same_ts: u32,
+}
+
+impl Position {
+    const LEN: usize = 16;
+
+    fn to_bytes(self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[..8].copy_from_slice(&self.secs.to_le_bytes());
+        b[8..12].copy_from_slice(&self.nanos.to_le_bytes());
+        b[12..].copy_from_slice(&self.same_ts.to_le_bytes());
+        b
+    }
+
+    /// Reads a state file; a missing or short file means "from the start".
+    pub fn load(path: &Path) -> Position {
+        let Ok(b) = std::fs::read(path) else { return Position::default() };
+        if b.len() < Self::LEN {
+            return Position::default();
+        }
+        Position {
+            secs: i64::from_le_bytes(b[..8].try_into().unwrap_or_default()),
+            nanos: u32::from_le_bytes(b[8..12].try_into().unwrap_or_default()),
+            same_ts: u32::from_le_bytes(b[12..16].try_into().unwrap_or_default()),
+        }
+    }
+}
+
+/// Decides, record by record, what a resumed stream has already delivered.
+#[derive(Debug, Clone, Copy)]
+pub struct Dedup {
+    pos: Position,
+    seen_at_pos: u32,
+}
+
+impl Dedup {
+    /// Starts from a saved position.
+    pub fn new(pos: Position) -> Self {
+        Dedup { pos, seen_at_pos: 0 }
+    }
+
+    /// True when the record with timestamp `ts` must be written; advances the position.
+    pub fn admit(&mut self, ts: (i64, u32)) -> bool {
+        let cur = (self.pos.secs, self.pos.nanos);
+        if ts < cur {
+            return false;
+        }
+        if ts == cur {
+            self.seen_at_pos += 1;
+            if self.seen_at_pos <= self.pos.same_ts {
+                return false;
+            }
+            self.pos.same_ts = self.seen_at_pos;
+            return true;
+        }
+        self.pos = Position { secs: ts.0, nanos: ts.1, same_ts: 1 };
+        self.seen_at_pos = 1;
+        true
+    }
+
+    /// The position after the last admitted record.
+    pub fn position(&self) -> Position {
+        self.pos
+    }
+}
+
+/// Opens a FIFO for writing without blocking forever: waits for the reader
+/// (ENXIO until logmon opens it), then switches the fd to blocking writes.
+pub fn open_fifo_writer(path: &Path, wait: Duration) -> std::io::Result<OwnedFd> {
+    if path == Path::new("/dev/null") {
+        return Ok(File::options().write(true).open(path)?.into());
+    }
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match open(path, OFlag::O_WRONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC, Mode::empty()) {
+            Ok(fd) => {
+                let flags = OFlag::from_bits_truncate(fcntl(&fd, FcntlArg::F_GETFL)?);
+                fcntl(&fd, FcntlArg::F_SETFL(flags & !OFlag::O_NONBLOCK))?;
+                return Ok(fd);
+            }
+            Err(nix::errno::Errno::ENXIO) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(std::io::Error::from(e)),
+        }
+    }
+}
+
+/// Arguments of the relay subcommand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayArgs {
+    pub endpoint: String,
+    pub container: String,
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+    pub state: PathBuf,
+}
+
+impl RelayArgs {
+    /// The command line (after the subcommand).
+    pub fn to_args(&self) -> Vec<String> {
+        vec![
+            "--endpoint".into(),
+            self.endpoint.clone(),
+            "--container".into(),
+            self.container.clone(),
+            "--stdout".into(),
+            self.stdout.display().to_string(),
+            "--stderr".into(),
+            self.stderr.display().to_string(),
+            "--state".into(),
+            self.state.display().to_string(),
+        ]
+    }
+
+    /// Parses what [`RelayArgs::to_args`] produced.
+    pub fn parse(args: &[String]) -> Result<Self, String> {
+        let get = |flag: &str| {
+            args.iter()
+                .position(|a| a == flag)
+                .and_then(|i| args.get(i + 1))
+                .cloned()
+                .ok_or_else(|| format!("{SUBCOMMAND}: missing {flag}"))
+        };
+        Ok(RelayArgs {
+            endpoint: get("--endpoint")?,
+            container: get("--container")?,
+            stdout: get("--stdout")?.into(),
+            stderr: get("--stderr")?.into(),
+            state: get("--state")?.into(),
+        })
+    }
+}
+
+/// The relay's main loop: returns when the container has stopped and every
+/// record has been delivered, or when the reader went away.
+pub async fn run(args: RelayArgs) -> std::io::Result<()> {
+    let stdout = File::from(open_fifo_writer(&args.stdout, READER_WAIT)?);
+    let stderr = File::from(open_fifo_writer(&args.stderr, READER_WAIT)?);
+    let state = File::options().read(true).write(true).create(true).truncate(false).open(&args.state)?;
+    let mut dedup = Dedup::new(Position::load(&args.state));
+    let runtime = DockerRuntime::new(&args.endpoint);
+    let mut out = [stdout, stderr];
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let since = dedup.position().secs;
+        match runtime.logs(&args.container, since, true).await {
+            Ok(mut stream) => {
+                while let Some(item) = stream.next().await {
+                    let Ok(rec) = item else { break };
+                    if !dedup.admit(rec.ts) {
+                        continue;
+                    }
+                    let w = match rec.stream {
+                        LogStream::Stdout => &mut out[0],
+                        LogStream::Stderr => &mut out[1],
+                    };
+                    if let Err(e) = w.write_all(&rec.bytes) {
+                        // EPIPE: the reader (logmon) is gone for good.
+                        tracing::warn!(error = %e, "log reader went away");
+                        return Ok(());
+                    }
+                    state.write_all_at(&dedup.position().to_bytes(), 0)?;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot stream logs"),
+        }
+        // The stream ended: finished if the container is no longer running;
+        // otherwise the engine hiccupped (restart, timeout) and we resume.
+        match runtime.inspect(&args.container).await {
+            Ok(None) => return Ok(()),
+            Ok(Some(s)) if !s.running => {
+                drain_rest(&runtime, &args, &mut dedup, &mut out, &state).await?;
+                return Ok(());
+            }
+            _ => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// After the container stopped, one last non-following read catches records
+/// that arrived between the follow stream's end and the inspect.
+async fn drain_rest(
+    runtime: &DockerRuntime,
+    args: &RelayArgs,
+    dedup: &mut Dedup,
+    out: &mut [File; 2],
+    state: &File,
+) -> std::io::Result<()> {
+    let Ok(mut stream) = runtime.logs(&args.container, dedup.position().secs, false).await else { return Ok(()) };
+    while let Some(Ok(rec)) = stream.next().await {
+        if dedup.admit(rec.ts) {
+            let i = usize::from(rec.stream == LogStream::Stderr);
+            if out[i].write_all(&rec.bytes).is_err() {
+                return Ok(());
+            }
+            state.write_all_at(&dedup.position().to_bytes(), 0)?;
+        }
+    }
+    Ok(())
+}
+
+/// True when `pid` is a live relay for `container` (checked through /proc so a
+/// recycled pid is not mistaken for ours).
+pub fn relay_alive(pid: i32, container: &str) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(cmd) => {
+            let text = String::from_utf8_lossy(&cmd);
+            text.contains(SUBCOMMAND) && text.contains(container) && !is_zombie(pid)
+        }
+        Err(_) => false,
+    }
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedup_skips_exactly_what_was_delivered() {
+        let mut d = Dedup::new(Position::default());
+        assert!(d.admit((10, 5)));
+        assert!(d.admit((10, 5)));
+        assert!(d.admit((11, 0)));
+        let pos = d.position();
+        assert_eq!(pos, Position { secs: 11, nanos: 0, same_ts: 1 });
+        // A resumed stream replays from second 10.
+        let mut r = Dedup::new(pos);
+        assert!(!r.admit((10, 5)));
+        assert!(!r.admit((10, 5)));
+        assert!(!r.admit((11, 0)));
+        assert!(r.admit((11, 0)), "a second record with the same timestamp is new");
+        assert!(r.admit((12, 0)));
+    }
+
+    #[test]
+    fn position_file_round_trips() {
+        let dir = tempfile_dir();
+        let p = dir.join("state");
+        assert_eq!(Position::load(&p), Position::default());
+        let pos = Position { secs: 1_767_323_045, nanos: 999, same_ts: 3 };
+        std::fs::write(&p, pos.to_bytes()).unwrap();
+        assert_eq!(Position::load(&p), pos);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn args_round_trip() {
+        let a = RelayArgs {
+            endpoint: "unix:///var/run/docker.sock".into(),
+            container: "abc".into(),
+            stdout: "/a/.t.stdout.fifo".into(),
+            stderr: "/a/.t.stderr.fifo".into(),
+            state: "/a/state".into(),
+        };
+        assert_eq!(RelayArgs::parse(&a.to_args()).unwrap(), a);
+        assert!(RelayArgs::parse(&[]).is_err());
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("aimodel-relay-test-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+}
