@@ -9,3 +9,4 @@ pub mod hcl_eval;
 pub mod plugin;
 pub mod sequence;
 pub mod support;
+pub mod task;

@@ -58,6 +58,8 @@ pub struct LiveDriver {
     pub task_schema: Spec,
     pub capabilities: DriverCapabilities,
     pub msgpack_config: Vec<u8>,
+    /// How the process was launched (to launch a replacement).
+    pub launch: Launch,
     /// When the Fingerprint stream was opened.
     pub fingerprint_opened: Instant,
     pub fingerprints: Arc<Mutex<StreamLog<FingerprintResponse>>>,
@@ -84,6 +86,47 @@ impl LiveDriver {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Waits for a task event of `task_id` whose message contains `needle`.
+    pub async fn wait_event(&self, task_id: &str, needle: &str, within: Duration) -> Result<DriverTaskEvent> {
+        let deadline = Instant::now() + within;
+        loop {
+            {
+                let log = self.events.lock().unwrap();
+                if let Some(e) = log.items.iter().find(|e| e.msg.task_id == task_id && e.msg.message.contains(needle)) {
+                    return Ok(e.msg.clone());
+                }
+            }
+            if Instant::now() >= deadline {
+                let seen: Vec<String> =
+                    self.events.lock().unwrap().items.iter().map(|e| e.msg.message.clone()).collect();
+                bail!("no event containing {needle:?} for {task_id} within {within:?}; events: {seen:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// All event messages for a task so far.
+    pub fn event_messages(&self, task_id: &str) -> Vec<String> {
+        self.events
+            .lock()
+            .unwrap()
+            .items
+            .iter()
+            .filter(|e| e.msg.task_id == task_id)
+            .map(|e| e.msg.message.clone())
+            .collect()
+    }
+
+    /// Kills the process hard (`kill -9`), as a crash would; streams end.
+    pub async fn crash(mut self) -> Result<()> {
+        self.process.child.kill().await?;
+        let _ = self.process.child.wait().await;
+        for s in self.streams {
+            s.abort();
+        }
+        Ok(())
     }
 
     /// Nomad's `Kill()` of the long-lived process.
@@ -189,7 +232,15 @@ pub async fn start(binary: &Path, client_hcl: &str, launch_env: &[(&str, &str)])
     let validation_process = finish(p).await?;
 
     // 3. Long-lived process.
-    let process = PluginProcess::launch(&launch).await?;
+    let live = long_lived(&launch, msgpack_config, &api_version).await?;
+    Ok(StartReport { fingerprint_process, validation_process, live })
+}
+
+/// Step 3 alone: what Nomad does when it (re)dispenses the driver, e.g. after
+/// the plugin died: a new process, SetConfig with nomad_config, Init, the
+/// Fingerprint and TaskEvents streams, TaskConfigSchema and Capabilities.
+pub async fn long_lived(launch: &Launch, msgpack_config: Vec<u8>, api_version: &str) -> Result<LiveDriver> {
+    let process = PluginProcess::launch(launch).await?;
     let info = process.base().plugin_info(PluginInfoRequest {}).await?.into_inner();
     process
         .base()
@@ -202,7 +253,7 @@ pub async fn start(binary: &Path, client_hcl: &str, launch_env: &[(&str, &str)])
                     topology: None,
                 }),
             }),
-            plugin_api_version: api_version,
+            plugin_api_version: api_version.to_string(),
         })
         .await
         .context("SetConfig")?;
@@ -232,18 +283,18 @@ pub async fn start(binary: &Path, client_hcl: &str, launch_env: &[(&str, &str)])
         .into_inner()
         .capabilities
         .context("nil capabilities")?;
-    let live = LiveDriver {
+    Ok(LiveDriver {
         process,
         info,
         task_schema,
         capabilities,
         msgpack_config,
+        launch: launch.clone(),
         fingerprint_opened,
         fingerprints,
         events,
         streams,
-    };
-    Ok(StartReport { fingerprint_process, validation_process, live })
+    })
 }
 
 async fn finish(p: PluginProcess) -> Result<ProcessReport> {

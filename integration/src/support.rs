@@ -71,3 +71,78 @@ pub fn require_docker() -> bool {
     }
     ok
 }
+
+/// Tag of the local stand-in image (no registry: built here, removed by scripts/test).
+pub const STANDIN_IMAGE: &str = "aimodel-standin:test";
+
+/// Builds the stand-in image once per process (static binary + busybox,
+/// `FROM scratch`); a no-op when the tag exists.
+pub fn standin_image() -> Result<&'static str> {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    let r = BUILT.get_or_init(|| build_standin().map_err(|e| format!("{e:#}")));
+    if let Err(e) = r {
+        bail!("{e}");
+    }
+    Ok(STANDIN_IMAGE)
+}
+
+fn build_standin() -> Result<()> {
+    let exists = Command::new("docker").args(["image", "inspect", STANDIN_IMAGE]).output()?;
+    if exists.status.success() && std::env::var_os("AIMODEL_REBUILD_STANDIN").is_none() {
+        return Ok(());
+    }
+    let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    let target = "x86_64-unknown-linux-gnu";
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "--release", "-p", "aimodel-standin", "--target", target])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .current_dir(&root)
+        .status()?;
+    if !status.success() {
+        bail!("building the static stand-in failed");
+    }
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"].iter().map(PathBuf::from).find(|p| p.exists());
+    let busybox = busybox.context("busybox not found: install Debian's busybox-static (scripts/test does)")?;
+    let ctx = tempfile::tempdir()?;
+    std::fs::copy(root.join(format!("target/{target}/release/aimodel-standin")), ctx.path().join("standin"))?;
+    std::fs::copy(&busybox, ctx.path().join("busybox"))?;
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM scratch\n\
+         COPY busybox /bin/busybox\n\
+         RUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\n\
+         COPY standin /bin/standin\n\
+         RUN [\"/bin/busybox\", \"mkdir\", \"-p\", \"/usr/bin\", \"/tmp\"]\n\
+         RUN [\"/bin/busybox\", \"ln\", \"-s\", \"/bin/standin\", \"/usr/bin/python3\"]\n\
+         RUN [\"/bin/busybox\", \"ln\", \"-s\", \"/bin/standin\", \"/usr/bin/ray\"]\n\
+         ENTRYPOINT [\"/bin/standin\"]\n",
+    )?;
+    let out = Command::new("docker")
+        .args(["build", "-q", "-t", STANDIN_IMAGE])
+        .arg(ctx.path())
+        .env("DOCKER_BUILDKIT", "0")
+        .output()?;
+    if !out.status.success() {
+        bail!("docker build of the stand-in failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// Ids of containers carrying `label=value` (for leak checks and clean-up).
+pub fn containers_with_label(label: &str, value: &str) -> Vec<String> {
+    let out = Command::new("docker")
+        .args(["ps", "-aq", "--no-trunc", "--filter", &format!("label={label}={value}")])
+        .output();
+    match out {
+        Ok(o) => String::from_utf8_lossy(&o.stdout).lines().map(str::to_string).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Force-removes containers carrying `label=value`.
+pub fn remove_containers_with_label(label: &str, value: &str) {
+    let ids = containers_with_label(label, value);
+    if !ids.is_empty() {
+        let _ = Command::new("docker").args(["rm", "-f"]).args(&ids).output();
+    }
+}

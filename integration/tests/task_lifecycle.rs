@@ -1,0 +1,374 @@
+//! The task lifecycle against the real Docker engine, driven the way a Nomad
+//! client drives it, with the local stand-in image (there is no registry).
+
+use std::time::{Duration, Instant};
+
+use aimodel_driver::engine::LABEL_ALLOC_ID;
+use aimodel_integration::sequence::{self, LiveDriver};
+use aimodel_integration::support::{
+    binary, containers_with_label, remove_containers_with_label, require_docker, standin_image, DRIVER_BIN,
+};
+use aimodel_integration::task::{free_port, stored_handle, PreparedTask, TaskBuilder};
+use aimodel_proto::drivers::{
+    exec_task_streaming_request::Setup, DestroyTaskRequest, ExecTaskRequest, ExecTaskStreamingIoOperation,
+    ExecTaskStreamingRequest, InspectTaskRequest, RecoverTaskRequest, SignalTaskRequest, StartTaskRequest,
+    StopTaskRequest, TaskHandle, TaskState, TaskStatsRequest, WaitTaskRequest,
+};
+use tonic::Code;
+
+/// One simulated Nomad client with its own data dir and HF cache dir.
+struct Sim {
+    live: LiveDriver,
+    data: tempfile::TempDir,
+    _cache: tempfile::TempDir,
+    _tmp: tempfile::TempDir,
+    allocs: Vec<String>,
+}
+
+impl Sim {
+    async fn start() -> Option<Sim> {
+        if !require_docker() {
+            return None;
+        }
+        standin_image().unwrap();
+        let (data, cache, tmp) =
+            (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let hcl = format!(
+            "plugin \"nomad-driver-aimodel\" {{\n  config {{\n    pull_activity_timeout = \"20s\"\n    hf_cache {{ host_path = \"{}\" }}\n    gpu {{ enabled = false }}\n  }}\n}}\n",
+            cache.path().display()
+        );
+        let env = [("TMPDIR", tmp.path().to_str().unwrap()), ("AIMODEL_LOG", "debug")];
+        let report = sequence::start(&binary(DRIVER_BIN).unwrap(), &hcl, &env).await.unwrap();
+        Some(Sim { live: report.live, data, _cache: cache, _tmp: tmp, allocs: Vec::new() })
+    }
+
+    fn prepare(&mut self, b: &TaskBuilder) -> PreparedTask {
+        self.allocs.push(b.alloc_id.clone());
+        b.build(&self.live.task_schema, self.data.path()).unwrap()
+    }
+
+    async fn start_task(&mut self, b: &TaskBuilder) -> (PreparedTask, TaskHandle) {
+        let t = self.prepare(b);
+        let resp = self
+            .live
+            .process
+            .driver()
+            .start_task(StartTaskRequest { task: Some(t.config.clone()) })
+            .await
+            .unwrap_or_else(|e| panic!("StartTask failed: {e:?}"))
+            .into_inner();
+        let handle = resp.handle.expect("StartTask must return a handle");
+        assert_eq!(handle.config.as_ref().expect("handle.config must be set").id, t.config.id);
+        assert_eq!(handle.state, TaskState::Running as i32);
+        (t, handle)
+    }
+
+    async fn wait(&self, id: &str) -> aimodel_proto::drivers::ExitResult {
+        let mut d = self.live.process.driver();
+        let r = d.wait_task(WaitTaskRequest { task_id: id.into() });
+        tokio::time::timeout(Duration::from_secs(60), r)
+            .await
+            .expect("WaitTask hung")
+            .unwrap()
+            .into_inner()
+            .result
+            .unwrap()
+    }
+
+    async fn destroy(&self, id: &str) {
+        self.live.process.driver().destroy_task(DestroyTaskRequest { task_id: id.into(), force: true }).await.unwrap();
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        for a in &self.allocs {
+            remove_containers_with_label(LABEL_ALLOC_ID, a);
+        }
+    }
+}
+
+fn custom(extra: &str) -> String {
+    format!("engine = \"custom\"\nimage = \"{}\"\n{extra}\n", aimodel_integration::support::STANDIN_IMAGE)
+}
+
+#[tokio::test]
+async fn model_server_stand_in_runs_as_a_task() {
+    let Some(mut sim) = Sim::start().await else { return };
+    let port = free_port();
+    let cfg = custom("port = \"http\"\nreadiness {\n  path = \"/health\"\n  interval = \"200ms\"\n}\n");
+    let b = TaskBuilder::new("server", &cfg).port("http", port, 0).env("STANDIN_HEALTH_DELAY_MS", "1500");
+    let (t, _handle) = sim.start_task(&b).await;
+    let id = t.config.id.clone();
+    sim.live.wait_event(&id, "waiting for model server", Duration::from_secs(10)).await.unwrap();
+    let ready = sim.live.wait_event(&id, "model server ready after", Duration::from_secs(20)).await.unwrap();
+    assert!(ready.timestamp.is_some());
+
+    let body = http_get(port, "/v1/models").await;
+    assert!(body.contains("\"object\":\"list\""), "{body}");
+    let out = t.stdout.as_ref().unwrap();
+    out.wait_for(Duration::from_secs(10), |t| t.contains("listening on 0.0.0.0:")).await.unwrap();
+    out.wait_for(Duration::from_secs(10), |t| t.contains("request GET /v1/models")).await.unwrap();
+
+    let inspect = sim.live.process.driver().inspect_task(InspectTaskRequest { task_id: id.clone() }).await.unwrap();
+    let status = inspect.into_inner().task.unwrap();
+    assert_eq!(status.state, TaskState::Running as i32);
+    assert!(status.started_at.is_some() && status.completed_at.is_some());
+
+    sim.live
+        .process
+        .driver()
+        .stop_task(StopTaskRequest {
+            task_id: id.clone(),
+            timeout: Some(prost_types::Duration { seconds: 2, nanos: 0 }),
+            signal: "SIGTERM".into(),
+        })
+        .await
+        .unwrap();
+    let exit = sim.wait(&id).await;
+    assert!(!exit.oom_killed);
+    sim.destroy(&id).await;
+    assert!(containers_with_label(LABEL_ALLOC_ID, &b.alloc_id).is_empty(), "container left behind");
+    // Destroy is idempotent, for unknown ids too.
+    sim.destroy(&id).await;
+    sim.destroy("no/such/task").await;
+}
+
+async fn http_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test]
+async fn plugin_crash_loses_and_duplicates_no_log_line() {
+    let Some(mut sim) = Sim::start().await else { return };
+    let n = 2500;
+    let b = TaskBuilder::new("counter", &custom(""))
+        .env("STANDIN_COUNT", &n.to_string())
+        .env("STANDIN_INTERVAL_MS", "2")
+        .env("STANDIN_EXIT", "3");
+    let (t, handle) = sim.start_task(&b).await;
+    let id = t.config.id.clone();
+    let out = t.stdout.clone().unwrap();
+    out.wait_for(Duration::from_secs(20), |t| t.contains("line 200\n")).await.unwrap();
+
+    // kill -9 the plugin mid-stream, then Nomad re-dispenses and recovers.
+    let launch = sim.live.launch.clone();
+    let msgpack = sim.live.msgpack_config.clone();
+    let live = std::mem::replace(&mut sim.live, sequence::long_lived(&launch, msgpack.clone(), "0.1.0").await.unwrap());
+    live.crash().await.unwrap();
+    let stored = stored_handle(&handle);
+    assert!(stored.config.as_ref().unwrap().msgpack_driver_config.is_empty());
+    let recover = RecoverTaskRequest { task_id: String::new(), handle: Some(stored) };
+    sim.live.process.driver().recover_task(recover.clone()).await.unwrap();
+    // Idempotent.
+    sim.live.process.driver().recover_task(recover).await.unwrap();
+
+    let exit = sim.wait(&id).await;
+    assert_eq!(exit.exit_code, 3);
+    sim.destroy(&id).await;
+    let text = out.wait_for(Duration::from_secs(30), |_| out.at_eof()).await.unwrap();
+    // The stand-in's own banner line aside, only numbered lines are expected.
+    let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with("standin starting")).collect();
+    let want: Vec<String> = (1..=n).map(|i| format!("line {i}")).collect();
+    let missing: Vec<&String> = want.iter().filter(|w| !lines.contains(&w.as_str())).take(5).collect();
+    assert!(missing.is_empty(), "lost lines, e.g. {missing:?}");
+    assert_eq!(lines.len(), n, "duplicated lines: {} lines for {n}", lines.len());
+    assert_eq!(lines, want.iter().map(String::as_str).collect::<Vec<_>>(), "lines out of order");
+    let err = t.stderr.clone().unwrap().text();
+    assert!(err.contains("progress 2500"), "stderr: {err}");
+}
+
+#[tokio::test]
+async fn oom_kill_is_reported_and_sigkill_is_not() {
+    let Some(mut sim) = Sim::start().await else { return };
+    let mut b = TaskBuilder::new("hog", &custom("")).env("STANDIN_ALLOC_MB", "200");
+    b.memory_mb = 32;
+    let (t, _) = sim.start_task(&b).await;
+    let exit = sim.wait(&t.config.id).await;
+    assert!(exit.oom_killed, "{exit:?}");
+    sim.destroy(&t.config.id).await;
+
+    let b = TaskBuilder::new("victim", &custom("entrypoint = [\"/bin/sleep\"]\nargs = [\"600\"]"));
+    let (t, _) = sim.start_task(&b).await;
+    let id = t.config.id.clone();
+    sim.live
+        .process
+        .driver()
+        .stop_task(StopTaskRequest { task_id: id.clone(), timeout: None, signal: "SIGKILL".into() })
+        .await
+        .unwrap();
+    let exit = sim.wait(&id).await;
+    assert!(!exit.oom_killed, "{exit:?}");
+    assert_eq!(exit.signal, 9, "{exit:?}");
+    sim.destroy(&id).await;
+}
+
+#[tokio::test]
+async fn stop_honours_signal_and_timeout() {
+    let Some(mut sim) = Sim::start().await else { return };
+    let trap = |sig: &str, action: &str| {
+        custom(&format!(
+            "entrypoint = [\"/bin/sh\"]\nargs = [\"-c\", \"trap '{action}' {sig}; echo trap-$((1+1)); while true; do sleep 0.1; done\"]"
+        ))
+    };
+    // The requested signal is the one delivered.
+    let (t, _) = sim.start_task(&TaskBuilder::new("usr1", &trap("USR1", "exit 7"))).await;
+    t.stdout.as_ref().unwrap().wait_for(Duration::from_secs(10), |s| s.contains("trap-2")).await.unwrap();
+    let started = Instant::now();
+    sim.live
+        .process
+        .driver()
+        .stop_task(StopTaskRequest {
+            task_id: t.config.id.clone(),
+            timeout: Some(prost_types::Duration { seconds: 20, nanos: 0 }),
+            signal: "SIGUSR1".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(sim.wait(&t.config.id).await.exit_code, 7);
+    assert!(started.elapsed() < Duration::from_secs(15), "the trap should have ended it long before the timeout");
+    sim.destroy(&t.config.id).await;
+
+    // A container that ignores SIGTERM is killed after the timeout.
+    let (t, _) = sim.start_task(&TaskBuilder::new("stubborn", &trap("TERM", ""))).await;
+    t.stdout.as_ref().unwrap().wait_for(Duration::from_secs(10), |s| s.contains("trap-2")).await.unwrap();
+    sim.live
+        .process
+        .driver()
+        .stop_task(StopTaskRequest {
+            task_id: t.config.id.clone(),
+            timeout: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
+            signal: "SIGTERM".into(),
+        })
+        .await
+        .unwrap();
+    let exit = sim.wait(&t.config.id).await;
+    assert_eq!(exit.exit_code, 137, "{exit:?}");
+    assert_eq!(exit.signal, 9);
+    sim.destroy(&t.config.id).await;
+}
+
+#[tokio::test]
+async fn signal_exec_and_stats() {
+    let Some(mut sim) = Sim::start().await else { return };
+    let cfg = custom(
+        "entrypoint = [\"/bin/sh\"]\nargs = [\"-c\", \"trap 'echo got-$((0+1))' HUP; echo up-$((1+1)); while true; do sleep 0.1; done\"]",
+    );
+    let (t, _) = sim.start_task(&TaskBuilder::new("shell", &cfg)).await;
+    let id = t.config.id.clone();
+    let out = t.stdout.clone().unwrap();
+    out.wait_for(Duration::from_secs(10), |s| s.contains("up-2")).await.unwrap();
+    let d = sim.live.process.driver();
+
+    d.clone().signal_task(SignalTaskRequest { task_id: id.clone(), signal: "SIGHUP".into() }).await.unwrap();
+    out.wait_for(Duration::from_secs(10), |s| s.contains("got-1")).await.unwrap();
+    let bad = d.clone().signal_task(SignalTaskRequest { task_id: id.clone(), signal: "SIGNOPE".into() }).await;
+    assert_eq!(bad.unwrap_err().code(), Code::InvalidArgument);
+
+    let exec = |cmd: &[&str], timeout: Option<u64>| ExecTaskRequest {
+        task_id: id.clone(),
+        command: cmd.iter().map(|s| s.to_string()).collect(),
+        timeout: timeout.map(|ms| prost_types::Duration { seconds: 0, nanos: (ms * 1_000_000) as i32 }),
+    };
+    let r = d.clone().exec_task(exec(&["/bin/sh", "-c", "echo out; echo err >&2; exit 4"], None)).await.unwrap();
+    let r = r.into_inner();
+    assert_eq!(String::from_utf8_lossy(&r.stdout), "out\n");
+    assert_eq!(String::from_utf8_lossy(&r.stderr), "err\n");
+    assert_eq!(r.result.unwrap().exit_code, 4);
+    let slow = d.clone().exec_task(exec(&["/bin/sleep", "5"], Some(300))).await.unwrap_err();
+    assert_eq!(slow.code(), Code::DeadlineExceeded);
+
+    // nomad alloc exec: setup, stdin, heartbeat, close.
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let setup = Setup { task_id: id.clone(), command: vec!["/bin/cat".into()], tty: false };
+    tx.send(ExecTaskStreamingRequest { setup: Some(setup), ..Default::default() }).await.unwrap();
+    let mut resp =
+        d.clone().exec_task_streaming(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    tx.send(ExecTaskStreamingRequest::default()).await.unwrap();
+    let data = ExecTaskStreamingIoOperation { data: b"hello exec\n".to_vec(), close: false };
+    tx.send(ExecTaskStreamingRequest { stdin: Some(data), ..Default::default() }).await.unwrap();
+    let close = ExecTaskStreamingIoOperation { data: Vec::new(), close: true };
+    tx.send(ExecTaskStreamingRequest { stdin: Some(close), ..Default::default() }).await.unwrap();
+    let (mut got, mut exited) = (Vec::new(), None);
+    while let Some(m) = tokio::time::timeout(Duration::from_secs(20), resp.message()).await.unwrap().unwrap() {
+        if let Some(o) = m.stdout {
+            got.extend(o.data);
+        }
+        if m.exited {
+            exited = m.result;
+        }
+    }
+    assert_eq!(String::from_utf8_lossy(&got), "hello exec\n");
+    assert_eq!(exited.expect("an exited message").exit_code, 0);
+
+    let req = TaskStatsRequest {
+        task_id: id.clone(),
+        collection_interval: Some(prost_types::Duration { seconds: 0, nanos: 300_000_000 }),
+    };
+    let mut stats = d.clone().task_stats(req).await.unwrap().into_inner();
+    for _ in 0..2 {
+        let s = tokio::time::timeout(Duration::from_secs(10), stats.message()).await.unwrap().unwrap().unwrap();
+        let s = s.stats.unwrap();
+        assert!(s.timestamp.is_some());
+        let agg = s.agg_resource_usage.unwrap();
+        assert!(agg.memory.unwrap().usage > 0);
+        assert!(agg.cpu.is_some());
+    }
+    drop(stats);
+    sim.destroy(&id).await;
+}
+
+#[tokio::test]
+async fn bad_input_gives_clear_errors_and_leaves_nothing_running() {
+    let Some(mut sim) = Sim::start().await else { return };
+    let d = sim.live.process.driver();
+    let cases: Vec<(TaskBuilder, Code, &str)> = vec![
+        (TaskBuilder::new("badengine", "engine = \"llamafile\"\n"), Code::InvalidArgument, "engine"),
+        (
+            TaskBuilder::new("badport", &custom("port = \"grpc\"")).port("http", free_port(), 0),
+            Code::InvalidArgument,
+            "port",
+        ),
+        (
+            TaskBuilder::new("noimage", "engine = \"custom\"\nimage = \"aimodel-test/does-not-exist:1\"\n"),
+            Code::FailedPrecondition,
+            "does-not-exist",
+        ),
+    ];
+    for (b, code, needle) in cases {
+        let t = sim.prepare(&b);
+        let err = d.clone().start_task(StartTaskRequest { task: Some(t.config.clone()) }).await.unwrap_err();
+        assert!(
+            err.code() == code || (needle == "does-not-exist" && err.code() == Code::NotFound),
+            "{}: {err:?}",
+            b.name
+        );
+        assert!(err.message().contains(needle), "{}: {:?}", b.name, err.message());
+        assert!(containers_with_label(LABEL_ALLOC_ID, &b.alloc_id).is_empty(), "{} left a container", b.name);
+    }
+    let e = d
+        .clone()
+        .exec_task(ExecTaskRequest { task_id: "nope/x/1".into(), command: vec!["true".into()], timeout: None })
+        .await;
+    assert_eq!(e.unwrap_err().code(), Code::NotFound);
+    let e = d.clone().wait_task(WaitTaskRequest { task_id: "nope/x/1".into() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    // A handle whose container vanished is an error, so Nomad reschedules.
+    let b = TaskBuilder::new("vanish", &custom("entrypoint = [\"/bin/sleep\"]\nargs = [\"600\"]"));
+    let (t, handle) = sim.start_task(&b).await;
+    remove_containers_with_label(LABEL_ALLOC_ID, &b.alloc_id);
+    sim.wait(&t.config.id).await;
+    sim.destroy(&t.config.id).await;
+    let err = d
+        .clone()
+        .recover_task(RecoverTaskRequest { task_id: String::new(), handle: Some(stored_handle(&handle)) })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert!(err.message().contains("no longer exists"));
+}
