@@ -23,6 +23,8 @@ use crate::task::{DriverState, NomadTask};
 const OOM_POLL: Duration = Duration::from_millis(200);
 /// How long StopTask waits after SIGKILL for the container to be gone.
 const KILL_WAIT: Duration = Duration::from_secs(30);
+/// How often the relay supervisor looks for the task's relay.
+const RELAY_CHECK: Duration = Duration::from_secs(1);
 /// Log lines quoted in the event when a server dies while starting.
 const LAST_LINES: usize = 10;
 
@@ -242,14 +244,22 @@ impl Driver {
     ) -> Arc<TaskEntry> {
         let mut fds = Vec::new();
         if !state.logs_disabled {
-            if fresh || !logrelay::relay_alive(state.relay_pid, &state.container_id) {
-                match self.spawn_relay(&state).await {
-                    Ok(pid) => state.relay_pid = pid,
+            let running = logrelay::find_relay(&state.container_id);
+            match running {
+                Some(pid) if !fresh => state.relay_pid = pid,
+                _ => match self.spawn_relay(&state) {
+                    Ok(child) => {
+                        state.relay_pid = child.id().map_or(0, |p| p as i32);
+                        tokio::spawn(async move {
+                            let mut child = child;
+                            let _ = child.wait().await;
+                        });
+                    }
                     Err(e) => {
                         tracing::error!(task_id = %task.id, error = %e, "cannot start the log relay");
                         self.event(&task, format!("log relay failed to start: {e}"), &[]);
                     }
-                }
+                },
             }
             for p in [&state.stdout_path, &state.stderr_path] {
                 let path = PathBuf::from(p);
@@ -272,10 +282,13 @@ impl Driver {
         });
         self.tasks().insert(entry.task.id.clone(), entry.clone());
         tokio::spawn(run_exit_watch(self.clone(), entry.clone(), tx));
+        if !entry.state.logs_disabled {
+            tokio::spawn(run_relay_supervisor(self.clone(), entry.clone()));
+        }
         entry
     }
 
-    async fn spawn_relay(&self, state: &DriverState) -> std::io::Result<i32> {
+    fn spawn_relay(&self, state: &DriverState) -> std::io::Result<tokio::process::Child> {
         let exe = std::env::current_exe()?;
         let args = RelayArgs {
             endpoint: self.config().endpoint.clone(),
@@ -292,13 +305,7 @@ impl Driver {
             .stderr(std::process::Stdio::null())
             // Its own process group: a signal to the plugin's group must not reach it.
             .process_group(0);
-        let mut child = cmd.spawn()?;
-        let pid = child.id().map_or(0, |p| p as i32);
-        // Reap it when it exits while we live; it outlives us otherwise.
-        tokio::spawn(async move {
-            let _ = child.wait().await;
-        });
-        Ok(pid)
+        cmd.spawn()
     }
 
     /// WaitTask: blocks until the task exits.
@@ -527,6 +534,44 @@ async fn run_exit_watch(driver: Driver, entry: Arc<TaskEntry>, tx: watch::Sender
     *entry.completed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(SystemTime::now());
     tracing::info!(task_id = %entry.task.id, exit_code = result.exit_code, oom = result.oom_killed, "task exited");
     let _ = tx.send(Some(result));
+}
+
+/// Keeps a log relay alive for a running task: if the relay dies (killed, OOM),
+/// a new one resumes from the position file. It stops once the container has
+/// exited and no relay is left (the last one delivered everything and left).
+async fn run_relay_supervisor(driver: Driver, entry: Arc<TaskEntry>) {
+    let container = entry.state.container_id.clone();
+    loop {
+        tokio::select! {
+            _ = entry.cancel.cancelled() => return,
+            _ = tokio::time::sleep(RELAY_CHECK) => {}
+        }
+        if logrelay::find_relay(&container).is_some() {
+            continue;
+        }
+        // No relay. A running container gets a new one that resumes from the
+        // position file; a stopped one gets one last relay that delivers what is
+        // left (nothing, if the previous one finished) and leaves.
+        let running = match driver.runtime().inspect(&container).await {
+            Ok(Some(s)) => s.running,
+            _ => return,
+        };
+        if running {
+            tracing::warn!(task_id = %entry.task.id, "log relay is gone, starting a new one");
+        }
+        match driver.spawn_relay(&entry.state) {
+            Ok(mut child) if running => {
+                tokio::spawn(async move {
+                    let _ = child.wait().await;
+                });
+            }
+            Ok(mut child) => {
+                let _ = child.wait().await;
+                return;
+            }
+            Err(e) => tracing::error!(task_id = %entry.task.id, error = %e, "cannot restart the log relay"),
+        }
+    }
 }
 
 /// Polls the readiness URL, emitting "waiting for model server" and "model

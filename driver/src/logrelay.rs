@@ -170,9 +170,15 @@ impl RelayArgs {
 /// The relay's main loop: returns when the container has stopped and every
 /// record has been delivered, or when the reader went away.
 pub async fn run(args: RelayArgs) -> std::io::Result<()> {
+    let state = File::options().read(true).write(true).create(true).truncate(false).open(&args.state)?;
+    // One relay per task: a second one (a respawn racing a survivor) leaves at once.
+    let state = match nix::fcntl::Flock::lock(state, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(locked) => locked,
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Ok(()),
+        Err((_, e)) => return Err(e.into()),
+    };
     let stdout = File::from(open_fifo_writer(&args.stdout, READER_WAIT)?);
     let stderr = File::from(open_fifo_writer(&args.stderr, READER_WAIT)?);
-    let state = File::options().read(true).write(true).create(true).truncate(false).open(&args.state)?;
     let mut dedup = Dedup::new(Position::load(&args.state));
     let runtime = DockerRuntime::new(&args.endpoint);
     let mut out = [stdout, stderr];
@@ -238,19 +244,15 @@ async fn drain_rest(
     Ok(())
 }
 
-/// True when `pid` is a live relay for `container` (checked through /proc so a
-/// recycled pid is not mistaken for ours).
-pub fn relay_alive(pid: i32, container: &str) -> bool {
-    if pid <= 0 {
-        return false;
-    }
-    match std::fs::read(format!("/proc/{pid}/cmdline")) {
-        Ok(cmd) => {
-            let text = String::from_utf8_lossy(&cmd);
-            text.contains(SUBCOMMAND) && text.contains(container) && !is_zombie(pid)
-        }
-        Err(_) => false,
-    }
+/// The pid of a live relay for `container`, found through /proc (the pid in a
+/// stored handle may be stale after a respawn, or recycled).
+pub fn find_relay(container: &str) -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let text = String::from_utf8_lossy(&cmd);
+        (text.contains(SUBCOMMAND) && text.contains(container) && !is_zombie(pid)).then_some(pid)
+    })
 }
 
 fn is_zombie(pid: i32) -> bool {

@@ -372,3 +372,37 @@ async fn bad_input_gives_clear_errors_and_leaves_nothing_running() {
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
     assert!(err.message().contains("no longer exists"));
 }
+
+#[tokio::test]
+async fn a_dead_log_relay_is_replaced_and_resumes() {
+    let Some(mut sim) = Sim::start().await else { return };
+    let n = 2000;
+    let b =
+        TaskBuilder::new("relaykill", &custom("")).env("STANDIN_COUNT", &n.to_string()).env("STANDIN_INTERVAL_MS", "2");
+    let (t, handle) = sim.start_task(&b).await;
+    let id = t.config.id.clone();
+    let out = t.stdout.clone().unwrap();
+    out.wait_for(Duration::from_secs(20), |t| t.contains("line 300\n")).await.unwrap();
+    let state = aimodel_driver::task::DriverState::decode(&handle.driver_state).unwrap();
+    let pid = aimodel_driver::logrelay::find_relay(&state.container_id).expect("a relay runs");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+
+    assert_eq!(sim.wait(&id).await.exit_code, 0);
+    let text = out
+        .wait_for(Duration::from_secs(30), |_| out.at_eof() || out.text().contains(&format!("line {n}\n")))
+        .await
+        .unwrap();
+    sim.destroy(&id).await;
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("line ")).collect();
+    let mut seen = std::collections::BTreeMap::new();
+    for l in &lines {
+        *seen.entry(*l).or_insert(0) += 1;
+    }
+    for i in 1..=n {
+        assert!(seen.contains_key(format!("line {i}").as_str()), "line {i} lost after the relay died");
+    }
+    // A relay killed between writing a line and recording its position may
+    // repeat that one line; nothing else may repeat.
+    let repeated: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(repeated.len() <= 1 && repeated.iter().all(|(_, c)| **c == 2), "repeated: {repeated:?}");
+}
