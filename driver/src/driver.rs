@@ -23,6 +23,10 @@ pub const PLUGIN_VERSION: &str = env!("CARGO_PKG_VERSION");
 const FIRST_PROBE_TIMEOUT: Duration = Duration::from_millis(750);
 /// Later probes may take longer.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Containers of ours that no task claims are reported only after this long,
+/// so that Nomad has had time to recover its tasks (`AIMODEL_ORPHAN_GRACE`
+/// overrides it, e.g. `10s`).
+const ORPHAN_GRACE: Duration = Duration::from_secs(120);
 /// Task events buffered for slow TaskEvents readers.
 const EVENT_BUFFER: usize = 1024;
 
@@ -74,6 +78,8 @@ pub struct Driver {
     events: broadcast::Sender<TaskEvent>,
     shutdown: CancellationToken,
     tasks: TaskStore,
+    born: std::time::Instant,
+    orphans: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Driver {
@@ -96,6 +102,8 @@ impl Driver {
             events: broadcast::channel(EVENT_BUFFER).0,
             shutdown,
             tasks: TaskStore::default(),
+            born: std::time::Instant::now(),
+            orphans: Arc::default(),
         }
     }
 
@@ -159,10 +167,51 @@ impl Driver {
             Ok(info) => {
                 attributes.insert(format!("driver.{PLUGIN_NAME}.docker.version"), AttrValue::Str(info.version));
                 attributes.insert(format!("driver.{PLUGIN_NAME}.docker.api_version"), AttrValue::Str(info.api_version));
+                if let Some(n) = self.scan_orphans(runtime.as_ref()).await {
+                    attributes.insert(format!("driver.{PLUGIN_NAME}.orphans"), AttrValue::Int(n as i64));
+                }
                 Fingerprint { attributes, health: Health::Healthy, description: "healthy".into() }
             }
             Err(e) => Fingerprint { attributes, health: Health::Unhealthy, description: e.to_string() },
         }
+    }
+
+    /// Containers labelled as ours, created for this node, whose task this
+    /// plugin does not track. They are reported (log line and attribute), never
+    /// touched: they may belong to a task Nomad is about to recover, and
+    /// containers of other clients sharing the engine are not ours to judge.
+    async fn scan_orphans(&self, runtime: &dyn ContainerRuntime) -> Option<usize> {
+        let grace = std::env::var("AIMODEL_ORPHAN_GRACE")
+            .ok()
+            .and_then(|g| crate::config::units::parse_duration(&g).ok())
+            .unwrap_or(ORPHAN_GRACE);
+        if self.born.elapsed() < grace {
+            return None;
+        }
+        let node = self.tasks.node_name().or_else(|| std::fs::read_to_string("/etc/hostname").ok())?;
+        let node = node.trim().to_string();
+        let listed = runtime.list_labelled(crate::engine::LABEL_MANAGED, "true").await.ok()?;
+        let tracked = self.tasks.ids();
+        let mut orphans: Vec<String> = listed
+            .into_iter()
+            .filter(|(_, labels)| labels.get(crate::engine::LABEL_NODE) == Some(&node))
+            .filter(|(_, labels)| labels.get(crate::engine::LABEL_TASK_ID).is_none_or(|t| !tracked.contains(t)))
+            .map(|(id, labels)| {
+                format!(
+                    "{} ({})",
+                    &id[..12.min(id.len())],
+                    labels.get(crate::engine::LABEL_TASK_ID).cloned().unwrap_or_default()
+                )
+            })
+            .collect();
+        orphans.sort();
+        let mut last = self.orphans.lock().unwrap_or_else(|p| p.into_inner());
+        if *last != orphans && !orphans.is_empty() {
+            tracing::warn!(node = %node, containers = %orphans.join(", "), "containers labelled as aimodel tasks of this node that Nomad no longer knows; left untouched");
+        }
+        let n = orphans.len();
+        *last = orphans;
+        Some(n)
     }
 
     /// Subscribes to task events.

@@ -85,6 +85,12 @@ impl TaskStore {
         self.len() == 0
     }
 
+    /// The Nomad node name tasks were started on, once a task has been seen.
+    pub fn node_name(&self) -> Option<String> {
+        let tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.values().map(|e| e.task.node_name.clone()).find(|n| !n.is_empty())
+    }
+
     /// Ids of tracked tasks.
     pub fn ids(&self) -> Vec<String> {
         self.tasks.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()

@@ -37,6 +37,8 @@ pub enum Cmd {
         #[arg(long, default_value = "0")]
         watch_secs: u64,
     },
+    /// Build the local model-server stand-in image (no registry needed).
+    StandinImage,
     /// Check the configuration reference tables in the docs against the schemas
     /// (with --write, regenerate them).
     Docs {
@@ -50,6 +52,10 @@ pub async fn run(args: Args) -> Result<()> {
     match args.command {
         Cmd::Start { plugin_dir, config, watch_secs } => {
             start(plugin_dir, config, Duration::from_secs(watch_secs)).await
+        }
+        Cmd::StandinImage => {
+            println!("{}", crate::support::standin_image()?);
+            Ok(())
         }
         Cmd::Docs { write } => {
             let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");

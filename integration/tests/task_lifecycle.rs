@@ -27,6 +27,10 @@ struct Sim {
 
 impl Sim {
     async fn start() -> Option<Sim> {
+        Self::start_with("", &[]).await
+    }
+
+    async fn start_with(extra_config: &str, extra_env: &[(&str, &str)]) -> Option<Sim> {
         if !require_docker() {
             return None;
         }
@@ -34,10 +38,11 @@ impl Sim {
         let (data, cache, tmp) =
             (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let hcl = format!(
-            "plugin \"nomad-driver-aimodel\" {{\n  config {{\n    pull_activity_timeout = \"20s\"\n    hf_cache {{ host_path = \"{}\" }}\n    gpu {{ enabled = false }}\n  }}\n}}\n",
+            "plugin \"nomad-driver-aimodel\" {{\n  config {{\n    pull_activity_timeout = \"20s\"\n    {extra_config}\n    hf_cache {{ host_path = \"{}\" }}\n    gpu {{ enabled = false }}\n  }}\n}}\n",
             cache.path().display()
         );
-        let env = [("TMPDIR", tmp.path().to_str().unwrap()), ("AIMODEL_LOG", "debug")];
+        let mut env = vec![("TMPDIR", tmp.path().to_str().unwrap()), ("AIMODEL_LOG", "debug")];
+        env.extend_from_slice(extra_env);
         let report = sequence::start(&binary(DRIVER_BIN).unwrap(), &hcl, &env).await.unwrap();
         Some(Sim { live: report.live, data, _cache: cache, _tmp: tmp, allocs: Vec::new() })
     }
@@ -405,4 +410,47 @@ async fn a_dead_log_relay_is_replaced_and_resumes() {
     // repeat that one line; nothing else may repeat.
     let repeated: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).collect();
     assert!(repeated.len() <= 1 && repeated.iter().all(|(_, c)| **c == 2), "repeated: {repeated:?}");
+}
+
+#[tokio::test]
+async fn orphans_are_reported_and_left_alone() {
+    let Some(mut sim) = Sim::start_with("fingerprint_period = \"300ms\"", &[("AIMODEL_ORPHAN_GRACE", "0s")]).await
+    else {
+        return;
+    };
+    let b = TaskBuilder::new("anchor", &custom("entrypoint = [\"/bin/sleep\"]\nargs = [\"600\"]"));
+    let (t, _) = sim.start_task(&b).await;
+    let marker = aimodel_integration::task::alloc_id();
+    sim.allocs.push(marker.clone());
+    let create = |node: &str| {
+        let out = std::process::Command::new("docker")
+            .args(["create", "--label", "com.aimodel.managed=true", "--label"])
+            .arg(format!("com.aimodel.node={node}"))
+            .args(["--label", "com.aimodel.task_id=ghost/task/00000000", "--label"])
+            .arg(format!("{LABEL_ALLOC_ID}={marker}"))
+            .arg(aimodel_integration::support::STANDIN_IMAGE)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    create("sim-node");
+    create("another-client");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let fps = sim.live.fingerprints.lock().unwrap().items.clone();
+        let n = fps.last().and_then(|f| f.msg.attributes.get("driver.aimodel.orphans").cloned());
+        if let Some(aimodel_proto::structs::Attribute {
+            value: Some(aimodel_proto::structs::attribute::Value::IntVal(n)),
+            ..
+        }) = n
+        {
+            if n == 1 {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "orphan count never became 1");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(containers_with_label(LABEL_ALLOC_ID, &marker).len(), 2, "orphans must not be touched");
+    sim.destroy(&t.config.id).await;
 }
