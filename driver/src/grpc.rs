@@ -101,7 +101,8 @@ impl driver_server::Driver for Service {
                 network_isolation_modes: vec![NetworkIsolationMode::Host as i32, NetworkIsolationMode::Group as i32],
                 must_create_network: false,
                 mount_configs: pb::driver_capabilities::MountConfigs::UnknownMounts as i32, /* == ANY_MOUNTS */
-                disable_log_collection: true,
+                // Nomad skips logmon (and the FIFOs) only when this is true.
+                disable_log_collection: self.driver.config().disable_log_collection,
                 dynamic_workload_users: false,
             }),
         }))

@@ -172,7 +172,7 @@ impl Driver {
             started_at_ns: started_at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64,
             stdout_path: task.stdout_path.clone(),
             stderr_path: task.stderr_path.clone(),
-            logs_disabled: task.logs_disabled(),
+            logs_disabled: task.logs_disabled() || self.config().disable_log_collection,
             relay_pid: 0,
             relay_state: relay_state.display().to_string(),
             port_map: plan.port_map.clone(),

@@ -115,6 +115,7 @@ fn build_standin() -> Result<()> {
          RUN [\"/bin/busybox\", \"mkdir\", \"-p\", \"/usr/bin\", \"/tmp\"]\n\
          RUN [\"/bin/busybox\", \"ln\", \"-s\", \"/bin/standin\", \"/usr/bin/python3\"]\n\
          RUN [\"/bin/busybox\", \"ln\", \"-s\", \"/bin/standin\", \"/usr/bin/ray\"]\n\
+         LABEL com.aimodel.test=standin\n\
          ENTRYPOINT [\"/bin/standin\"]\n",
     )?;
     let out = Command::new("docker")

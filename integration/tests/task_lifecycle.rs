@@ -454,3 +454,19 @@ async fn orphans_are_reported_and_left_alone() {
     assert_eq!(containers_with_label(LABEL_ALLOC_ID, &marker).len(), 2, "orphans must not be touched");
     sim.destroy(&t.config.id).await;
 }
+
+#[tokio::test]
+async fn disabled_logs_need_no_fifo_and_no_relay() {
+    let Some(mut sim) = Sim::start().await else { return };
+    assert!(!sim.live.capabilities.disable_log_collection, "Nomad would skip logmon for every task");
+    let mut b =
+        TaskBuilder::new("quiet", &custom("").replace("\n\n", "\n")).env("STANDIN_COUNT", "5").env("STANDIN_EXIT", "0");
+    b.logs_disabled = true;
+    let (t, handle) = sim.start_task(&b).await;
+    assert_eq!(t.config.stdout_path, "/dev/null");
+    assert_eq!(sim.wait(&t.config.id).await.exit_code, 0);
+    let state = aimodel_driver::task::DriverState::decode(&handle.driver_state).unwrap();
+    assert!(state.logs_disabled);
+    assert!(aimodel_driver::logrelay::find_relay(&state.container_id).is_none());
+    sim.destroy(&t.config.id).await;
+}

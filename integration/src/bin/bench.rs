@@ -48,11 +48,132 @@ async fn startup(runs: usize) -> Result<()> {
     Ok(())
 }
 
+/// CPU time (user + system) of a process in seconds, from /proc/<pid>/stat.
+fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 14 and 15 of stat (utime, stime) are 11 and 12 after the comm field.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+async fn lifecycle(runs: usize, tasks: usize) -> Result<()> {
+    use aimodel_integration::support::{remove_containers_with_label, standin_image};
+    use aimodel_integration::task::TaskBuilder;
+    use aimodel_proto::drivers::{DestroyTaskRequest, StartTaskRequest, TaskStatsRequest};
+    use std::time::Instant;
+
+    let image = standin_image()?;
+    let bin = binary(DRIVER_BIN)?;
+    let (tmp, data, cache) = (tempfile::tempdir()?, tempfile::tempdir()?, tempfile::tempdir()?);
+    let client = format!(
+        "plugin \"nomad-driver-aimodel\" {{\n  config {{\n    hf_cache {{ host_path = \"{}\" }}\n    gpu {{ enabled = false }}\n  }}\n}}\n",
+        cache.path().display()
+    );
+    let report = sequence::start(&bin, &client, &[("TMPDIR", tmp.path().to_str().unwrap_or("/tmp"))]).await?;
+    let live = report.live;
+    let mut d = live.process.driver();
+    let cfg = format!("engine = \"custom\"\nimage = \"{image}\"\nentrypoint = [\"/bin/sleep\"]\nargs = [\"3600\"]\n");
+    let alloc_label = aimodel_driver::engine::LABEL_ALLOC_ID;
+
+    // 1. StartTask vs `docker run -d`, alternating, same image and command.
+    let (mut ours, mut docker) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        let b = TaskBuilder::new(&format!("bench{i}"), &cfg);
+        let t = b.build(&live.task_schema, data.path())?;
+        let started = Instant::now();
+        d.start_task(StartTaskRequest { task: Some(t.config.clone()) }).await?;
+        ours.push(started.elapsed().as_secs_f64() * 1000.0);
+        d.destroy_task(DestroyTaskRequest { task_id: t.config.id.clone(), force: true }).await?;
+
+        let name = format!("aimodel-bench-{}", aimodel_integration::task::random_hex(4));
+        let started = Instant::now();
+        let out = std::process::Command::new("docker")
+            .args([
+                "run",
+                "-d",
+                "--name",
+                &name,
+                "--label",
+                &format!("{alloc_label}=bench"),
+                "--entrypoint",
+                "/bin/sleep",
+                image,
+                "3600",
+            ])
+            .output()?;
+        docker.push(started.elapsed().as_secs_f64() * 1000.0);
+        if !out.status.success() {
+            bail!("docker run failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::process::Command::new("docker").args(["rm", "-f", &name]).output()?;
+    }
+    let (mo, md) = (median(ours.clone()), median(docker.clone()));
+    println!("| StartTask → running, release plugin (median of {runs}) | {mo:.0} ms |");
+    println!("| `docker run -d` of the same image and command (median of {runs}) | {md:.0} ms |");
+    println!("| ratio StartTask / docker run | {:.2}× |", mo / md);
+
+    // 2. RSS with N running tasks, and 3. the CPU cost of TaskStats.
+    let mut ids = Vec::new();
+    for i in 0..tasks {
+        let b = TaskBuilder::new(&format!("many{i}"), &cfg);
+        let t = b.build(&live.task_schema, data.path())?;
+        d.start_task(StartTaskRequest { task: Some(t.config.clone()) }).await?;
+        ids.push((t.config.id.clone(), b.alloc_id.clone()));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    println!(
+        "| plugin RSS with {tasks} running tasks | {:.1} MiB |",
+        live.process.rss_kib().unwrap_or(0) as f64 / 1024.0
+    );
+    let pid = live.process.pid().as_raw();
+    let window = Duration::from_secs(20);
+    let cpu_before = cpu_seconds(pid);
+    let mut streams = Vec::new();
+    for (id, _) in &ids {
+        let req = TaskStatsRequest {
+            task_id: id.clone(),
+            collection_interval: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
+        };
+        let mut s = d.task_stats(req).await?.into_inner();
+        streams.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while let Ok(Some(_)) = s.message().await {
+                n += 1;
+            }
+            n
+        }));
+    }
+    tokio::time::sleep(window).await;
+    let cpu = cpu_seconds(pid) - cpu_before;
+    for s in &streams {
+        s.abort();
+    }
+    println!(
+        "| plugin CPU for TaskStats, {tasks} tasks at 1 s for {}s | {:.2} ms per task per second ({:.2}% of one core in all) |",
+        window.as_secs(),
+        cpu * 1000.0 / (tasks as f64 * window.as_secs_f64()),
+        cpu / window.as_secs_f64() * 100.0
+    );
+    for (id, alloc) in &ids {
+        d.destroy_task(DestroyTaskRequest { task_id: id.clone(), force: true }).await?;
+        remove_containers_with_label(alloc_label, alloc);
+    }
+    remove_containers_with_label(alloc_label, "bench");
+    live.kill().await?;
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     match args.first().map(String::as_str) {
         Some("startup") => rt.block_on(startup(args.get(1).and_then(|n| n.parse().ok()).unwrap_or(30))),
-        _ => bail!("usage: bench startup [RUNS]"),
+        Some("lifecycle") => rt.block_on(lifecycle(
+            args.get(1).and_then(|n| n.parse().ok()).unwrap_or(15),
+            args.get(2).and_then(|n| n.parse().ok()).unwrap_or(20),
+        )),
+        _ => bail!("usage: bench startup [RUNS] | bench lifecycle [RUNS] [TASKS]"),
     }
 }
