@@ -470,3 +470,27 @@ async fn disabled_logs_need_no_fifo_and_no_relay() {
     assert!(aimodel_driver::logrelay::find_relay(&state.container_id).is_none());
     sim.destroy(&t.config.id).await;
 }
+
+#[tokio::test]
+async fn engine_down_is_a_recoverable_start_failure() {
+    let (tmp, data, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let hcl = format!(
+        "plugin \"nomad-driver-aimodel\" {{\n  config {{\n    endpoint = \"unix:///nonexistent/docker.sock\"\n    hf_cache {{ host_path = \"{}\" }}\n  }}\n}}\n",
+        cache.path().display()
+    );
+    let env = [("TMPDIR", tmp.path().to_str().unwrap())];
+    let live = sequence::start(&binary(DRIVER_BIN).unwrap(), &hcl, &env).await.unwrap().live;
+    let b = TaskBuilder::new("nodocker", &custom(""));
+    let t = b.build(&live.task_schema, data.path()).unwrap();
+    let err = live.process.driver().start_task(StartTaskRequest { task: Some(t.config) }).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(aimodel_driver::error::recoverable_detail(&err), Some(true), "Nomad must retry: {err:?}");
+    assert!(err.message().contains("/nonexistent/docker.sock"), "{}", err.message());
+    // A bad task config is fatal: no RecoverableError detail.
+    let b = TaskBuilder::new("badcfg", "engine = \"vllm\"\n");
+    let t = b.build(&live.task_schema, data.path()).unwrap();
+    let err = live.process.driver().start_task(StartTaskRequest { task: Some(t.config) }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(aimodel_driver::error::recoverable_detail(&err), None);
+    live.kill().await.unwrap();
+}
