@@ -37,6 +37,30 @@ pub enum Cmd {
         #[arg(long, default_value = "0")]
         watch_secs: u64,
     },
+    /// Start the plugin like `start`, then run every `driver = "aimodel"` task of a
+    /// jobspec, wait until its model server is ready, ask it one chat question,
+    /// print the answer and the task events, and stop everything.
+    Run {
+        #[arg(long)]
+        plugin_dir: PathBuf,
+        #[arg(long)]
+        config: PathBuf,
+        /// The jobspec.
+        #[arg(long)]
+        job: PathBuf,
+        /// Replace every task's image (e.g. the local stand-in: there is no registry here).
+        #[arg(long)]
+        image: Option<String>,
+        /// `name=value` for the jobspec's variables.
+        #[arg(long = "var")]
+        vars: Vec<String>,
+        /// Write a tiny model for the task's `model` into this HF hub cache first.
+        #[arg(long)]
+        seed_hub: Option<PathBuf>,
+        /// The question to ask.
+        #[arg(long, default_value = "Say hello.")]
+        ask: String,
+    },
     /// Build the local model-server stand-in image (no registry needed).
     StandinImage,
     /// Check the configuration reference tables in the docs against the schemas
@@ -52,6 +76,9 @@ pub async fn run(args: Args) -> Result<()> {
     match args.command {
         Cmd::Start { plugin_dir, config, watch_secs } => {
             start(plugin_dir, config, Duration::from_secs(watch_secs)).await
+        }
+        Cmd::Run { plugin_dir, config, job, image, vars, seed_hub, ask } => {
+            run_job(RunArgs { plugin_dir, config, job, image, vars, seed_hub, ask }).await
         }
         Cmd::StandinImage => {
             println!("{}", crate::support::standin_image()?);
@@ -141,4 +168,98 @@ pub fn print_fingerprint(fp: &aimodel_proto::drivers::FingerprintResponse) {
         };
         println!("    {k} = {v}{}", a.unit);
     }
+}
+
+struct RunArgs {
+    plugin_dir: PathBuf,
+    config: PathBuf,
+    job: PathBuf,
+    image: Option<String>,
+    vars: Vec<String>,
+    seed_hub: Option<PathBuf>,
+    ask: String,
+}
+
+async fn run_job(a: RunArgs) -> Result<()> {
+    use aimodel_proto::drivers::{DestroyTaskRequest, StartTaskRequest, StopTaskRequest, WaitTaskRequest};
+    let client_hcl = std::fs::read_to_string(&a.config).with_context(|| format!("reading {}", a.config.display()))?;
+    let job_text = std::fs::read_to_string(&a.job).with_context(|| format!("reading {}", a.job.display()))?;
+    let vars = a
+        .vars
+        .iter()
+        .map(|v| v.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).context("--var wants name=value"))
+        .collect::<Result<_>>()?;
+    let job_body: hcl::Body = hcl::parse(&job_text).context("parsing the jobspec")?;
+    let ctx = crate::jobrun::eval_context(&job_body, &vars)?;
+    let tasks = crate::jobrun::aimodel_tasks(&job_body, &ctx)?;
+    if tasks.is_empty() {
+        bail!("{} has no driver = \"aimodel\" task", a.job.display());
+    }
+    let binary = discover(&a.plugin_dir, &client_hcl)?.into_iter().next().context("no plugin to run")?;
+    println!("== starting the plugin as a Nomad client does");
+    let report = sequence::start(&binary, &client_hcl, &[]).await?;
+    let live = report.live;
+    let fps = live.wait_fingerprints(1, Duration::from_secs(5)).await?;
+    print_fingerprint(&fps[0].msg);
+    let data = tempfile::tempdir()?;
+    let mut result = Ok(());
+    for t in &tasks {
+        let prepared = t.prepare(&live.task_schema, &ctx, a.image.as_deref(), data.path())?;
+        if let Some(hub) = &a.seed_hub {
+            let cfg = aimodel_driver::config::decode_task_config(&prepared.config.msgpack_driver_config)?;
+            if let Some(model) = &cfg.model {
+                let commit = crate::jobrun::seed_tiny_model(hub, model)?;
+                println!("== seeded {model}@{commit} into {}", hub.display());
+            }
+        }
+        let id = prepared.config.id.clone();
+        println!("== StartTask {} ({id})", t.name);
+        let resp = live.process.driver().start_task(StartTaskRequest { task: Some(prepared.config.clone()) }).await?;
+        let ports = resp.into_inner().network_override.map(|n| n.port_map).unwrap_or_default();
+        let ready = live.wait_event(&id, "model server ready", Duration::from_secs(120)).await;
+        for m in live.event_messages(&id) {
+            println!("  event: {m}");
+        }
+        result = match (ready, ports.values().next()) {
+            (Ok(_), Some(port)) => {
+                let answer = chat(*port as u16, &a.ask).await;
+                match &answer {
+                    Ok(text) => println!("== answer from 127.0.0.1:{port}/v1/chat/completions:\n{text}"),
+                    Err(e) => println!("!! no answer: {e:#}"),
+                }
+                answer.map(|_| ())
+            }
+            (Ok(_), None) => Ok(()),
+            (Err(e), _) => Err(e),
+        };
+        if let Some(out) = &prepared.stdout {
+            println!("== task stdout (through the log FIFO):\n{}", out.text().trim_end());
+        }
+        let mut d = live.process.driver();
+        let timeout = Some(prost_types::Duration { seconds: 5, nanos: 0 });
+        d.stop_task(StopTaskRequest { task_id: id.clone(), timeout, signal: String::new() }).await?;
+        let exit = d.wait_task(WaitTaskRequest { task_id: id.clone() }).await?.into_inner();
+        println!("== stopped: {:?}", exit.result.unwrap_or_default());
+        d.destroy_task(DestroyTaskRequest { task_id: id, force: true }).await?;
+    }
+    let (graceful, took) = live.kill().await?;
+    println!("== plugin stopped (graceful: {graceful}, {took:?})");
+    result
+}
+
+/// Asks an OpenAI-style server one question; returns the assistant's text.
+async fn chat(port: u16, question: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = serde_json::json!({"model": "any", "messages": [{"role": "user", "content": question}]}).to_string();
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).await?;
+    let json = resp.split_once("\r\n\r\n").map(|(_, b)| b).context("no HTTP body")?;
+    let v: serde_json::Value = serde_json::from_str(json).with_context(|| format!("not JSON: {json}"))?;
+    v["choices"][0]["message"]["content"].as_str().map(str::to_string).context("no choices[0].message.content")
 }

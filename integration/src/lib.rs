@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod docs;
 pub mod hcl_eval;
+pub mod jobrun;
 pub mod plugin;
 pub mod sequence;
 pub mod support;

@@ -122,11 +122,25 @@ fn handle(mut conn: TcpStream, ready: bool, model: &str) {
     let _ = conn.write_all(resp.as_bytes());
 }
 
+/// The model's snapshot directory: `STANDIN_MODEL_DIR`, or resolved offline the
+/// way huggingface_hub does: `$HF_HUB_CACHE/models--org--name/refs/<rev>` holds
+/// the commit, `snapshots/<commit>/` the files.
+fn model_dir() -> Option<String> {
+    if let Ok(d) = std::env::var("STANDIN_MODEL_DIR") {
+        return Some(d);
+    }
+    let cache = std::env::var("HF_HUB_CACHE").ok()?;
+    let model = std::env::var("AIMODEL_MODEL").ok()?;
+    let rev = std::env::var("AIMODEL_REVISION").unwrap_or_else(|_| "main".into());
+    let repo = format!("{cache}/models--{}", model.replace('/', "--"));
+    let commit = std::fs::read_to_string(format!("{repo}/refs/{rev}")).unwrap_or(rev);
+    Some(format!("{repo}/snapshots/{commit}"))
+}
+
 /// An OpenAI-shaped answer that proves the server read the model's files.
 fn completion(model: &str, body: &[u8]) -> String {
     let asked = String::from_utf8_lossy(body);
-    let files = std::env::var("STANDIN_MODEL_DIR")
-        .ok()
+    let files = model_dir()
         .and_then(|d| std::fs::read_dir(d).ok())
         .map(|rd| {
             let mut names: Vec<String> = rd
