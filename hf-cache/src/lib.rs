@@ -1,0 +1,14 @@
+//! The HuggingFace hub cache on disk, compatible with huggingface_hub:
+//! layout, completeness of `repo@revision`, deep verification, mount checks
+//! and publishing. No network, no async, no Docker.
+
+pub mod check;
+pub mod layout;
+pub mod mount;
+pub mod publish;
+
+pub use check::{check, Finding, Mode, Report};
+pub use layout::{RepoId, RepoPaths, RepoType, TreeEntry, TreeFile};
+
+#[cfg(test)]
+mod tests;

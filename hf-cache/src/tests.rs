@@ -1,0 +1,89 @@
+use std::path::Path;
+
+use crate::check::{check, Finding, Mode};
+use crate::layout::{RepoId, RepoPaths};
+use crate::publish::{entry_for, publish_snapshot, NewFile};
+
+const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+fn seed(hub: &Path) -> RepoId {
+    let repo = RepoId::model("org/tiny");
+    let files = vec![
+        NewFile { path: "config.json".into(), bytes: b"{\"a\":1}".to_vec(), lfs: false },
+        NewFile { path: "model.safetensors".into(), bytes: vec![7u8; 5000], lfs: true },
+        NewFile { path: "sub/dir/tokenizer.json".into(), bytes: b"{}".to_vec(), lfs: false },
+    ];
+    publish_snapshot(hub, &repo, COMMIT, "main", &files).unwrap();
+    repo
+}
+
+fn kinds(hub: &Path, repo: &RepoId, mode: Mode) -> Vec<&'static str> {
+    check(hub, repo, "main", mode).findings.iter().map(Finding::kind).collect()
+}
+
+#[test]
+fn a_published_snapshot_is_complete_in_both_modes() {
+    let d = tempfile::tempdir().unwrap();
+    let repo = seed(d.path());
+    for mode in [Mode::Quick, Mode::Deep] {
+        let r = check(d.path(), &repo, "main", mode);
+        assert!(r.is_complete(), "{:?}", r.findings);
+        assert!(r.verifiable);
+        assert_eq!(r.commit.as_deref(), Some(COMMIT));
+        assert_eq!(r.total_bytes(), 7 + 5000 + 2);
+    }
+    // A commit hash works as a revision too.
+    assert!(check(d.path(), &repo, COMMIT, Mode::Quick).is_complete());
+}
+
+#[test]
+fn each_corruption_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    let repo = seed(d.path());
+    let paths = RepoPaths::new(d.path(), &repo);
+    let lfs = entry_for(&[7u8; 5000], true);
+    let small = entry_for(b"{\"a\":1}", false);
+
+    std::fs::write(paths.blob(lfs.etag()), vec![7u8; 10]).unwrap();
+    assert_eq!(kinds(d.path(), &repo, Mode::Quick), ["wrong size"]);
+    std::fs::write(paths.blob(lfs.etag()), vec![8u8; 5000]).unwrap();
+    assert_eq!(kinds(d.path(), &repo, Mode::Quick), Vec::<&str>::new(), "quick mode reads no content");
+    assert_eq!(kinds(d.path(), &repo, Mode::Deep), ["hash mismatch"]);
+    std::fs::remove_file(paths.blob(lfs.etag())).unwrap();
+    assert_eq!(kinds(d.path(), &repo, Mode::Quick), ["dangling"]);
+    std::fs::write(paths.blob(lfs.etag()), vec![7u8; 5000]).unwrap();
+
+    std::fs::write(paths.blobs().join(format!("{}.1a2b3c4d.incomplete", small.etag())), b"{").unwrap();
+    assert_eq!(kinds(d.path(), &repo, Mode::Quick), ["leftover partial"]);
+    std::fs::remove_file(paths.blobs().join(format!("{}.1a2b3c4d.incomplete", small.etag()))).unwrap();
+
+    std::fs::remove_file(paths.snapshot(COMMIT).join("sub/dir/tokenizer.json")).unwrap();
+    assert_eq!(kinds(d.path(), &repo, Mode::Quick), ["missing"]);
+    // Without trees/<commit>.json the missing file cannot be noticed: flagged unverifiable.
+    std::fs::remove_file(paths.tree(COMMIT)).unwrap();
+    let r = check(d.path(), &repo, "main", Mode::Quick);
+    assert!(r.findings.is_empty() && !r.verifiable);
+
+    std::fs::write(paths.refs("main"), format!("{COMMIT}\n")).unwrap();
+    assert_eq!(kinds(d.path(), &repo, Mode::Quick), ["ref malformed"]);
+    assert_eq!(kinds(d.path(), &repo, Mode::Quick).len(), 1);
+    assert_eq!(check(d.path(), &repo, "v2", Mode::Quick).findings[0].kind(), "ref missing");
+    assert_eq!(check(d.path(), &RepoId::model("org/other"), "main", Mode::Quick).findings, [Finding::RepoMissing]);
+}
+
+#[test]
+fn shared_store_blobs_are_followed() {
+    // huggingface_hub 2.x: repo blobs may be links into <hub>/blobs/<2hex>/<xet>.
+    let d = tempfile::tempdir().unwrap();
+    let repo = seed(d.path());
+    let paths = RepoPaths::new(d.path(), &repo);
+    let lfs = entry_for(&[7u8; 5000], true);
+    let xet = "ab".repeat(32);
+    let store = d.path().join("blobs").join(&xet[..2]);
+    std::fs::create_dir_all(&store).unwrap();
+    std::fs::rename(paths.blob(lfs.etag()), store.join(&xet)).unwrap();
+    std::os::unix::fs::symlink(format!("../../blobs/{}/{xet}", &xet[..2]), paths.blob(lfs.etag())).unwrap();
+    assert!(check(d.path(), &repo, "main", Mode::Deep).is_complete());
+    std::fs::remove_file(store.join(&xet)).unwrap();
+    assert_eq!(kinds(d.path(), &repo, Mode::Quick), ["dangling"]);
+}
