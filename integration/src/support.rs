@@ -147,3 +147,29 @@ pub fn remove_containers_with_label(label: &str, value: &str) {
         let _ = Command::new("docker").args(["rm", "-f"]).args(&ids).output();
     }
 }
+
+/// A Python with huggingface_hub installed: `AIMODEL_PYTHON`, else the venv
+/// scripts/test creates at `target/pyenv`. With `CI=true` its absence fails.
+pub fn hf_python() -> Option<PathBuf> {
+    let candidate = std::env::var_os("AIMODEL_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/pyenv/bin/python")));
+    let ok = Command::new(&candidate).args(["-c", "import huggingface_hub"]).output().is_ok_and(|o| o.status.success());
+    if ok {
+        return Some(candidate);
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("no Python with huggingface_hub at {} and CI=true (scripts/test creates it)", candidate.display());
+    }
+    eprintln!("SKIP: no Python with huggingface_hub at {} (run scripts/test once)", candidate.display());
+    None
+}
+
+/// Runs a Python snippet with arguments; returns stdout, failing on a non-zero exit.
+pub fn run_python(python: &std::path::Path, code: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(python).arg("-c").arg(code).args(args).env("HF_HUB_OFFLINE", "1").output()?;
+    if !out.status.success() {
+        bail!("python failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
