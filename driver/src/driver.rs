@@ -163,17 +163,29 @@ impl Driver {
         attributes.insert(format!("driver.{PLUGIN_NAME}"), AttrValue::Bool(true));
         attributes.insert(format!("driver.{PLUGIN_NAME}.version"), AttrValue::Str(PLUGIN_VERSION.into()));
         let runtime = self.runtime();
-        match runtime.info(timeout).await {
+        let cache_cfg = self.config().hf_cache.clone();
+        let cache = tokio::task::spawn_blocking(move || crate::cache::assess(&cache_cfg)).await.unwrap_or_default();
+        attributes.extend(cache.attributes.clone());
+        let (health, description) = match runtime.info(timeout).await {
             Ok(info) => {
                 attributes.insert(format!("driver.{PLUGIN_NAME}.docker.version"), AttrValue::Str(info.version));
                 attributes.insert(format!("driver.{PLUGIN_NAME}.docker.api_version"), AttrValue::Str(info.api_version));
                 if let Some(n) = self.scan_orphans(runtime.as_ref()).await {
                     attributes.insert(format!("driver.{PLUGIN_NAME}.orphans"), AttrValue::Int(n as i64));
                 }
-                Fingerprint { attributes, health: Health::Healthy, description: "healthy".into() }
+                if cache.problems.is_empty() {
+                    (Health::Healthy, "healthy".to_string())
+                } else {
+                    (Health::Unhealthy, cache.problems.join("; "))
+                }
             }
-            Err(e) => Fingerprint { attributes, health: Health::Unhealthy, description: e.to_string() },
-        }
+            Err(e) => {
+                let mut d = vec![e.to_string()];
+                d.extend(cache.problems);
+                (Health::Unhealthy, d.join("; "))
+            }
+        };
+        Fingerprint { attributes, health, description }
     }
 
     /// Containers labelled as ours, created for this node, whose task this

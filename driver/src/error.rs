@@ -20,6 +20,10 @@ pub enum DriverError {
     Runtime(#[from] RuntimeError),
     #[error("task {id} not found")]
     TaskNotFound { id: String },
+    #[error("{message}")]
+    ModelIncomplete { message: String },
+    #[error("{message}")]
+    Cache { message: String },
     #[error("task {id} is already running")]
     TaskExists { id: String },
     #[error("starting a container of {image}: {reason}")]
@@ -90,6 +94,10 @@ impl From<DriverError> for Status {
                 Status::not_found(message)
             }
             DriverError::Runtime(_) => Status::internal(message),
+            // Retryable: Nomad restarts the task while the cache is being warmed.
+            DriverError::ModelIncomplete { .. } | DriverError::Cache { .. } => {
+                with_recoverable(Code::FailedPrecondition, message, true)
+            }
             DriverError::TaskNotFound { .. } | DriverError::ContainerGone { .. } => Status::not_found(message),
             DriverError::TaskExists { .. } => Status::already_exists(message),
             DriverError::StartFailed { .. } | DriverError::StillRunning { .. } => Status::failed_precondition(message),

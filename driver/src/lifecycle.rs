@@ -137,7 +137,7 @@ impl Driver {
         }
         let cfg = decode_task_config(&task.driver_config).map_err(DriverError::TaskConfig)?;
         let plugin = self.config();
-        let facts = NodeFacts::default();
+        let facts = self.cache_gate(&task, &cfg).await?;
         let plan = engine::plan(&cfg, &task, &plugin, &facts).map_err(DriverError::TaskConfig)?;
         let rt = self.runtime();
         self.ensure_image(&task, &cfg, &plan, rt.as_ref()).await?;
@@ -168,7 +168,7 @@ impl Driver {
             image: plan.spec.image.clone(),
             engine: cfg.engine.as_str().into(),
             model: cfg.model.clone(),
-            revision: Some(cfg.revision.clone()),
+            revision: Some(facts.resolved_revision.clone().unwrap_or_else(|| cfg.revision.clone())),
             started_at_ns: started_at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64,
             stdout_path: task.stdout_path.clone(),
             stderr_path: task.stderr_path.clone(),
@@ -192,6 +192,56 @@ impl Driver {
             ));
         }
         Ok(Started { state: entry.state.clone(), port_map: plan.port_map })
+    }
+
+    /// The completeness gate: with `offline = true` a model must be complete in
+    /// the cache before anything is created; the revision is pinned to a commit.
+    async fn cache_gate(&self, task: &NomadTask, cfg: &TaskConfig) -> Result<NodeFacts, DriverError> {
+        let plugin = self.config();
+        let cache_cfg = plugin.hf_cache.clone();
+        let on_nfs = {
+            let c = cache_cfg.clone();
+            tokio::task::spawn_blocking(move || crate::cache::assess(&c).on_nfs).await.unwrap_or(false)
+        };
+        let mut facts = NodeFacts { cache_on_nfs: on_nfs, resolved_revision: None };
+        let (Some(model), true) = (&cfg.model, crate::cache::uses_hf_cache(cfg)) else { return Ok(facts) };
+        let (c, m, r, t) = (cache_cfg.clone(), model.clone(), cfg.revision.clone(), cache_cfg.probe_timeout.0);
+        let checked = tokio::task::spawn_blocking(move || crate::cache::check_model(&c, &m, &r, t))
+            .await
+            .map_err(|e| DriverError::Cache { message: e.to_string() })?
+            .map_err(|message| DriverError::Cache { message })?;
+        if checked.complete {
+            let commit = checked.commit.clone().unwrap_or_default();
+            facts.resolved_revision = Some(commit.clone());
+            self.event(
+                task,
+                format!(
+                    "model {model}@{} is {commit}: {} files, {:.2} GB, complete in the cache{}",
+                    cfg.revision,
+                    checked.files,
+                    checked.bytes as f64 / 1e9,
+                    if checked.verifiable { "" } else { " (no trees listing: completeness unverifiable)" }
+                ),
+                &[("commit", commit.clone())],
+            );
+            return Ok(facts);
+        }
+        let hub = crate::cache::hub_dir(&cache_cfg);
+        let message = checked.failure_message(&hub);
+        if !cfg.offline {
+            // The engine may download what is missing itself.
+            self.event(task, format!("{message}; offline = false, the engine will download it"), &[]);
+            return Ok(facts);
+        }
+        self.event(task, message.clone(), &[]);
+        if cfg.prewarm {
+            return Err(DriverError::Cache {
+                message: format!(
+                    "{message} (prewarm = true needs the aimodel-agent node agent, which is not available yet)"
+                ),
+            });
+        }
+        Err(DriverError::ModelIncomplete { message })
     }
 
     async fn ensure_image(

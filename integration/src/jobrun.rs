@@ -155,37 +155,34 @@ fn placeholder_schema() -> Spec {
     Spec { block: Some(S::Object(Object { attributes: Default::default() })) }
 }
 
-/// Writes a tiny model into an HF hub cache in huggingface_hub's layout
-/// (`blobs/<sha256>`, relative snapshot links, `refs/main` without newline).
+/// Writes a tiny model into an HF hub cache in huggingface_hub's layout with
+/// `hf_cache::publish` (blobs, relative snapshot links, trees listing, `refs/main`).
 /// The demo's stand-in for what `aimodel-agent prewarm` will do.
 pub fn seed_tiny_model(hub: &Path, repo: &str) -> Result<String> {
+    use hf_cache::publish::{publish_snapshot, NewFile};
     if !repo.contains('/') {
         bail!("repo must be org/name");
     }
-    let dir = hub.join(format!("models--{}", repo.replace('/', "--")));
-    let files: [(&str, Vec<u8>); 3] = [
-        ("config.json", br#"{"architectures":["TinyChat"],"hidden_size":8,"vocab_size":16}"#.to_vec()),
-        ("tokenizer.json", br#"{"model":{"vocab":{"hello":0,"world":1}}}"#.to_vec()),
-        ("model.safetensors", (0..4096u32).map(|i| (i % 251) as u8).collect()),
+    let files = vec![
+        NewFile {
+            path: "config.json".into(),
+            bytes: br#"{"architectures":["TinyChat"],"hidden_size":8,"vocab_size":16}"#.to_vec(),
+            lfs: false,
+        },
+        NewFile {
+            path: "tokenizer.json".into(),
+            bytes: br#"{"model":{"vocab":{"hello":0,"world":1}}}"#.to_vec(),
+            lfs: false,
+        },
+        NewFile { path: "model.safetensors".into(), bytes: (0..4096u32).map(|i| (i % 251) as u8).collect(), lfs: true },
     ];
-    let mut commit_hasher = Sha256::new();
-    for (name, bytes) in &files {
-        commit_hasher.update(name.as_bytes());
-        commit_hasher.update(bytes);
+    let mut h = Sha256::new();
+    for f in &files {
+        h.update(f.path.as_bytes());
+        h.update(&f.bytes);
     }
-    let commit: String = format!("{:x}", commit_hasher.finalize())[..40].to_string();
-    let snap = dir.join("snapshots").join(&commit);
-    std::fs::create_dir_all(dir.join("blobs"))?;
-    std::fs::create_dir_all(&snap)?;
-    std::fs::create_dir_all(dir.join("refs"))?;
-    for (name, bytes) in &files {
-        let sha = format!("{:x}", Sha256::digest(bytes));
-        std::fs::write(dir.join("blobs").join(&sha), bytes)?;
-        let link = snap.join(name);
-        let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(format!("../../blobs/{sha}"), &link)?;
-    }
-    std::fs::write(dir.join("refs").join("main"), &commit)?;
+    let commit: String = format!("{:x}", h.finalize())[..40].to_string();
+    publish_snapshot(hub, &hf_cache::RepoId::model(repo), &commit, "main", &files)?;
     Ok(commit)
 }
 

@@ -25,6 +25,8 @@ fn entries(dir: &tempfile::TempDir) -> Vec<String> {
 }
 
 fn client_hcl(extra: &str) -> String {
+    let cache = std::env::temp_dir().join("aimodel-protocol-test-cache");
+    std::fs::create_dir_all(&cache).unwrap();
     format!(
         r#"
 plugin_dir = "/opt/nomad/plugins"
@@ -33,15 +35,16 @@ plugin "nomad-driver-aimodel" {{
     fingerprint_period = "300ms"
     {extra}
     hf_cache {{
-      host_path = "/srv/hf"
-      min_free  = "1GiB"
+      host_path = "{}"
+      min_free  = "1MiB"
     }}
     gpu {{
       enabled = false
     }}
   }}
 }}
-"#
+"#,
+        cache.display()
     )
 }
 
@@ -299,4 +302,53 @@ async fn reattach_keeps_the_configuration_without_set_config() {
     let msg = fp.message().await.unwrap().unwrap();
     assert!(msg.health_description.contains("/nonexistent/reattach.sock"), "config lost: {}", msg.health_description);
     live.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_fingerprint_reports_the_cache_mount_and_its_health() {
+    let docker = require_docker();
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let mountinfo = tmp.path().join("mountinfo");
+    let run = |fstype: &'static str, opts: &'static str| {
+        let mountinfo = mountinfo.clone();
+        let (tmp, cache) = (tmp.path().to_path_buf(), cache.path().to_path_buf());
+        async move {
+            std::fs::write(
+                &mountinfo,
+                format!(
+                    "22 1 259:2 / / rw,relatime - ext4 /dev/root rw\n101 22 0:52 / {} rw,relatime - {fstype} nas:/hf {opts}\n",
+                    cache.display()
+                ),
+            )
+            .unwrap();
+            let hcl = format!(
+                "plugin \"nomad-driver-aimodel\" {{\n  config {{\n    hf_cache {{\n      host_path = \"{}\"\n      require_nfs = true\n      min_free = \"1MiB\"\n    }}\n  }}\n}}\n",
+                cache.display()
+            );
+            let env = [("TMPDIR", tmp.to_str().unwrap()), ("AIMODEL_MOUNTINFO", mountinfo.to_str().unwrap())];
+            let live = sequence::start(&binary(DRIVER_BIN).unwrap(), &hcl, &env).await.unwrap().live;
+            let fp = live.wait_fingerprints(1, Duration::from_secs(2)).await.unwrap()[0].msg.clone();
+            live.kill().await.unwrap();
+            fp
+        }
+    };
+    let string_attr = |fp: &aimodel_proto::drivers::FingerprintResponse, k: &str| match fp
+        .attributes
+        .get(k)
+        .and_then(|a| a.value.clone())
+    {
+        Some(aimodel_proto::structs::attribute::Value::StringVal(s)) => s,
+        other => panic!("{k}: {other:?}"),
+    };
+    let nfs = run("nfs4", "rw,vers=4.2,hard,nolock").await;
+    assert_eq!(string_attr(&nfs, "driver.aimodel.hf_cache.fstype"), "nfs4");
+    assert_eq!(string_attr(&nfs, "driver.aimodel.hf_cache.nfs.version"), "4.2");
+    assert_eq!(string_attr(&nfs, "driver.aimodel.hf_cache.path"), cache.path().display().to_string());
+    if docker {
+        assert_eq!(nfs.health, HealthState::Healthy as i32, "{}", nfs.health_description);
+    }
+    let local = run("ext4", "rw").await;
+    assert_eq!(local.health, HealthState::Unhealthy as i32);
+    assert!(local.health_description.contains("not NFS"), "{}", local.health_description);
 }

@@ -494,3 +494,43 @@ async fn engine_down_is_a_recoverable_start_failure() {
     assert_eq!(aimodel_driver::error::recoverable_detail(&err), None);
     live.kill().await.unwrap();
 }
+
+#[tokio::test]
+async fn incomplete_models_do_not_start_and_complete_ones_are_pinned() {
+    let Some(mut sim) = Sim::start().await else { return };
+    let port = free_port();
+    let cfg = format!(
+        "engine = \"vllm\"\nimage = \"{}\"\nmodel = \"org/gated\"\nport = \"http\"\n",
+        aimodel_integration::support::STANDIN_IMAGE
+    );
+    let b = TaskBuilder::new("gated", &cfg).port("http", port, 0);
+    let t = sim.prepare(&b);
+    let err =
+        sim.live.process.driver().start_task(StartTaskRequest { task: Some(t.config.clone()) }).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(aimodel_driver::error::recoverable_detail(&err), Some(true), "Nomad must retry while the cache warms");
+    assert!(err.message().contains("aimodel-agent prewarm org/gated@main"), "{}", err.message());
+    assert!(err.message().contains("the repo is not in the cache"), "{}", err.message());
+    assert!(containers_with_label(LABEL_ALLOC_ID, &b.alloc_id).is_empty());
+
+    // Half-written: a file of the commit is missing.
+    let hub = sim._cache.path().join("hub");
+    let commit = aimodel_integration::jobrun::seed_tiny_model(&hub, "org/gated").unwrap();
+    let snap = hub.join(format!("models--org--gated/snapshots/{commit}"));
+    std::fs::remove_file(snap.join("model.safetensors")).unwrap();
+    let err =
+        sim.live.process.driver().start_task(StartTaskRequest { task: Some(t.config.clone()) }).await.unwrap_err();
+    assert!(err.message().contains("model.safetensors: missing"), "{}", err.message());
+
+    // Complete: starts, with the revision pinned to the commit.
+    aimodel_integration::jobrun::seed_tiny_model(&hub, "org/gated").unwrap();
+    let (t, handle) = sim.start_task(&b).await;
+    let state = aimodel_driver::task::DriverState::decode(&handle.driver_state).unwrap();
+    assert_eq!(state.revision.as_deref(), Some(commit.as_str()));
+    let ev = sim.live.wait_event(&t.config.id, "complete in the cache", Duration::from_secs(5)).await.unwrap();
+    assert!(ev.message.contains(&commit), "{}", ev.message);
+    let out = t.stdout.clone().unwrap();
+    let text = out.wait_for(Duration::from_secs(10), |s| s.contains("standin starting")).await.unwrap();
+    assert!(text.contains(&format!("--revision {commit}")), "{text}");
+    sim.destroy(&t.config.id).await;
+}

@@ -1,0 +1,257 @@
+//! The shared HF cache as the driver sees it: mount health for the
+//! fingerprint, and the completeness gate before a model server starts.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hf_cache::mount::{mount_for, parse_mountinfo, space, with_timeout, writable};
+use hf_cache::{check, Mode, RepoId};
+
+use crate::config::units::Bytes;
+use crate::config::{Engine, HfCacheConfig, TaskConfig};
+use crate::driver::AttrValue;
+
+/// Where mount facts come from; `AIMODEL_MOUNTINFO` points elsewhere in tests.
+pub fn mountinfo_path() -> PathBuf {
+    std::env::var_os("AIMODEL_MOUNTINFO").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/proc/self/mountinfo"))
+}
+
+/// What the filesystem probes found (all of them run on one thread under a timeout).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeResult {
+    pub exists: bool,
+    pub writable: Result<(), String>,
+    pub free_bytes: Option<u64>,
+}
+
+/// The real probes: existence, create/rename/unlink, statvfs.
+pub fn probe_path(path: &Path) -> ProbeResult {
+    let exists = path.is_dir();
+    if !exists {
+        return ProbeResult { exists, writable: Err("does not exist".into()), free_bytes: None };
+    }
+    ProbeResult {
+        exists,
+        writable: writable(path).map_err(|e| e.to_string()),
+        free_bytes: space(path).ok().map(|(free, _)| free),
+    }
+}
+
+/// The cache's fingerprint: attributes, and the problems that make the driver unhealthy.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CacheStatus {
+    pub attributes: BTreeMap<String, AttrValue>,
+    pub problems: Vec<String>,
+    pub on_nfs: bool,
+}
+
+/// Assesses the cache with the real probes.
+pub fn assess(cfg: &HfCacheConfig) -> CacheStatus {
+    let mountinfo = std::fs::read_to_string(mountinfo_path()).unwrap_or_default();
+    assess_with(cfg, &mountinfo, probe_path)
+}
+
+/// Assesses the cache with `probe` (injectable so a hanging filesystem can be simulated).
+pub fn assess_with(
+    cfg: &HfCacheConfig,
+    mountinfo: &str,
+    probe: impl FnOnce(&Path) -> ProbeResult + Send + 'static,
+) -> CacheStatus {
+    let path = PathBuf::from(&cfg.host_path);
+    let mut st = CacheStatus::default();
+    let attr = |k: &str| format!("driver.aimodel.hf_cache.{k}");
+    st.attributes.insert(attr("path"), AttrValue::Str(cfg.host_path.clone()));
+    let mounts = parse_mountinfo(mountinfo);
+    if let Some(m) = mount_for(&mounts, &path) {
+        st.on_nfs = m.is_nfs();
+        st.attributes.insert(attr("fstype"), AttrValue::Str(m.fstype.clone()));
+        if let Some(v) = m.nfs_version() {
+            st.attributes.insert(attr("nfs.version"), AttrValue::Str(v));
+            st.attributes.insert(attr("nfs.nolock"), AttrValue::Bool(m.nolock()));
+            st.attributes.insert(attr("nfs.soft"), AttrValue::Bool(m.soft()));
+        }
+        if cfg.require_nfs && !m.is_nfs() {
+            st.problems.push(format!(
+                "hf cache {} is on {} ({}), not NFS, and require_nfs is true",
+                cfg.host_path,
+                m.fstype,
+                m.mount_point.display()
+            ));
+        }
+        if m.read_only() {
+            st.problems.push(format!("hf cache {} is mounted read-only", cfg.host_path));
+        }
+    } else if cfg.require_nfs {
+        st.problems.push(format!("hf cache {} is not on any mount (require_nfs is true)", cfg.host_path));
+    }
+    let timeout = cfg.probe_timeout.0;
+    let p = path.clone();
+    match with_timeout(timeout, move || probe(&p)) {
+        Err(t) => {
+            st.problems.push(format!("hf cache {}: {t}", cfg.host_path));
+            st.attributes.insert(attr("writable"), AttrValue::Bool(false));
+        }
+        Ok(r) if !r.exists => {
+            st.problems.push(format!("hf cache path {} does not exist (is the NFS export mounted?)", cfg.host_path));
+            st.attributes.insert(attr("writable"), AttrValue::Bool(false));
+        }
+        Ok(r) => {
+            st.attributes.insert(attr("writable"), AttrValue::Bool(r.writable.is_ok()));
+            if let Err(e) = &r.writable {
+                st.problems.push(format!("hf cache {} is not writable: {e}", cfg.host_path));
+            }
+            if let Some(free) = r.free_bytes {
+                st.attributes.insert(attr("free_bytes"), AttrValue::Int(free as i64));
+                if free < cfg.min_free.0 {
+                    st.problems.push(format!(
+                        "hf cache {} has {} free, less than min_free {}",
+                        cfg.host_path,
+                        Bytes(free),
+                        cfg.min_free
+                    ));
+                }
+            }
+        }
+    }
+    st
+}
+
+/// The outcome of the completeness gate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelCheck {
+    pub repo: String,
+    pub revision: String,
+    pub commit: Option<String>,
+    pub complete: bool,
+    pub verifiable: bool,
+    pub files: usize,
+    pub bytes: u64,
+    /// Human lines, one per finding.
+    pub findings: Vec<String>,
+}
+
+impl ModelCheck {
+    /// The one message StartTask fails with: what is missing and the command that fixes it.
+    pub fn failure_message(&self, hub: &Path) -> String {
+        let shown: Vec<&str> = self.findings.iter().take(8).map(String::as_str).collect();
+        let more = self.findings.len().saturating_sub(shown.len());
+        format!(
+            "model {}@{} is not complete in the HF cache at {}: {}{}. Fix: aimodel-agent prewarm {}@{}",
+            self.repo,
+            self.revision,
+            hub.display(),
+            shown.join("; "),
+            if more > 0 { format!(" (and {more} more)") } else { String::new() },
+            self.repo,
+            self.revision
+        )
+    }
+}
+
+/// Which tasks load an HF model from the cache.
+pub fn uses_hf_cache(cfg: &TaskConfig) -> bool {
+    cfg.model.is_some() && !matches!(cfg.engine, Engine::Ollama)
+}
+
+/// Checks `model@revision` in `<host_path>/hub` (quick mode) under the probe timeout.
+pub fn check_model(
+    cache: &HfCacheConfig,
+    model: &str,
+    revision: &str,
+    timeout: Duration,
+) -> Result<ModelCheck, String> {
+    let hub = hub_dir(cache);
+    let (repo, rev) = (model.to_string(), revision.to_string());
+    let report = with_timeout(timeout, move || check(&hub, &RepoId::model(&repo), &rev, Mode::Quick))
+        .map_err(|t| format!("hf cache {}: {t}", cache.host_path))?;
+    Ok(ModelCheck {
+        repo: model.to_string(),
+        revision: revision.to_string(),
+        commit: report.commit.clone(),
+        complete: report.is_complete(),
+        verifiable: report.verifiable,
+        files: report.files.len(),
+        bytes: report.total_bytes(),
+        findings: report.findings.iter().map(ToString::to_string).collect(),
+    })
+}
+
+/// `HF_HUB_CACHE` on the host: `<host_path>/hub`.
+pub fn hub_dir(cache: &HfCacheConfig) -> PathBuf {
+    Path::new(&cache.host_path).join("hub")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::units::Dur;
+
+    fn cfg(path: &Path, require_nfs: bool) -> HfCacheConfig {
+        HfCacheConfig {
+            host_path: path.display().to_string(),
+            require_nfs,
+            min_free: Bytes(1),
+            probe_timeout: Dur(Duration::from_millis(300)),
+            ..Default::default()
+        }
+    }
+
+    fn mountinfo(point: &Path, fstype: &str, opts: &str) -> String {
+        format!(
+            "22 1 259:2 / / rw,relatime - ext4 /dev/root rw\n101 22 0:52 / {} rw,relatime - {fstype} nas:/hf {opts}\n",
+            point.display()
+        )
+    }
+
+    #[test]
+    fn nfs_cache_is_healthy_and_described() {
+        let d = tempfile::tempdir().unwrap();
+        let st = assess_with(
+            &cfg(d.path(), true),
+            &mountinfo(d.path(), "nfs4", "rw,vers=4.2,hard,local_lock=none"),
+            probe_path,
+        );
+        assert!(st.problems.is_empty(), "{:?}", st.problems);
+        assert!(st.on_nfs);
+        assert_eq!(st.attributes["driver.aimodel.hf_cache.fstype"], AttrValue::Str("nfs4".into()));
+        assert_eq!(st.attributes["driver.aimodel.hf_cache.nfs.version"], AttrValue::Str("4.2".into()));
+        assert_eq!(st.attributes["driver.aimodel.hf_cache.writable"], AttrValue::Bool(true));
+        assert!(matches!(st.attributes["driver.aimodel.hf_cache.free_bytes"], AttrValue::Int(n) if n > 0));
+    }
+
+    #[test]
+    fn local_filesystem_with_require_nfs_is_unhealthy() {
+        let d = tempfile::tempdir().unwrap();
+        let st = assess_with(&cfg(d.path(), true), &mountinfo(d.path(), "overlay", "rw"), probe_path);
+        assert_eq!(st.problems.len(), 1, "{:?}", st.problems);
+        assert!(st.problems[0].contains("overlay") && st.problems[0].contains("not NFS"), "{:?}", st.problems);
+        assert!(assess_with(&cfg(d.path(), false), &mountinfo(d.path(), "overlay", "rw"), probe_path)
+            .problems
+            .is_empty());
+    }
+
+    #[test]
+    fn read_only_missing_full_and_hung() {
+        let d = tempfile::tempdir().unwrap();
+        let ro = assess_with(&cfg(d.path(), false), &mountinfo(d.path(), "nfs4", "ro,vers=4.2"), probe_path);
+        assert!(ro.problems.iter().any(|p| p.contains("read-only")), "{:?}", ro.problems);
+
+        let missing = d.path().join("not-mounted");
+        let st = assess_with(&cfg(&missing, false), "", probe_path);
+        assert!(st.problems[0].contains("does not exist"), "{:?}", st.problems);
+
+        let mut full = cfg(d.path(), false);
+        full.min_free = Bytes(u64::MAX);
+        let st = assess_with(&full, "", probe_path);
+        assert!(st.problems.iter().any(|p| p.contains("less than min_free")), "{:?}", st.problems);
+
+        let started = std::time::Instant::now();
+        let st = assess_with(&cfg(d.path(), false), "", |_| {
+            std::thread::sleep(Duration::from_secs(30));
+            ProbeResult { exists: true, writable: Ok(()), free_bytes: None }
+        });
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(st.problems.iter().any(|p| p.contains("cache probe timed out after 0.3s")), "{:?}", st.problems);
+    }
+}
