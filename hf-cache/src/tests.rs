@@ -87,3 +87,21 @@ fn shared_store_blobs_are_followed() {
     std::fs::remove_file(store.join(&xet)).unwrap();
     assert_eq!(kinds(d.path(), &repo, Mode::Quick), ["dangling"]);
 }
+
+#[test]
+fn listing_problems_are_named() {
+    let d = tempfile::tempdir().unwrap();
+    let repo = seed(d.path());
+    let paths = RepoPaths::new(d.path(), &repo);
+    // A file in the snapshot that the commit's listing does not know.
+    let tree = std::fs::read_to_string(paths.tree(COMMIT)).unwrap();
+    let mut t: crate::layout::TreeFile = serde_json::from_str(&tree).unwrap();
+    t.files.remove("config.json");
+    std::fs::write(paths.tree(COMMIT), t.to_json()).unwrap();
+    assert_eq!(kinds(d.path(), &repo, Mode::Quick), ["unexpected file"]);
+    // No listing at all: nothing provably wrong, but not verifiable either.
+    std::fs::remove_file(paths.tree(COMMIT)).unwrap();
+    let r = check(d.path(), &repo, "main", Mode::Quick);
+    assert!(r.findings.is_empty());
+    assert!(!r.verifiable);
+}
