@@ -134,12 +134,13 @@ pub fn check(hub: &Path, repo: &RepoId, rev: &str, mode: Mode) -> Report {
         verifiable: false,
         findings: Vec::new(),
     };
-    if !paths.root.is_dir() {
-        report.findings.push(Finding::RepoMissing);
-        return report;
-    }
     let commit = match resolve(&paths, rev) {
         Ok(c) => c,
+        // Only on failure is it worth a syscall to tell which.
+        Err(_) if !paths.root.is_dir() => {
+            report.findings.push(Finding::RepoMissing);
+            return report;
+        }
         Err(f) => {
             report.findings.push(f);
             return report;
@@ -147,10 +148,13 @@ pub fn check(hub: &Path, repo: &RepoId, rev: &str, mode: Mode) -> Report {
     };
     report.commit = Some(commit.clone());
     let snapshot = paths.snapshot(&commit);
-    if !snapshot.is_dir() {
-        report.findings.push(Finding::SnapshotMissing { commit });
-        return report;
-    }
+    let dir = match std::fs::File::open(&snapshot) {
+        Ok(d) => Some(d),
+        Err(_) => {
+            report.findings.push(Finding::SnapshotMissing { commit });
+            return report;
+        }
+    };
     let listing = read_tree(&paths, &commit);
     report.verifiable = listing.is_some();
     let partials = partial_downloads(&paths);
@@ -158,7 +162,7 @@ pub fn check(hub: &Path, repo: &RepoId, rev: &str, mode: Mode) -> Report {
         Some(tree) => {
             for (path, entry) in &tree.files {
                 report.files.insert(path.clone(), entry.content_size());
-                check_file(&snapshot, path, Some(entry), &partials, mode, &mut report.findings);
+                check_file(&snapshot, dir.as_ref(), path, Some(entry), &partials, mode, &mut report.findings);
             }
             for path in walk(&snapshot) {
                 if !tree.files.contains_key(&path) {
@@ -170,7 +174,7 @@ pub fn check(hub: &Path, repo: &RepoId, rev: &str, mode: Mode) -> Report {
             for path in walk(&snapshot) {
                 let size = std::fs::metadata(snapshot.join(&path)).map(|m| m.len()).unwrap_or(0);
                 report.files.insert(path.clone(), size);
-                check_file(&snapshot, &path, None, &partials, mode, &mut report.findings);
+                check_file(&snapshot, dir.as_ref(), &path, None, &partials, mode, &mut report.findings);
             }
         }
     }
@@ -192,8 +196,26 @@ fn partial_downloads(paths: &RepoPaths) -> Vec<String> {
         .collect()
 }
 
+/// The size of `path` below the open snapshot directory, following links;
+/// `Err(true)` when the link itself exists (dangling), `Err(false)` when missing.
+/// Stat relative to the directory's fd spares the kernel re-walking the prefix.
+fn size_at(dir: Option<&std::fs::File>, full: &Path, path: &str) -> Result<u64, bool> {
+    use nix::fcntl::AtFlags;
+    if let Some(d) = dir {
+        return match nix::sys::stat::fstatat(d, path, AtFlags::empty()) {
+            Ok(st) => Ok(st.st_size as u64),
+            Err(_) => Err(nix::sys::stat::fstatat(d, path, AtFlags::AT_SYMLINK_NOFOLLOW).is_ok()),
+        };
+    }
+    match std::fs::metadata(full) {
+        Ok(m) => Ok(m.len()),
+        Err(_) => Err(std::fs::symlink_metadata(full).is_ok()),
+    }
+}
+
 fn check_file(
     snapshot: &Path,
+    dir: Option<&std::fs::File>,
     path: &str,
     entry: Option<&TreeEntry>,
     partials: &[String],
@@ -209,25 +231,21 @@ fn check_file(
             findings.push(Finding::Partial { path: path.to_string(), file: p.clone() });
         }
     }
-    if std::fs::symlink_metadata(&link).is_err() {
-        findings.push(Finding::Missing { path: path.to_string() });
-        return;
-    }
-    // metadata() follows every link: snapshot → repo blob → shared store.
-    let meta = match std::fs::metadata(&link) {
-        Ok(m) => m,
-        Err(_) => {
+    // Following every link: snapshot → repo blob → shared store.
+    let size = match size_at(dir, &link, path) {
+        Ok(n) => n,
+        Err(false) => {
+            findings.push(Finding::Missing { path: path.to_string() });
+            return;
+        }
+        Err(true) => {
             findings.push(Finding::Dangling { path: path.to_string() });
             return;
         }
     };
     if let Some(e) = entry {
-        if meta.len() != e.content_size() {
-            findings.push(Finding::WrongSize {
-                path: path.to_string(),
-                expected: e.content_size(),
-                actual: meta.len(),
-            });
+        if size != e.content_size() {
+            findings.push(Finding::WrongSize { path: path.to_string(), expected: e.content_size(), actual: size });
             return;
         }
     }

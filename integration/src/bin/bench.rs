@@ -165,6 +165,99 @@ async fn lifecycle(runs: usize, tasks: usize) -> Result<()> {
     Ok(())
 }
 
+/// Quick validation against huggingface_hub's scan_cache_dir, deep
+/// verification against `openssl dgst -sha256`, side by side in one run.
+fn cache(python: &str) -> Result<()> {
+    use hf_cache::publish::{publish_snapshot, NewFile};
+    use hf_cache::{check, Mode, RepoId};
+    use std::time::Instant;
+
+    let dir = tempfile::tempdir()?;
+    let hub = dir.path().join("hub");
+    let mut repos = Vec::new();
+    for r in 0..20u32 {
+        let repo = RepoId::model(&format!("bench/model-{r}"));
+        let files: Vec<NewFile> = (0..10u32)
+            .map(|f| NewFile {
+                path: if f == 0 { "model.safetensors".into() } else { format!("part/file-{f}.json") },
+                bytes: (0..if f == 0 { 65536 } else { 1024 }).map(|i: u32| (i ^ r ^ f) as u8).collect(),
+                lfs: f == 0,
+            })
+            .collect();
+        publish_snapshot(&hub, &repo, &format!("{:040x}", r + 1), "main", &files)?;
+        repos.push(repo);
+    }
+    let runs = 21;
+    let mut ours = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        for repo in &repos {
+            assert!(check(&hub, repo, "main", Mode::Quick).is_complete());
+        }
+        ours.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let code = "import sys, time, statistics\nfrom huggingface_hub import scan_cache_dir\nts=[]\nfor _ in range(21):\n    t=time.perf_counter(); info=scan_cache_dir(sys.argv[1]); ts.append((time.perf_counter()-t)*1000)\nassert len(info.repos)==20 and not info.warnings\nprint(statistics.median(ts))";
+    let t = Instant::now();
+    let out = std::process::Command::new(python).args(["-c", code]).arg(&hub).output()?;
+    let with_start = t.elapsed().as_secs_f64() * 1000.0;
+    if !out.status.success() {
+        bail!("python: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let theirs: f64 = String::from_utf8_lossy(&out.stdout).trim().parse()?;
+    let mo = median(ours);
+    println!("| quick check of 20 snapshots / 200 files, ours (median of {runs}) | {mo:.2} ms |");
+    println!("| huggingface_hub `scan_cache_dir` on the same cache, in-process (median of {runs}) | {theirs:.2} ms |");
+    println!("| ratio scan_cache_dir / ours (target ≥ 10×) | {:.1}× |", theirs / mo);
+    println!("| (one python process running the 21 scans, including interpreter start-up) | {with_start:.0} ms |");
+
+    // Deep: 4 blobs of 256 MiB.
+    let blobs: Vec<std::path::PathBuf> = (0..4u64).map(|i| dir.path().join(format!("blob{i}"))).collect();
+    for (i, b) in blobs.iter().enumerate() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ i as u64;
+        let data: Vec<u8> = (0..(256usize << 20) / 8)
+            .flat_map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()
+            })
+            .collect();
+        std::fs::write(b, data)?;
+    }
+    let gib = 1.0f64;
+    let openssl = || -> Result<f64> {
+        let t = Instant::now();
+        let out = std::process::Command::new("openssl").args(["dgst", "-sha256"]).args(&blobs).output()?;
+        if !out.status.success() {
+            bail!("openssl failed");
+        }
+        Ok(t.elapsed().as_secs_f64())
+    };
+    openssl()?; // warm the page cache
+    let (mut one, mut two, mut ossl) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..3 {
+        ossl.push(openssl()?);
+        let t = Instant::now();
+        for b in &blobs {
+            hf_cache::check::sha256_file(b)?;
+        }
+        one.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            for pair in blobs.chunks(2) {
+                s.spawn(move || pair.iter().for_each(|b| drop(hf_cache::check::sha256_file(b))));
+            }
+        });
+        two.push(t.elapsed().as_secs_f64());
+    }
+    let (o, a, b) = (median(ossl), median(one), median(two));
+    println!("| deep sha256, ours, one core (4 × 256 MiB, median of 3) | {:.0} MB/s |", gib * 1073.741824 / a);
+    println!("| `openssl dgst -sha256` on the same blobs (one process) | {:.0} MB/s |", gib * 1073.741824 / o);
+    println!("| ratio ours / openssl, one core (target ≥ 0.9) | {:.2} |", o / a);
+    println!("| deep sha256, ours, two threads | {:.0} MB/s |", gib * 1073.741824 / b);
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -174,6 +267,7 @@ fn main() -> Result<()> {
             args.get(1).and_then(|n| n.parse().ok()).unwrap_or(15),
             args.get(2).and_then(|n| n.parse().ok()).unwrap_or(20),
         )),
-        _ => bail!("usage: bench startup [RUNS] | bench lifecycle [RUNS] [TASKS]"),
+        Some("cache") => cache(args.get(1).map_or("target/pyenv/bin/python", String::as_str)),
+        _ => bail!("usage: bench startup [RUNS] | bench lifecycle [RUNS] [TASKS] | bench cache [PYTHON]"),
     }
 }
