@@ -138,10 +138,32 @@ pub fn stats_to_proto(id: &str, u: &TaskUsage) -> pb::TaskStats {
         measured_fields: [M::Rss, M::Cache, M::MaxUsage, M::Usage, M::Swap].iter().map(|f| *f as i32).collect(),
         ..Default::default()
     };
+    // Nomad's stats have no GPU fields: each GPU the task uses is reported as a
+    // pseudo-process `gpu:<uuid>` (memory usage = GPU memory of the task's
+    // processes, cpu percent = GPU utilisation).
+    let resource_usage_by_pid = u
+        .gpus
+        .iter()
+        .map(|(uuid, (bytes, util))| {
+            let usage = pb::TaskResourceUsage {
+                cpu: Some(pb::CpuUsage {
+                    percent: f64::from(*util),
+                    measured_fields: vec![C::Percent as i32],
+                    ..Default::default()
+                }),
+                memory: Some(pb::MemoryUsage {
+                    usage: *bytes,
+                    measured_fields: vec![M::Usage as i32],
+                    ..Default::default()
+                }),
+            };
+            (format!("gpu:{uuid}"), usage)
+        })
+        .collect();
     pb::TaskStats {
         id: id.into(),
         timestamp: Some(prost_types::Timestamp::from(u.at.unwrap_or_else(SystemTime::now))),
         agg_resource_usage: Some(pb::TaskResourceUsage { cpu: Some(cpu), memory: Some(memory) }),
-        resource_usage_by_pid: Default::default(),
+        resource_usage_by_pid,
     }
 }

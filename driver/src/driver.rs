@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{decode_plugin_config, PluginConfig};
 use crate::error::DriverError;
+use crate::gpu::{GpuMonitor, GpuProbe, NvmlProbe};
 use crate::lifecycle::TaskStore;
 use crate::runtime::{ContainerRuntime, DockerRuntime};
 
@@ -80,6 +81,7 @@ pub struct Driver {
     tasks: TaskStore,
     born: std::time::Instant,
     orphans: Arc<std::sync::Mutex<Vec<String>>>,
+    gpu: Arc<tokio::sync::Mutex<Option<Arc<GpuMonitor>>>>,
 }
 
 impl Driver {
@@ -104,6 +106,7 @@ impl Driver {
             tasks: TaskStore::default(),
             born: std::time::Instant::now(),
             orphans: Arc::default(),
+            gpu: Arc::default(),
         }
     }
 
@@ -151,8 +154,64 @@ impl Driver {
             nomad_config = from_long_lived_client,
             "plugin configured"
         );
+        let gpu_changed = cfg.gpu != self.config().gpu;
         self.config.send_replace(Arc::new(cfg));
+        if gpu_changed {
+            if let Ok(mut g) = self.gpu.try_lock() {
+                *g = None;
+            }
+        }
         Ok(())
+    }
+
+    /// The GPU monitor, loading NVML on first use (under a timeout: a hung
+    /// library must not stall the fingerprint). `None` when GPUs are disabled.
+    pub async fn gpus(&self) -> Option<Arc<GpuMonitor>> {
+        let cfg = self.config().gpu.clone();
+        if !cfg.enabled {
+            return None;
+        }
+        let mut slot = self.gpu.lock().await;
+        if let Some(m) = slot.as_ref() {
+            return Some(m.clone());
+        }
+        let lib = cfg.nvml_library.clone();
+        let load = tokio::task::spawn_blocking(move || NvmlProbe::load(&lib).map(|p| Arc::new(p) as Arc<dyn GpuProbe>));
+        let probe = match tokio::time::timeout(crate::gpu::PROBE_TIMEOUT, load).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("NVML initialisation did not finish within {:?}", crate::gpu::PROBE_TIMEOUT)),
+        };
+        if let Err(e) = &probe {
+            tracing::info!(error = %e, "no GPUs");
+        }
+        let monitor = GpuMonitor::new(probe);
+        let me = self.clone();
+        monitor.clone().run_events(self.shutdown.clone(), move |ev| me.gpu_fault(&ev));
+        *slot = Some(monitor.clone());
+        Some(monitor)
+    }
+
+    /// A fatal GPU event: logged, and an event on every task using that GPU.
+    fn gpu_fault(&self, ev: &crate::gpu::GpuEvent) {
+        tracing::error!(gpu = %ev.uuid, what = %ev.what, "GPU fault");
+        for id in self.tasks.ids() {
+            let Some(task) = self.tasks.task(&id) else { continue };
+            let uses = task
+                .device_env
+                .get("NVIDIA_VISIBLE_DEVICES")
+                .is_some_and(|v| v.split(',').any(|u| u.trim() == ev.uuid));
+            if uses {
+                self.emit(TaskEvent {
+                    task_id: task.id.clone(),
+                    alloc_id: task.alloc_id.clone(),
+                    task_name: task.name.clone(),
+                    at: SystemTime::now(),
+                    message: format!("GPU {} failed: {}", ev.uuid, ev.what),
+                    annotations: BTreeMap::from([("gpu".to_string(), ev.uuid.clone())]),
+                });
+            }
+        }
     }
 
     /// One fingerprint. `first` bounds the engine probe tightly so the first
@@ -166,7 +225,15 @@ impl Driver {
         let cache_cfg = self.config().hf_cache.clone();
         let cache = tokio::task::spawn_blocking(move || crate::cache::assess(&cache_cfg)).await.unwrap_or_default();
         attributes.extend(cache.attributes.clone());
-        let (health, description) = match runtime.info(timeout).await {
+        let mut gpu_notes = Vec::new();
+        let mut gpu_required_missing = false;
+        if let Some(monitor) = self.gpus().await {
+            let st = monitor.status().await;
+            attributes.extend(st.attributes);
+            gpu_required_missing = st.none_usable && self.config().gpu.required;
+            gpu_notes = st.notes;
+        }
+        let (mut health, mut description) = match runtime.info(timeout).await {
             Ok(info) => {
                 attributes.insert(format!("driver.{PLUGIN_NAME}.docker.version"), AttrValue::Str(info.version));
                 attributes.insert(format!("driver.{PLUGIN_NAME}.docker.api_version"), AttrValue::Str(info.api_version));
@@ -185,6 +252,17 @@ impl Driver {
                 (Health::Unhealthy, d.join("; "))
             }
         };
+        if gpu_required_missing {
+            health = Health::Unhealthy;
+            description = if description == "healthy" {
+                "no usable GPU and gpu.required is true".into()
+            } else {
+                format!("{description}; no usable GPU and gpu.required is true")
+            };
+        }
+        if !gpu_notes.is_empty() {
+            description = format!("{description}; {}", gpu_notes.join("; "));
+        }
         Fingerprint { attributes, health, description }
     }
 

@@ -38,6 +38,8 @@ pub struct NodeFacts {
     pub cache_on_nfs: bool,
     /// The commit `revision` resolved to, when the cache knows it.
     pub resolved_revision: Option<String>,
+    /// Bytes of the model's files in the cache, when known.
+    pub model_bytes: Option<u64>,
 }
 
 fn err(field: &str, message: String) -> ConfigError {

@@ -30,6 +30,8 @@ use crate::task::DRIVER_STATE_VERSION;
 /// Delay between answering GRPCController.Shutdown and stopping, so the reply
 /// is flushed before the connection goes away.
 const SHUTDOWN_REPLY_GRACE: Duration = Duration::from_millis(50);
+/// How often the fingerprint is recomputed to notice changes between periods.
+const RECHECK: Duration = Duration::from_secs(5);
 
 /// Serves BasePlugin, Driver and go-plugin's services over one driver core.
 #[derive(Clone)]
@@ -308,25 +310,33 @@ impl driver_server::Driver for Service {
 }
 
 /// Sends the first fingerprint at once, then one every `fingerprint_period`
-/// (re-read on every round, so SetConfig takes effect), until shutdown.
+/// (re-read on every round, so SetConfig takes effect), and in between as soon
+/// as anything changed (checked every [`RECHECK`]), until shutdown.
 async fn run_fingerprint(driver: Driver, tx: tokio::sync::mpsc::Sender<Result<pb::FingerprintResponse, Status>>) {
     let stop = driver.shutdown_token();
     let mut config = driver.watch_config();
     let mut first = true;
+    let mut last: Option<Fingerprint> = None;
+    let mut last_sent = tokio::time::Instant::now();
     loop {
         let fp = tokio::select! {
             _ = stop.cancelled() => return,
             fp = driver.fingerprint(first) => fp,
         };
         first = false;
-        if tx.send(Ok(fingerprint_to_proto(fp))).await.is_err() {
-            return;
-        }
         let period = config.borrow_and_update().fingerprint_period.0;
+        if last.as_ref() != Some(&fp) || last_sent.elapsed() >= period {
+            if tx.send(Ok(fingerprint_to_proto(fp.clone()))).await.is_err() {
+                return;
+            }
+            last = Some(fp);
+            last_sent = tokio::time::Instant::now();
+        }
+        let wait = period.min(RECHECK).saturating_sub(Duration::from_millis(0));
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tx.closed() => return,
-            _ = tokio::time::sleep(period) => {}
+            _ = tokio::time::sleep(wait) => {}
             // A new configuration may change the period or the engine: re-probe.
             _ = config.changed() => {}
         }

@@ -13,6 +13,7 @@ pub mod driver;
 pub mod engine;
 pub mod error;
 pub mod exec_stream;
+pub mod gpu;
 pub mod grpc;
 pub mod lifecycle;
 pub mod logging;

@@ -16,7 +16,7 @@ use crate::engine::{self, NodeFacts, Plan};
 use crate::error::DriverError;
 use crate::logrelay::{self, RelayArgs};
 use crate::readiness;
-use crate::runtime::{ContainerRuntime, ExecOutput, PullProgress, RuntimeError, Stats};
+use crate::runtime::{ContainerRuntime, ExecOutput, GpuRequest, PullProgress, RuntimeError, Stats};
 use crate::task::{DriverState, NomadTask};
 
 /// How often a running container's cgroup OOM counter is read.
@@ -91,6 +91,11 @@ impl TaskStore {
         tasks.values().map(|e| e.task.node_name.clone()).find(|n| !n.is_empty())
     }
 
+    /// The Nomad task of a tracked id.
+    pub fn task(&self, id: &str) -> Option<NomadTask> {
+        self.get(id).map(|e| e.task.clone())
+    }
+
     /// Ids of tracked tasks.
     pub fn ids(&self) -> Vec<String> {
         self.tasks.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
@@ -104,7 +109,7 @@ pub struct Started {
 }
 
 /// A StatsSample with the rates Nomad wants.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct TaskUsage {
     pub at: Option<SystemTime>,
     pub cpu_percent: f64,
@@ -112,6 +117,8 @@ pub struct TaskUsage {
     pub cpu_system_ms: f64,
     pub total_ticks: f64,
     pub raw: Stats,
+    /// GPU uuid → (memory used by the task's processes, GPU utilisation percent).
+    pub gpus: BTreeMap<String, (u64, u32)>,
 }
 
 impl Driver {
@@ -139,6 +146,7 @@ impl Driver {
         let plugin = self.config();
         let facts = self.cache_gate(&task, &cfg).await?;
         let plan = engine::plan(&cfg, &task, &plugin, &facts).map_err(DriverError::TaskConfig)?;
+        self.check_gpus(&task, &plan, &facts).await?;
         let rt = self.runtime();
         self.ensure_image(&task, &cfg, &plan, rt.as_ref()).await?;
         if !plan.load_flags.is_empty() {
@@ -203,7 +211,7 @@ impl Driver {
             let c = cache_cfg.clone();
             tokio::task::spawn_blocking(move || crate::cache::assess(&c).on_nfs).await.unwrap_or(false)
         };
-        let mut facts = NodeFacts { cache_on_nfs: on_nfs, resolved_revision: None };
+        let mut facts = NodeFacts { cache_on_nfs: on_nfs, resolved_revision: None, model_bytes: None };
         let (Some(model), true) = (&cfg.model, crate::cache::uses_hf_cache(cfg)) else { return Ok(facts) };
         let (c, m, r, t) = (cache_cfg.clone(), model.clone(), cfg.revision.clone(), cache_cfg.probe_timeout.0);
         let checked = tokio::task::spawn_blocking(move || crate::cache::check_model(&c, &m, &r, t))
@@ -213,6 +221,7 @@ impl Driver {
         if checked.complete {
             let commit = checked.commit.clone().unwrap_or_default();
             facts.resolved_revision = Some(commit.clone());
+            facts.model_bytes = Some(checked.bytes);
             self.event(
                 task,
                 format!(
@@ -242,6 +251,44 @@ impl Driver {
             });
         }
         Err(DriverError::ModelIncomplete { message })
+    }
+
+    /// GPUs Nomad assigned must exist here; a model that cannot fit their
+    /// memory gets a warning event (it may still run, e.g. quantised or offloaded).
+    async fn check_gpus(&self, task: &NomadTask, plan: &Plan, facts: &NodeFacts) -> Result<(), DriverError> {
+        let ids = match &plan.spec.gpus {
+            Some(GpuRequest::Uuids(ids)) => ids.clone(),
+            Some(GpuRequest::Cdi(names)) => {
+                names.iter().map(|n| n.trim_start_matches("nvidia.com/gpu=").to_string()).collect()
+            }
+            _ => return Ok(()),
+        };
+        let Some(monitor) = self.gpus().await else { return Ok(()) };
+        let known = monitor.known_uuids();
+        if known.is_empty() {
+            return Ok(());
+        }
+        let unknown: Vec<&String> = ids.iter().filter(|u| !known.contains(*u)).collect();
+        if !unknown.is_empty() {
+            return Err(DriverError::BadRequest {
+                message: format!("GPUs {unknown:?} assigned to the task are not on this node (NVML reports {known:?})"),
+            });
+        }
+        if let Some(bytes) = facts.model_bytes {
+            let memory: u64 = monitor.memory_of(&ids) << 20;
+            if memory > 0 && bytes > memory {
+                self.event(
+                    task,
+                    format!(
+                        "warning: the model's weights ({:.1} GB) exceed the memory of the assigned GPUs ({:.1} GB)",
+                        bytes as f64 / 1e9,
+                        memory as f64 / 1e9
+                    ),
+                    &[],
+                );
+            }
+        }
+        Ok(())
     }
 
     async fn ensure_image(
@@ -496,6 +543,18 @@ impl Driver {
             }
         }
         u.total_ticks = u.cpu_percent / 100.0 * cpu_mhz();
+        if let Some(monitor) = self.gpus().await {
+            let assigned: Vec<String> = entry
+                .task
+                .device_env
+                .get("NVIDIA_VISIBLE_DEVICES")
+                .map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+                .unwrap_or_default();
+            if !assigned.is_empty() {
+                let pids = container_pids(&entry.state.container_id);
+                u.gpus = monitor.usage_of(&assigned, &pids).await;
+            }
+        }
         Ok(u)
     }
 }
@@ -529,6 +588,22 @@ fn cpu_mhz() -> f64 {
             })
             .unwrap_or(1000.0)
     })
+}
+
+/// Host pids of a container's processes, from its cgroup (v2 and v1 layouts).
+fn container_pids(container: &str) -> std::collections::BTreeSet<u32> {
+    let root = Path::new("/sys/fs/cgroup");
+    [
+        format!("system.slice/docker-{container}.scope"),
+        format!("docker/{container}"),
+        format!("pids/docker/{container}"),
+        format!("memory/docker/{container}"),
+        format!("cpu/docker/{container}"),
+    ]
+    .iter()
+    .find_map(|d| std::fs::read_to_string(root.join(d).join("cgroup.procs")).ok())
+    .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
+    .unwrap_or_default()
 }
 
 /// The cgroup files that count OOM kills for a container (v2 and v1 layouts).

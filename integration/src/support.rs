@@ -173,3 +173,24 @@ pub fn run_python(python: &std::path::Path, code: &str, args: &[&str]) -> Result
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// The fake `libnvidia-ml.so` (built once per process; `cargo build -p fake-nvml`).
+pub fn fake_nvml() -> Result<PathBuf> {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    let dir = profile_dir()?;
+    let built = BUILT.get_or_init(|| {
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "--quiet", "-p", "fake-nvml"]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        match cmd.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/..")).status() {
+            Ok(s) if s.success() => Ok(()),
+            other => Err(format!("building fake-nvml failed: {other:?}")),
+        }
+    });
+    if let Err(e) = built {
+        bail!("{e}");
+    }
+    Ok(dir.join("libnvidia_ml.so"))
+}

@@ -179,7 +179,7 @@ fn every_engine_builds_its_command() {
 
 #[test]
 fn load_strategy_auto_is_eager_on_nfs() {
-    let facts = NodeFacts { cache_on_nfs: true, resolved_revision: Some("abc123".into()) };
+    let facts = NodeFacts { cache_on_nfs: true, resolved_revision: Some("abc123".into()), model_bytes: None };
     let p = plan(&cfg(&vllm()), &task(), &PluginConfig::default(), &facts).unwrap();
     let cmd = p.spec.cmd.unwrap();
     assert!(cmd.windows(2).any(|w| w == ["--safetensors-load-strategy", "eager"]));
