@@ -94,12 +94,21 @@ struct Event {
 
 static EVENTS_DELIVERED: AtomicUsize = AtomicUsize::new(0);
 
+/// The config, re-parsed only when the file's modification time or size changed.
 fn config() -> Config {
-    std::env::var("FAKE_NVML_CONFIG")
-        .ok()
-        .and_then(|p| std::fs::read_to_string(p).ok())
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_default()
+    static CACHE: std::sync::Mutex<Option<(std::time::SystemTime, u64, Config)>> = std::sync::Mutex::new(None);
+    let Ok(path) = std::env::var("FAKE_NVML_CONFIG") else { return Config::default() };
+    let Ok(meta) = std::fs::metadata(&path) else { return Config::default() };
+    let stamp = (meta.modified().unwrap_or(std::time::UNIX_EPOCH), meta.len());
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((m, l, c)) = cache.as_ref() {
+        if (*m, *l) == stamp {
+            return c.clone();
+        }
+    }
+    let c: Config = std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+    *cache = Some((stamp.0, stamp.1, c.clone()));
+    c
 }
 
 /// Common entry: missing and hanging functions, then the config.

@@ -258,6 +258,92 @@ fn cache(python: &str) -> Result<()> {
     Ok(())
 }
 
+fn eight_gpus() -> serde_json::Value {
+    let gpus: Vec<serde_json::Value> = (0..8)
+        .map(|i| serde_json::json!({"name": "NVIDIA H100 80GB HBM3", "uuid": format!("GPU-{i:08x}-0000-0000-0000-000000000000"),
+            "memory_mib": 81559, "cc": [9, 0], "pci_bus_id": format!("00000000:{:02x}:00.0", i + 7)}))
+        .collect();
+    serde_json::json!({"driver_version": "550.54.15", "cuda_version": 12040, "gpus": gpus})
+}
+
+/// Fingerprint cost with 8 (fake) GPUs, in a child process that has FAKE_NVML_CONFIG set,
+/// and how the Fingerprint stream flows while NVML hangs.
+async fn gpu() -> Result<()> {
+    use aimodel_integration::support::fake_nvml;
+    use std::time::Instant;
+    let lib = fake_nvml()?;
+    let dir = tempfile::tempdir()?;
+    let cfg = dir.path().join("nvml.json");
+    std::fs::write(&cfg, eight_gpus().to_string())?;
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args(["gpu-inner", lib.to_str().unwrap_or_default()])
+        .env("FAKE_NVML_CONFIG", &cfg)
+        .output()?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    if !out.status.success() {
+        bail!("gpu-inner: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    // The stream while NVML hangs (20 s in nvmlDeviceGetCount_v2 from the second probe on).
+    let hcl = format!(
+        "plugin \"nomad-driver-aimodel\" {{\n  config {{\n    fingerprint_period = \"500ms\"\n    hf_cache {{ host_path = \"{}\" }}\n    gpu {{ nvml_library = \"{}\" }}\n  }}\n}}\n",
+        dir.path().display(),
+        lib.display()
+    );
+    let env =
+        [("TMPDIR", dir.path().to_str().unwrap_or("/tmp")), ("FAKE_NVML_CONFIG", cfg.to_str().unwrap_or_default())];
+    let live = sequence::start(&binary(DRIVER_BIN)?, &hcl, &env).await?.live;
+    live.wait_fingerprints(1, Duration::from_secs(5)).await?;
+    let mut hang = eight_gpus();
+    hang["hang"] = serde_json::json!(["nvmlDeviceGetCount_v2"]);
+    hang["hang_ms"] = serde_json::json!(20_000);
+    std::fs::write(&cfg, hang.to_string())?;
+    let start = Instant::now();
+    let before = live.fingerprints.lock().map(|l| l.items.len()).unwrap_or(0);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let items: Vec<Instant> =
+        live.fingerprints.lock().map(|l| l.items[before..].iter().map(|r| r.at).collect()).unwrap_or_default();
+    let mut gaps: Vec<f64> = items.windows(2).map(|w| (w[1] - w[0]).as_secs_f64() * 1000.0).collect();
+    if let Some(first) = items.first() {
+        gaps.push((*first - start).as_secs_f64() * 1000.0);
+    }
+    let max_gap = gaps.iter().cloned().fold(0.0, f64::max);
+    println!(
+        "| fingerprints during a 20 s NVML hang (period 500 ms), first 10 s | {} messages, longest gap {max_gap:.0} ms |",
+        items.len()
+    );
+    live.kill().await?;
+    Ok(())
+}
+
+fn gpu_inner(lib: &str) -> Result<()> {
+    use aimodel_driver::gpu::{GpuMonitor, GpuProbe, NvmlProbe};
+    use std::sync::Arc;
+    use std::time::Instant;
+    let probe: Arc<dyn GpuProbe> = Arc::new(NvmlProbe::load(lib).map_err(anyhow::Error::msg)?);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let monitor = GpuMonitor::new(Ok(probe.clone()));
+    let runs = 200;
+    let mut per = Vec::new();
+    rt.block_on(async {
+        for _ in 0..runs {
+            let t = Instant::now();
+            let st = monitor.status().await;
+            per.push(t.elapsed().as_secs_f64() * 1e6);
+            assert_eq!(st.attributes.len(), 3 + 8 * 7);
+        }
+    });
+    let mut raw = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        probe.snapshot().map_err(anyhow::Error::msg)?;
+        raw.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    println!("| GPU part of one fingerprint, 8 GPUs, through nvml-wrapper and the fake library (median of {runs}) | {:.0} µs |", median(per));
+    println!("| of which the NVML snapshot alone (about 70 NVML calls, median of {runs}) | {:.0} µs |", median(raw));
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -267,7 +353,9 @@ fn main() -> Result<()> {
             args.get(1).and_then(|n| n.parse().ok()).unwrap_or(15),
             args.get(2).and_then(|n| n.parse().ok()).unwrap_or(20),
         )),
+        Some("gpu") => rt.block_on(gpu()),
+        Some("gpu-inner") => gpu_inner(args.get(1).map_or("", String::as_str)),
         Some("cache") => cache(args.get(1).map_or("target/pyenv/bin/python", String::as_str)),
-        _ => bail!("usage: bench startup [RUNS] | bench lifecycle [RUNS] [TASKS] | bench cache [PYTHON]"),
+        _ => bail!("usage: bench startup [RUNS] | bench lifecycle [RUNS] [TASKS] | bench cache [PYTHON] | bench gpu"),
     }
 }
