@@ -1,13 +1,24 @@
 # The demo job: one vLLM-style model server on the aimodel driver. `scripts/demo`
 # runs it through the Nomad-client simulator with the engine image swapped for
 # the local stand-in (this machine has no registry and no GPU).
+variable "region" {
+  type    = string
+  default = "global"
+}
+
+variable "datacenters" {
+  type    = list(string)
+  default = ["dc1"]
+}
+
 variable "model" {
   type    = string
   default = "aimodel-demo/tiny-chat"
 }
 
 job "demo-llm" {
-  datacenters = ["dc1"]
+  region      = var.region
+  datacenters = var.datacenters
   type        = "service"
 
   group "llm" {

@@ -93,6 +93,12 @@ impl Dedup {
         true
     }
 
+    /// A new stream replays from the start of the position's second: count the
+    /// records at the position's timestamp afresh.
+    pub fn restart(&mut self) {
+        self.seen_at_pos = 0;
+    }
+
     /// The position after the last admitted record.
     pub fn position(&self) -> Position {
         self.pos
@@ -185,6 +191,7 @@ pub async fn run(args: RelayArgs) -> std::io::Result<()> {
     let mut backoff = Duration::from_millis(200);
     loop {
         let since = dedup.position().secs;
+        dedup.restart();
         match runtime.logs(&args.container, since, true).await {
             Ok(mut stream) => {
                 while let Some(item) = stream.next().await {
@@ -231,6 +238,7 @@ async fn drain_rest(
     out: &mut [File; 2],
     state: &File,
 ) -> std::io::Result<()> {
+    dedup.restart();
     let Ok(mut stream) = runtime.logs(&args.container, dedup.position().secs, false).await else { return Ok(()) };
     while let Some(Ok(rec)) = stream.next().await {
         if dedup.admit(rec.ts) {
@@ -281,6 +289,12 @@ mod tests {
         assert!(!r.admit((11, 0)));
         assert!(r.admit((11, 0)), "a second record with the same timestamp is new");
         assert!(r.admit((12, 0)));
+        // The same dedup replaying a second stream (reconnect, final drain).
+        r.restart();
+        assert!(!r.admit((11, 0)));
+        assert!(!r.admit((11, 0)));
+        assert!(!r.admit((12, 0)), "a replayed stream must not repeat the last record");
+        assert!(r.admit((13, 0)));
     }
 
     #[test]

@@ -112,6 +112,26 @@ fn natural(v: &hcl::Value) -> Result<Value> {
     })
 }
 
+/// Evaluates an expression like Nomad's jobspec parser: a string template that
+/// refers to something unknown here (`${NOMAD_PORT_http}`, `${attr.x}`, an env
+/// var from a template block) is kept verbatim for runtime interpolation.
+pub fn evaluate_lenient(expr: &Expression, ctx: &EvalContext) -> Result<hcl::Value> {
+    use hcl::expr::TemplateExpr;
+    match expr {
+        Expression::Array(items) => {
+            Ok(hcl::Value::Array(items.iter().map(|i| evaluate_lenient(i, ctx)).collect::<Result<_>>()?))
+        }
+        Expression::TemplateExpr(t) => match expr.evaluate(ctx) {
+            Ok(v) => Ok(v),
+            Err(_) => Ok(hcl::Value::String(match t.as_ref() {
+                TemplateExpr::QuotedString(s) => s.clone(),
+                TemplateExpr::Heredoc(h) => h.template.clone(),
+            })),
+        },
+        _ => expr.evaluate(ctx).map_err(|e| anyhow!("{e}")),
+    }
+}
+
 /// Evaluates `body` against `spec` (the top level must be an Object spec).
 pub fn eval_body(spec: &Spec, body: &Body, ctx: &EvalContext) -> Result<Value> {
     match &spec.block {
@@ -165,7 +185,7 @@ fn eval(spec: &Spec, key: &str, body: &Body, ctx: &EvalContext, at: &str) -> Res
                 }
                 None => Ok(Value::Null),
                 Some(attr) => {
-                    let v = attr.expr.evaluate(ctx).map_err(|e| anyhow!("{}: {e}", path(name)))?;
+                    let v = evaluate_lenient(&attr.expr, ctx).map_err(|e| anyhow!("{}: {e}", path(name)))?;
                     convert(&v, &ty, &path(name))
                 }
             }

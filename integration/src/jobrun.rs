@@ -80,14 +80,15 @@ pub fn aimodel_tasks(body: &Body, ctx: &EvalContext) -> Result<Vec<JobTask>> {
                 let mut env = BTreeMap::new();
                 for e in blocks(&task.body, "env") {
                     for a in e.body.attributes() {
-                        let v = a.expr.evaluate(ctx).map_err(|err| anyhow::anyhow!("env {}: {err}", a.key))?;
+                        let v = crate::hcl_eval::evaluate_lenient(&a.expr, ctx)
+                            .map_err(|err| anyhow::anyhow!("env {}: {err}", a.key))?;
                         env.insert(a.key.to_string(), v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()));
                     }
                 }
                 let (mut memory_mb, mut cpu) = (300, 100);
                 for r in blocks(&task.body, "resources") {
                     for a in r.body.attributes() {
-                        let v = a.expr.evaluate(ctx)?.as_i64().unwrap_or(0);
+                        let v = crate::hcl_eval::evaluate_lenient(&a.expr, ctx)?.as_i64().unwrap_or(0);
                         match a.key.as_str() {
                             "memory" => memory_mb = v,
                             "cpu" => cpu = v,

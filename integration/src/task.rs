@@ -123,6 +123,8 @@ pub struct TaskBuilder {
     pub env: HashMap<String, String>,
     pub device_env: HashMap<String, String>,
     pub logs_disabled: bool,
+    /// The Nomad node name (containers are labelled with it).
+    pub node_name: String,
 }
 
 impl TaskBuilder {
@@ -142,6 +144,7 @@ impl TaskBuilder {
             env: HashMap::new(),
             device_env: HashMap::new(),
             logs_disabled: false,
+            node_name: "sim-node".into(),
         }
     }
 
@@ -239,7 +242,7 @@ impl TaskBuilder {
             job_id: self.job.clone(),
             alloc_id: self.alloc_id.clone(),
             namespace: "default".into(),
-            node_name: "sim-node".into(),
+            node_name: self.node_name.clone(),
             node_id: "00000000-0000-0000-0000-000000000001".into(),
             network_isolation_spec: self
                 .group_network

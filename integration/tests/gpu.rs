@@ -25,6 +25,15 @@ fn uuid(i: usize) -> String {
     format!("GPU-{i:08x}-0000-0000-0000-000000000000")
 }
 
+/// Removes the containers of an allocation when dropped (also when a test panics).
+struct AllocGuard(String);
+
+impl Drop for AllocGuard {
+    fn drop(&mut self) {
+        remove_containers_with_label(LABEL_ALLOC_ID, &self.0);
+    }
+}
+
 struct GpuSim {
     live: LiveDriver,
     cfg: tempfile::NamedTempFile,
@@ -225,6 +234,7 @@ async fn fatal_xid_marks_the_gpu_and_its_tasks_then_recovers() {
         &format!("engine = \"custom\"\nimage = \"{STANDIN_IMAGE}\"\nentrypoint = [\"/bin/sleep\"]\nargs = [\"600\"]\n"),
     );
     b.device_env.insert("NVIDIA_VISIBLE_DEVICES".into(), uuid(1));
+    let _guard = AllocGuard(b.alloc_id.clone());
     let t = b.build(&sim.live.task_schema, data.path()).unwrap();
     sim.live.process.driver().start_task(StartTaskRequest { task: Some(t.config.clone()) }).await.unwrap();
 
@@ -309,6 +319,7 @@ async fn gpu_tasks_never_run_silently_without_gpus() {
     // DeviceRequest and the start fails with its reason, leaving nothing running.
     let mut b = TaskBuilder::new("gpu-task", &cfg);
     b.device_env.insert("NVIDIA_VISIBLE_DEVICES".into(), uuid(0));
+    let _guard = AllocGuard(b.alloc_id.clone());
     let t = b.build(&sim.live.task_schema, data.path()).unwrap();
     let err = sim.live.process.driver().start_task(StartTaskRequest { task: Some(t.config) }).await.unwrap_err();
     assert!(err.message().contains("nvidia") || err.message().contains("device"), "{}", err.message());

@@ -418,7 +418,11 @@ async fn orphans_are_reported_and_left_alone() {
     else {
         return;
     };
-    let b = TaskBuilder::new("anchor", &custom("entrypoint = [\"/bin/sleep\"]\nargs = [\"600\"]"));
+    // A node name of its own: containers of the other tests (running at the
+    // same time under other plugin processes) would be orphans here otherwise.
+    let node = format!("sim-node-orphans-{}", aimodel_integration::task::random_hex(4));
+    let mut b = TaskBuilder::new("anchor", &custom("entrypoint = [\"/bin/sleep\"]\nargs = [\"600\"]"));
+    b.node_name = node.clone();
     let (t, _) = sim.start_task(&b).await;
     let marker = aimodel_integration::task::alloc_id();
     sim.allocs.push(marker.clone());
@@ -433,7 +437,7 @@ async fn orphans_are_reported_and_left_alone() {
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     };
-    create("sim-node");
+    create(&node);
     create("another-client");
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {

@@ -1,0 +1,183 @@
+//! Every file in jobs/ parses; every aimodel task config goes through the same
+//! path as StartTask (schema → cty-msgpack → typed config); variables and port
+//! labels are consistent; and each stack's tasks run through the simulator
+//! against Docker with the engine image swapped for the local stand-in.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use aimodel_driver::config::{decode_plugin_config, decode_task_config, PLUGIN_SCHEMA, TASK_SCHEMA};
+use aimodel_driver::engine::LABEL_ALLOC_ID;
+use aimodel_driver::schema::to_spec;
+use aimodel_integration::hcl_eval::plugin_stanza;
+use aimodel_integration::jobrun::{aimodel_tasks, eval_context, seed_tiny_model};
+use aimodel_integration::sequence::{self, encode_config};
+use aimodel_integration::support::{
+    binary, remove_containers_with_label, require_docker, standin_image, DRIVER_BIN, STANDIN_IMAGE,
+};
+use aimodel_proto::drivers::{DestroyTaskRequest, StartTaskRequest};
+
+fn jobs_dir() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../jobs"))
+}
+
+fn files() -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = std::fs::read_dir(jobs_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "hcl"))
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read_to_string(e.path()).unwrap()))
+        .collect();
+    out.sort();
+    out
+}
+
+fn job_files() -> Vec<(String, String)> {
+    files().into_iter().filter(|(n, _)| n.ends_with(".nomad.hcl") && !n.contains("volume")).collect()
+}
+
+#[test]
+fn every_file_parses() {
+    let all = files();
+    assert!(
+        all.len() >= 8,
+        "expected the stacks, volumes and client config, got {:?}",
+        all.iter().map(|f| &f.0).collect::<Vec<_>>()
+    );
+    for (name, text) in &all {
+        hcl::parse(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+}
+
+#[test]
+fn declared_variables_cover_every_use() {
+    for (name, text) in job_files() {
+        let body: hcl::Body = hcl::parse(&text).unwrap();
+        let declared: BTreeSet<String> = body
+            .blocks()
+            .filter(|b| b.identifier.as_str() == "variable")
+            .filter_map(|b| b.labels.first().map(|l| l.as_str().to_string()))
+            .collect();
+        let mut used = BTreeSet::new();
+        let mut rest = text.as_str();
+        while let Some(i) = rest.find("var.") {
+            let tail = &rest[i + 4..];
+            let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+            used.insert(tail[..end].to_string());
+            rest = &tail[end..];
+        }
+        let missing: Vec<_> = used.difference(&declared).collect();
+        assert!(missing.is_empty(), "{name}: variables used but not declared: {missing:?}");
+        for v in ["region", "datacenters"] {
+            assert!(declared.contains(v), "{name}: no variable {v:?}");
+        }
+    }
+}
+
+#[test]
+fn every_aimodel_task_config_decodes_like_start_task() {
+    let schema = to_spec(TASK_SCHEMA);
+    let mut engines = BTreeSet::new();
+    for (name, text) in job_files() {
+        let body: hcl::Body = hcl::parse(&text).unwrap();
+        let ctx = eval_context(&body, &BTreeMap::new()).unwrap();
+        let tasks = aimodel_tasks(&body, &ctx).unwrap();
+        assert!(!tasks.is_empty(), "{name} has no aimodel task");
+        for t in tasks {
+            let bytes = t.encoded_config(&schema, &ctx, None).unwrap_or_else(|e| panic!("{name}/{}: {e:#}", t.name));
+            let cfg = decode_task_config(&bytes).unwrap_or_else(|e| panic!("{name}/{}: {e}", t.name));
+            if let Some(port) = &cfg.port {
+                assert!(
+                    t.ports.contains(port),
+                    "{name}/{}: port {port:?} is not in the group network {:?}",
+                    t.name,
+                    t.ports
+                );
+            }
+            engines.insert(cfg.engine.as_str());
+        }
+    }
+    for e in ["vllm", "sglang", "sglang-router", "ollama", "ray"] {
+        assert!(engines.contains(e), "no jobspec runs engine {e}");
+    }
+}
+
+#[test]
+fn the_client_configuration_is_valid_plugin_config() {
+    let text = std::fs::read_to_string(jobs_dir().join("client.hcl")).unwrap();
+    let (_, body) = plugin_stanza(&text, DRIVER_BIN).unwrap().expect("a plugin \"nomad-driver-aimodel\" block");
+    let bytes = encode_config(&to_spec(PLUGIN_SCHEMA), &body).unwrap();
+    let cfg = decode_plugin_config(&bytes).unwrap();
+    assert_eq!(cfg.hf_cache.host_path, "/mnt/hf-cache");
+}
+
+/// The flags each engine's command line must carry, as the stand-in echoes them.
+fn expected(engine: &str) -> &'static [&'static str] {
+    match engine {
+        "vllm" => &["--model ", "--served-model-name ", "--host 0.0.0.0", "--port "],
+        "sglang" => &["-m sglang.launch_server", "--model-path ", "--port "],
+        "sglang-router" => &["-m sglang_router.launch_router", "--worker-urls ${WORKER_URLS}"],
+        "ollama" => &["serve"],
+        "ray" => &["start --block", "--dashboard-host=0.0.0.0"],
+        _ => &[],
+    }
+}
+
+#[tokio::test]
+async fn every_stack_runs_through_the_simulator() {
+    if !require_docker() {
+        return;
+    }
+    standin_image().unwrap();
+    let (tmp, data, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let hcl = format!(
+        "plugin \"nomad-driver-aimodel\" {{\n  config {{\n    hf_cache {{ host_path = \"{}\" }}\n    gpu {{ enabled = false }}\n  }}\n}}\n",
+        cache.path().display()
+    );
+    let live = sequence::start(&binary(DRIVER_BIN).unwrap(), &hcl, &[("TMPDIR", tmp.path().to_str().unwrap())])
+        .await
+        .unwrap()
+        .live;
+    let task_schema = to_spec(TASK_SCHEMA);
+    let mut ran = 0;
+    for (name, text) in job_files() {
+        let body: hcl::Body = hcl::parse(&text).unwrap();
+        let ctx = eval_context(&body, &BTreeMap::new()).unwrap();
+        for t in aimodel_tasks(&body, &ctx).unwrap() {
+            let cfg = decode_task_config(&t.encoded_config(&task_schema, &ctx, None).unwrap()).unwrap();
+            if let Some(model) = &cfg.model {
+                seed_tiny_model(&cache.path().join("hub"), model).unwrap();
+            }
+            let prepared = t.prepare(&live.task_schema, &ctx, Some(STANDIN_IMAGE), data.path()).unwrap();
+            let id = prepared.config.id.clone();
+            live.process
+                .driver()
+                .start_task(StartTaskRequest { task: Some(prepared.config.clone()) })
+                .await
+                .unwrap_or_else(|e| panic!("{name}/{}: {e:?}", t.name));
+            let out = prepared.stdout.clone().unwrap();
+            let text = out
+                .wait_for(Duration::from_secs(20), |s| s.contains("standin starting"))
+                .await
+                .unwrap_or_else(|e| panic!("{name}/{}: {e}", t.name));
+            let line = text.lines().find(|l| l.contains("standin starting")).unwrap();
+            for flag in expected(cfg.engine.as_str()) {
+                assert!(
+                    line.contains(flag),
+                    "{name}/{} ({}): {flag:?} missing from {line:?}",
+                    t.name,
+                    cfg.engine.as_str()
+                );
+            }
+            if let Some(model) = &cfg.model {
+                assert!(line.contains(model.as_str()), "{name}/{}: model not on the command line: {line}", t.name);
+            }
+            live.process.driver().destroy_task(DestroyTaskRequest { task_id: id, force: true }).await.unwrap();
+            remove_containers_with_label(LABEL_ALLOC_ID, &prepared.config.alloc_id);
+            ran += 1;
+        }
+    }
+    assert!(ran >= 8, "ran {ran} tasks");
+    live.kill().await.unwrap();
+}
