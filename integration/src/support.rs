@@ -73,21 +73,27 @@ pub fn require_docker() -> bool {
 }
 
 /// Tag of the local stand-in image (no registry: built here, removed by scripts/test).
+/// The demo builds its own tag (`AIMODEL_STANDIN_TAG`) so it never removes the tests' image.
 pub const STANDIN_IMAGE: &str = "aimodel-standin:test";
+
+fn standin_tag() -> String {
+    std::env::var("AIMODEL_STANDIN_TAG").unwrap_or_else(|_| STANDIN_IMAGE.to_string())
+}
 
 /// Builds the stand-in image once per process (static binary + busybox,
 /// `FROM scratch`); a no-op when the tag exists.
-pub fn standin_image() -> Result<&'static str> {
+pub fn standin_image() -> Result<String> {
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
     let r = BUILT.get_or_init(|| build_standin().map_err(|e| format!("{e:#}")));
     if let Err(e) = r {
         bail!("{e}");
     }
-    Ok(STANDIN_IMAGE)
+    Ok(standin_tag())
 }
 
 fn build_standin() -> Result<()> {
-    let exists = Command::new("docker").args(["image", "inspect", STANDIN_IMAGE]).output()?;
+    let tag = standin_tag();
+    let exists = Command::new("docker").args(["image", "inspect", &tag]).output()?;
     if exists.status.success() && std::env::var_os("AIMODEL_REBUILD_STANDIN").is_none() {
         return Ok(());
     }
@@ -119,7 +125,7 @@ fn build_standin() -> Result<()> {
          ENTRYPOINT [\"/bin/standin\"]\n",
     )?;
     let out = Command::new("docker")
-        .args(["build", "-q", "-t", STANDIN_IMAGE])
+        .args(["build", "-q", "-t", &tag])
         .arg(ctx.path())
         .env("DOCKER_BUILDKIT", "0")
         .output()?;

@@ -65,6 +65,7 @@ async fn lifecycle(runs: usize, tasks: usize) -> Result<()> {
     use std::time::Instant;
 
     let image = standin_image()?;
+    let image = image.as_str();
     let bin = binary(DRIVER_BIN)?;
     let (tmp, data, cache) = (tempfile::tempdir()?, tempfile::tempdir()?, tempfile::tempdir()?);
     let client = format!(
