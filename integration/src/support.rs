@@ -110,7 +110,8 @@ fn build_standin() -> Result<()> {
     let busybox = ["/bin/busybox", "/usr/bin/busybox"].iter().map(PathBuf::from).find(|p| p.exists());
     let busybox = busybox.context("busybox not found: install Debian's busybox-static (scripts/test does)")?;
     let ctx = tempfile::tempdir()?;
-    std::fs::copy(root.join(format!("target/{target}/release/aimodel-standin")), ctx.path().join("standin"))?;
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    std::fs::copy(target_dir.join(format!("{target}/release/aimodel-standin")), ctx.path().join("standin"))?;
     std::fs::copy(&busybox, ctx.path().join("busybox"))?;
     std::fs::write(
         ctx.path().join("Dockerfile"),
