@@ -489,6 +489,26 @@ mod tests {
     }
 
     #[test]
+    fn gpu_requests_become_exact_device_requests() {
+        let spec = |g: GpuRequest| {
+            host_config(&ContainerSpec { gpus: Some(g), ..Default::default() }).device_requests.unwrap()
+        };
+        let uuids = spec(GpuRequest::Uuids(vec!["GPU-a".into(), "GPU-b".into()]));
+        assert_eq!(uuids.len(), 1);
+        assert_eq!(uuids[0].driver.as_deref(), Some("nvidia"));
+        assert_eq!(uuids[0].device_ids, Some(vec!["GPU-a".to_string(), "GPU-b".to_string()]));
+        assert_eq!(uuids[0].capabilities, Some(vec![vec!["gpu".to_string()]]));
+        assert_eq!(uuids[0].count, None, "exact devices, never a count");
+        let all = spec(GpuRequest::Count(-1));
+        assert_eq!((all[0].count, all[0].device_ids.clone()), (Some(-1), None));
+        let cdi = spec(GpuRequest::Cdi(vec!["nvidia.com/gpu=GPU-a".into()]));
+        assert_eq!(cdi[0].driver.as_deref(), Some("cdi"));
+        assert_eq!(cdi[0].device_ids, Some(vec!["nvidia.com/gpu=GPU-a".to_string()]));
+        let none = host_config(&ContainerSpec::default());
+        assert!(none.device_requests.is_none() && none.runtime.is_none(), "no runtime switch, no request");
+    }
+
+    #[test]
     fn log_timestamps_are_split_off() {
         let r = split_timestamp(LogStream::Stdout, b"2026-01-02T03:04:05.000000001Z line 1\n");
         assert_eq!(r.ts, (1_767_323_045, 1));
