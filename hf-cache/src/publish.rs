@@ -42,19 +42,49 @@ pub fn entry_for(bytes: &[u8], lfs: bool) -> TreeEntry {
     }
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes `bytes` to a unique temp name beside `path`, fsyncs, renames, fsyncs the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().ok_or_else(|| std::io::Error::other("no parent directory"))?;
     std::fs::create_dir_all(dir)?;
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let tmp = dir.join(format!(
-        ".{}.{}.tmp",
+        ".{}.{}.{}.tmp",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
-        std::process::id()
+        std::process::id(),
+        SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// Links `snapshots/<commit>/<path>` to its blob (relative, like huggingface_hub).
+pub fn link_file(paths: &RepoPaths, commit: &str, path: &str, etag: &str) -> std::io::Result<()> {
+    let link = paths.snapshot(commit).join(path);
+    if let Some(parent) = link.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let target = RepoPaths::link_target(path, etag);
+    if std::fs::read_link(&link).is_ok_and(|t| t == target) {
+        return Ok(());
+    }
+    // Replace atomically: a reader never sees the link missing.
+    let tmp = link.with_extension(format!("aimodel-{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(&target, &tmp)?;
+    std::fs::rename(&tmp, &link)
+}
+
+/// Writes `trees/<commit>.json`.
+pub fn write_tree(paths: &RepoPaths, commit: &str, listing: BTreeMap<String, TreeEntry>) -> std::io::Result<()> {
+    write_atomic(&paths.tree(commit), TreeFile::new(listing).to_json().as_bytes())
+}
+
+/// Points `refs/<rev>` at `commit`, without a trailing newline.
+pub fn write_ref(paths: &RepoPaths, rev: &str, commit: &str) -> std::io::Result<()> {
+    write_atomic(&paths.refs(rev), commit.as_bytes())
 }
 
 /// Publishes `files` as `commit` of `repo` and points `refs/<rev>` at it.

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod docs;
 pub mod hcl_eval;
 pub mod jobrun;
+pub mod olah;
 pub mod plugin;
 pub mod sequence;
 pub mod support;

@@ -1,0 +1,8 @@
+//! aimodel-agent: prewarm models into the shared HF cache exactly once across
+//! the nodes that share it, verify them and report what is cached. The same
+//! binary is the operator's CLI.
+
+pub mod cli;
+pub mod hub;
+pub mod lease;
+pub mod prewarm;

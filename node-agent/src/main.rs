@@ -1,0 +1,21 @@
+//! aimodel-agent: the node agent and the operator's CLI.
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let args = aimodel_agent::cli::Args::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("aimodel-agent: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    match rt.block_on(aimodel_agent::cli::run(args)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("aimodel-agent: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,336 @@
+//! Prewarming `repo@revision` into the shared cache: every blob fetched once
+//! across nodes (per-blob leases), downloaded to a unique `*.incomplete` name,
+//! resumed after a crash, verified (size, sha256 for LFS, git sha1 otherwise)
+//! and only then renamed into place; then snapshot links, `trees/<commit>.json`
+//! and `refs/<rev>` last, so nothing partial is ever visible through a ref.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use reqwest::header::{HeaderMap, RANGE};
+use sha2::Digest;
+use tokio::io::AsyncWriteExt;
+
+use hf_cache::layout::{is_commit, RepoId, RepoPaths, TreeEntry};
+use hf_cache::publish::{link_file, write_ref, write_tree};
+
+use crate::hub::{Hub, HubError, TreeItem, ATTEMPTS};
+use crate::lease::{acquire, Acquired};
+
+/// How long a download may see no bytes before it is retried.
+const STALL: Duration = Duration::from_secs(60);
+
+/// Errors of a prewarm.
+#[derive(Debug, thiserror::Error)]
+pub enum PrewarmError {
+    #[error(transparent)]
+    Hub(#[from] HubError),
+    #[error("{path}: {reason}")]
+    Io { path: String, reason: String },
+    #[error("{path}: downloaded {actual} bytes, the hub lists {expected}")]
+    Size { path: String, expected: u64, actual: u64 },
+    #[error("{path}: content hashes to {actual}, the hub lists {expected}; nothing was published")]
+    Hash { path: String, expected: String, actual: String },
+    #[error("{path}: no data for {0:?}", STALL)]
+    Stalled { path: String },
+}
+
+fn io(path: &Path, e: impl std::fmt::Display) -> PrewarmError {
+    PrewarmError::Io { path: path.display().to_string(), reason: e.to_string() }
+}
+
+/// Options of a prewarm.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The hub cache directory (`HF_HUB_CACHE`).
+    pub hub_dir: PathBuf,
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+    /// Files downloaded at once.
+    pub concurrency: usize,
+    pub heartbeat: Duration,
+    pub stale_after: Duration,
+}
+
+impl Options {
+    /// Defaults for `hub_dir`.
+    pub fn new(hub_dir: PathBuf) -> Self {
+        Options {
+            hub_dir,
+            include: Vec::new(),
+            exclude: Vec::new(),
+            concurrency: 4,
+            heartbeat: Duration::from_secs(5),
+            stale_after: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Live progress, readable from another task.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub bytes_total: AtomicU64,
+    pub bytes_done: AtomicU64,
+    pub downloaded: AtomicU64,
+}
+
+/// What a prewarm did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub commit: String,
+    pub files: usize,
+    pub bytes: u64,
+    /// Bytes this process fetched from the hub.
+    pub downloaded: u64,
+    pub elapsed: Duration,
+}
+
+/// `*` and `?` globs (a `*` also crosses `/`, like fnmatch in huggingface_hub).
+pub fn glob(pattern: &str, text: &str) -> bool {
+    fn rec(p: &[u8], t: &[u8]) -> bool {
+        match (p.first(), t.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => rec(&p[1..], t) || (!t.is_empty() && rec(p, &t[1..])),
+            (Some(b'?'), Some(_)) => rec(&p[1..], &t[1..]),
+            (Some(a), Some(b)) if a == b => rec(&p[1..], &t[1..]),
+            _ => false,
+        }
+    }
+    rec(pattern.as_bytes(), text.as_bytes())
+}
+
+fn wanted(o: &Options, path: &str) -> bool {
+    (o.include.is_empty() || o.include.iter().any(|g| glob(g, path))) && !o.exclude.iter().any(|g| glob(g, path))
+}
+
+fn entry_of(item: &TreeItem) -> TreeEntry {
+    TreeEntry {
+        size: item.size,
+        blob_id: item.oid.clone(),
+        lfs_sha256: item.lfs.as_ref().map(|l| l.oid.clone()),
+        lfs_size: item.lfs.as_ref().map(|l| l.size),
+        xet_hash: item.xet_hash.clone(),
+    }
+}
+
+fn present(blob: &Path, size: u64) -> bool {
+    std::fs::metadata(blob).is_ok_and(|m| m.len() == size)
+}
+
+/// Prewarms `repo@revision`.
+pub async fn prewarm(
+    hub: &Hub,
+    repo: &str,
+    revision: &str,
+    o: &Options,
+    progress: Arc<Progress>,
+) -> Result<Summary, PrewarmError> {
+    let started = Instant::now();
+    let commit = if is_commit(revision) { revision.to_string() } else { hub.resolve(repo, revision).await? };
+    let all = hub.tree(repo, &commit).await?;
+    let items: Vec<TreeItem> = all.iter().filter(|i| wanted(o, &i.path)).cloned().collect();
+    let paths = RepoPaths::new(&o.hub_dir, &RepoId::model(repo));
+    std::fs::create_dir_all(paths.blobs()).map_err(|e| io(&paths.blobs(), e))?;
+    let total: u64 = items.iter().map(|i| entry_of(i).content_size()).sum();
+    progress.bytes_total.store(total, Ordering::SeqCst);
+
+    let sem = Arc::new(tokio::sync::Semaphore::new(o.concurrency.max(1)));
+    let mut jobs = Vec::new();
+    for item in items.clone() {
+        let (hub, paths, o, progress, sem) = (hub.clone(), paths.clone(), o.clone(), progress.clone(), sem.clone());
+        let (repo, commit) = (repo.to_string(), commit.clone());
+        jobs.push(tokio::spawn(async move {
+            let _permit = sem.acquire_owned().await;
+            fetch_blob(&hub, &repo, &commit, &item, &paths, &o, &progress).await
+        }));
+    }
+    for j in jobs {
+        j.await.map_err(|e| PrewarmError::Io { path: repo.into(), reason: e.to_string() })??;
+    }
+    // Publish order: blobs (above) → snapshot links → trees listing → ref last.
+    for item in &items {
+        link_file(&paths, &commit, &item.path, entry_of(item).etag()).map_err(|e| io(&paths.snapshot(&commit), e))?;
+    }
+    if o.include.is_empty() && o.exclude.is_empty() {
+        let listing: BTreeMap<String, TreeEntry> = all.iter().map(|i| (i.path.clone(), entry_of(i))).collect();
+        write_tree(&paths, &commit, listing).map_err(|e| io(&paths.tree(&commit), e))?;
+    }
+    if revision != commit {
+        write_ref(&paths, revision, &commit).map_err(|e| io(&paths.refs(revision), e))?;
+    }
+    Ok(Summary {
+        commit,
+        files: items.len(),
+        bytes: total,
+        downloaded: progress.downloaded.load(Ordering::SeqCst),
+        elapsed: started.elapsed(),
+    })
+}
+
+async fn fetch_blob(
+    hub: &Hub,
+    repo: &str,
+    commit: &str,
+    item: &TreeItem,
+    paths: &RepoPaths,
+    o: &Options,
+    progress: &Progress,
+) -> Result<(), PrewarmError> {
+    let entry = entry_of(item);
+    let (etag, size) = (entry.etag().to_string(), entry.content_size());
+    let blob = paths.blob(&etag);
+    if present(&blob, size) {
+        progress.bytes_done.fetch_add(size, Ordering::SeqCst);
+        return Ok(());
+    }
+    let lease_path = paths.blobs().join(format!("{etag}.lease"));
+    let b = blob.clone();
+    let (hb, stale) = (o.heartbeat, o.stale_after);
+    let got = tokio::task::spawn_blocking(move || acquire(&lease_path, hb, stale, || present(&b, size)))
+        .await
+        .map_err(|e| io(&blob, e))?
+        .map_err(|e| io(&blob, e))?;
+    let _lease = match got {
+        Acquired::Done => {
+            progress.bytes_done.fetch_add(size, Ordering::SeqCst);
+            return Ok(());
+        }
+        Acquired::Held(l) => l,
+    };
+    if present(&blob, size) {
+        progress.bytes_done.fetch_add(size, Ordering::SeqCst);
+        return Ok(());
+    }
+    let url = hub.file_url(repo, commit, &item.path);
+    let mut last = None;
+    for _ in 0..ATTEMPTS {
+        match download(hub, repo, &url, &blob, &etag, size, entry.lfs_sha256.is_some(), progress).await {
+            Ok(()) => return Ok(()),
+            Err(e @ (PrewarmError::Hash { .. } | PrewarmError::Hub(_))) => return Err(e),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or(PrewarmError::Stalled { path: item.path.clone() }))
+}
+
+/// One attempt: resumes a partial download of this blob if one is left, verifies, publishes.
+#[allow(clippy::too_many_arguments)]
+async fn download(
+    hub: &Hub,
+    repo: &str,
+    url: &str,
+    blob: &Path,
+    etag: &str,
+    size: u64,
+    lfs: bool,
+    progress: &Progress,
+) -> Result<(), PrewarmError> {
+    let dir = blob.parent().unwrap_or(Path::new("."));
+    let mine = dir.join(format!("{etag}.{}.incomplete", nonce()));
+    // Take over a partial file left by a crash (we hold the lease, so it is dead).
+    if let Some(old) = std::fs::read_dir(dir).ok().and_then(|rd| {
+        rd.flatten().map(|e| e.path()).find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("{etag}.")) && n.ends_with(".incomplete"))
+        })
+    }) {
+        let _ = std::fs::rename(&old, &mine);
+    }
+    let mut offset = std::fs::metadata(&mine).map(|m| m.len()).unwrap_or(0);
+    if offset > size {
+        offset = 0;
+    }
+    let mut hasher = sha2::Sha256::new();
+    if offset > 0 && lfs {
+        let prefix = std::fs::read(&mine).map_err(|e| io(&mine, e))?;
+        hasher.update(&prefix[..offset as usize]);
+    }
+    let mut headers = HeaderMap::new();
+    if offset > 0 {
+        if let Ok(v) = format!("bytes={offset}-").parse() {
+            headers.insert(RANGE, v);
+        }
+    }
+    let resp = hub.get(url, headers, repo).await?;
+    if offset > 0 && resp.status() != reqwest::StatusCode::PARTIAL_CONTENT {
+        // The server ignored the range (olah does): start over.
+        offset = 0;
+        hasher = sha2::Sha256::new();
+    }
+    let file = tokio::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(&mine)
+        .await
+        .map_err(|e| io(&mine, e))?;
+    file.set_len(offset).await.map_err(|e| io(&mine, e))?;
+    let mut f = file.into_std().await;
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(offset)).map_err(|e| io(&mine, e))?;
+    let mut file = tokio::fs::File::from_std(f);
+    let mut written = offset;
+    let mut body = resp.bytes_stream();
+    loop {
+        let chunk = match tokio::time::timeout(STALL, body.next()).await {
+            Err(_) => return Err(PrewarmError::Stalled { path: url.into() }),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(PrewarmError::Io { path: url.into(), reason: e.to_string() }),
+            Ok(Some(Ok(c))) => c,
+        };
+        file.write_all(&chunk).await.map_err(|e| io(&mine, e))?;
+        if lfs {
+            hasher.update(&chunk);
+        }
+        written += chunk.len() as u64;
+        progress.bytes_done.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+        progress.downloaded.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+    }
+    file.sync_all().await.map_err(|e| io(&mine, e))?;
+    drop(file);
+    if written != size {
+        return Err(PrewarmError::Size { path: url.into(), expected: size, actual: written });
+    }
+    let actual = if lfs {
+        hasher.finalize().iter().map(|b| format!("{b:02x}")).collect::<String>()
+    } else {
+        hf_cache::check::git_blob_sha1(&mine).map_err(|e| io(&mine, e))?
+    };
+    if actual != etag {
+        let _ = std::fs::remove_file(&mine);
+        return Err(PrewarmError::Hash { path: url.into(), expected: etag.into(), actual });
+    }
+    std::fs::rename(&mine, blob).map_err(|e| io(blob, e))?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io(dir, e))
+}
+
+fn nonce() -> String {
+    let mut b = [0u8; 4];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut b);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob("*.safetensors", "model.safetensors"));
+        assert!(glob("*.json", "tokenizer/vocab.json"));
+        assert!(!glob("*.bin", "model.safetensors"));
+        assert!(glob("model-?????-of-*.safetensors", "model-00001-of-00002.safetensors"));
+        let mut o = Options::new(PathBuf::from("/x"));
+        o.include = vec!["*.json".into()];
+        o.exclude = vec!["*/vocab.json".into()];
+        assert!(wanted(&o, "config.json"));
+        assert!(!wanted(&o, "tokenizer/vocab.json"));
+        assert!(!wanted(&o, "model.safetensors"));
+    }
+}
