@@ -61,6 +61,16 @@ pub enum Cmd {
         #[arg(long, default_value = "Say hello.")]
         ask: String,
     },
+    /// Serve a tiny model from a local hub-protocol server (olah, offline) until killed;
+    /// prints `HF_ENDPOINT=<url>` once it answers.
+    HubServer {
+        /// The repo id to serve.
+        #[arg(long)]
+        repo: String,
+        /// A Python with olah installed.
+        #[arg(long, default_value = "target/pyenv/bin/python")]
+        python: PathBuf,
+    },
     /// Build the local model-server stand-in image (no registry needed).
     StandinImage,
     /// Check the configuration reference tables in the docs against the schemas
@@ -79,6 +89,25 @@ pub async fn run(args: Args) -> Result<()> {
         }
         Cmd::Run { plugin_dir, config, job, image, vars, seed_hub, ask } => {
             run_job(RunArgs { plugin_dir, config, job, image, vars, seed_hub, ask }).await
+        }
+        Cmd::HubServer { repo, python } => {
+            let (files, weights) = crate::jobrun::tiny_model_files();
+            let plain: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (n.as_str(), b.as_slice())).collect();
+            // Not canonicalised: the venv's python is a symlink, and olah-cli sits beside the link.
+            let python = std::path::absolute(&python)?;
+            anyhow::ensure!(python.exists(), "{} does not exist (scripts/demo creates it)", python.display());
+            let server = crate::olah::start_repo(&python, &repo, &plain, &weights);
+            println!("HF_ENDPOINT={}", server.endpoint());
+            use std::io::Write;
+            std::io::stdout().flush()?;
+            // Stop olah on SIGINT or SIGTERM (the demo's `kill`): dropping the guard kills it.
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => r?,
+                _ = term.recv() => {}
+            }
+            drop(server);
+            Ok(())
         }
         Cmd::StandinImage => {
             println!("{}", crate::support::standin_image()?);

@@ -156,6 +156,17 @@ fn placeholder_schema() -> Spec {
     Spec { block: Some(S::Object(Object { attributes: Default::default() })) }
 }
 
+/// The tiny demo model: plain files and the bytes of its LFS `model.safetensors`.
+pub fn tiny_model_files() -> (Vec<(String, Vec<u8>)>, Vec<u8>) {
+    (
+        vec![
+            ("config.json".into(), br#"{"architectures":["TinyChat"],"hidden_size":8,"vocab_size":16}"#.to_vec()),
+            ("tokenizer.json".into(), br#"{"model":{"vocab":{"hello":0,"world":1}}}"#.to_vec()),
+        ],
+        (0..4096u32).map(|i| (i % 251) as u8).collect(),
+    )
+}
+
 /// Writes a tiny model into an HF hub cache in huggingface_hub's layout with
 /// `hf_cache::publish` (blobs, relative snapshot links, trees listing, `refs/main`).
 /// The demo's stand-in for what `aimodel-agent prewarm` will do.

@@ -27,13 +27,20 @@ fn git(dir: &Path, args: &[&str]) {
 
 /// Serves `org/served` (config.json + an LFS `model.safetensors` holding `weights`).
 pub fn start(py: &Path, weights: &[u8]) -> Olah {
+    start_repo(py, "org/served", &[("config.json", br#"{"model_type":"served"}"#)], weights)
+}
+
+/// Serves `repo_id` with plain `files` and an LFS `model.safetensors` holding `weights`.
+pub fn start_repo(py: &Path, repo_id: &str, files: &[(&str, &[u8])], weights: &[u8]) -> Olah {
     let dir = tempfile::tempdir().unwrap();
-    let repo = dir.path().join("mirrors/models/org/served");
+    let repo = dir.path().join("mirrors/models").join(repo_id);
     std::fs::create_dir_all(&repo).unwrap();
     git(&repo, &["init", "-q", "-b", "main"]);
     git(&repo, &["config", "user.email", "t@example.invalid"]);
     git(&repo, &["config", "user.name", "t"]);
-    std::fs::write(repo.join("config.json"), br#"{"model_type":"served"}"#).unwrap();
+    for (name, bytes) in files {
+        std::fs::write(repo.join(name), bytes).unwrap();
+    }
     std::fs::write(repo.join(".gitattributes"), "*.safetensors filter=lfs diff=lfs merge=lfs -text\n").unwrap();
     // An LFS file: the pointer in git, the bytes in .git/lfs/objects (no git-lfs needed).
     let sha = format!("{:x}", sha2::Sha256::digest(weights));
