@@ -49,7 +49,8 @@ fn the_demo_runs_verbatim_from_a_fresh_clone() {
     for needle in [
         "health: HEALTHY",
         "model server ready after",
-        "Weights read from the cache: config.json",
+        "model.safetensors (4096 bytes)",
+        "prewarming aimodel-demo/tiny-chat",
         "plugin stopped (graceful: true",
     ] {
         assert!(stdout.contains(needle), "{needle:?} not in the demo's output:\n{stdout}");
