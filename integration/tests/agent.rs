@@ -107,3 +107,65 @@ fn a_missing_repo_is_a_clear_error() {
     assert!(err.contains("org/nope") && err.contains("not found"), "{err}");
     assert!(!cache.path().join("models--org--nope/refs").exists(), "nothing may be published");
 }
+
+/// Every file visible in a snapshot resolves to a whole blob, and a ref only
+/// exists for a complete snapshot: what a reader could see after a crash.
+fn assert_nothing_partial_visible(cache: &Path) {
+    let repo = cache.join("models--org--served");
+    let r = check(cache, &RepoId::model("org/served"), "main", Mode::Quick);
+    if repo.join("refs/main").exists() {
+        assert!(r.is_complete(), "a ref points at an incomplete snapshot: {:?}", r.findings);
+    }
+    for snap in std::fs::read_dir(repo.join("snapshots")).into_iter().flatten().flatten() {
+        for f in std::fs::read_dir(snap.path()).unwrap().flatten() {
+            let meta = std::fs::metadata(f.path());
+            assert!(meta.is_ok(), "{} is visible but dangling", f.path().display());
+        }
+    }
+}
+
+#[test]
+fn kill_9_at_random_points_never_exposes_a_partial_model() {
+    let Some(py) = hf_python() else { return };
+    let w: Vec<u8> = (0..24_000_000u32).map(|i| (i.wrapping_mul(2_246_822_519) >> 9) as u8).collect();
+    let olah = aimodel_integration::olah::start(&py, &w);
+    let cache = tempfile::tempdir().unwrap();
+    let args = ["prewarm", "org/served", "--heartbeat", "200ms", "--stale-after", "1s"];
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for round in 0..20 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let delay = std::time::Duration::from_millis(50 + seed % 1500);
+        let mut child = agent(cache.path(), &olah.endpoint(), &args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(delay);
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+        assert_nothing_partial_visible(cache.path());
+        let _ = round;
+    }
+    // What was published before the final run is not fetched again.
+    let blobs = cache.path().join("models--org--served/blobs");
+    let published: u64 = std::fs::read_dir(&blobs)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| !e.file_name().to_string_lossy().contains('.'))
+                .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+                .sum()
+        })
+        .unwrap_or(0);
+    let out = ok(&agent(cache.path(), &olah.endpoint(), &args).output().unwrap());
+    let total_mb = (w.len() + 200) as f64 / 1e6;
+    let fetched = downloaded_mb(&out);
+    assert!(
+        fetched <= total_mb - published as f64 / 1e6 + 0.11,
+        "fetched {fetched} MB though {published} bytes were already published: {out}"
+    );
+    let r = check(cache.path(), &RepoId::model("org/served"), "main", Mode::Deep);
+    assert!(r.is_complete(), "{:?}", r.findings);
+    assert_nothing_partial_visible(cache.path());
+}

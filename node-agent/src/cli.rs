@@ -39,6 +39,12 @@ pub enum Cmd {
         /// Files downloaded at once.
         #[arg(long, default_value = "4")]
         concurrency: usize,
+        /// How often a held blob lease is renewed.
+        #[arg(long, default_value = "5s", value_parser = parse_secs)]
+        heartbeat: Duration,
+        /// How long an unchanged lease of another agent is respected before it is taken over.
+        #[arg(long, default_value = "30s", value_parser = parse_secs)]
+        stale_after: Duration,
     },
     /// Check REPO[@REV] in the cache; `--deep` hashes every blob.
     Verify {
@@ -48,6 +54,22 @@ pub enum Cmd {
     },
     /// Every cached model: commit, size, complete or not.
     Status,
+}
+
+/// `30s`, `500ms`, `2m` or plain seconds.
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.trim().split_at(s.trim().find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.trim().len()));
+    let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        _ => return Err(format!("invalid duration {s:?} (use ms, s or m)")),
+    };
+    if secs <= 0.0 {
+        return Err(format!("duration {s:?} must be positive"));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 fn hub_dir(arg: &Option<PathBuf>) -> PathBuf {
@@ -68,13 +90,15 @@ fn split(model: &str) -> (String, String) {
 pub async fn run(args: Args) -> Result<ExitCode> {
     let dir = hub_dir(&args.cache);
     match args.command {
-        Cmd::Prewarm { model, include, exclude, concurrency } => {
+        Cmd::Prewarm { model, include, exclude, concurrency, heartbeat, stale_after } => {
             let (repo, rev) = split(&model);
             let hub = Hub::from_env()?;
             let mut o = Options::new(dir.clone());
             o.include = include;
             o.exclude = exclude;
             o.concurrency = concurrency;
+            o.heartbeat = heartbeat;
+            o.stale_after = stale_after;
             let progress = Arc::new(Progress::default());
             let p = progress.clone();
             let label = model.clone();
