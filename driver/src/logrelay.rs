@@ -105,6 +105,56 @@ impl Dedup {
     }
 }
 
+/// Positions per output stream. Docker copies stdout and stderr in separate
+/// goroutines, so timestamps are ordered within a stream but not across them:
+/// one position for both would drop a stdout line stamped just before a stderr
+/// line that reached the log first.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamsDedup {
+    streams: [Dedup; 2],
+}
+
+impl StreamsDedup {
+    /// Loads both positions (a 16-byte file from an older relay applies to both).
+    pub fn load(path: &Path) -> Self {
+        let b = std::fs::read(path).unwrap_or_default();
+        let parse = |chunk: &[u8]| Position {
+            secs: i64::from_le_bytes(chunk[..8].try_into().unwrap_or_default()),
+            nanos: u32::from_le_bytes(chunk[8..12].try_into().unwrap_or_default()),
+            same_ts: u32::from_le_bytes(chunk[12..16].try_into().unwrap_or_default()),
+        };
+        let (out, err) = match b.len() {
+            n if n >= 2 * Position::LEN => (parse(&b[..16]), parse(&b[16..32])),
+            n if n >= Position::LEN => (parse(&b[..16]), parse(&b[..16])),
+            _ => (Position::default(), Position::default()),
+        };
+        StreamsDedup { streams: [Dedup::new(out), Dedup::new(err)] }
+    }
+
+    /// True when the record must be written.
+    pub fn admit(&mut self, stream: LogStream, ts: (i64, u32)) -> bool {
+        self.streams[usize::from(stream == LogStream::Stderr)].admit(ts)
+    }
+
+    /// Where a resumed stream must start: the earlier of the two positions.
+    pub fn since(&self) -> i64 {
+        self.streams[0].position().secs.min(self.streams[1].position().secs)
+    }
+
+    /// A new stream replays: count records at each position afresh.
+    pub fn restart(&mut self) {
+        self.streams.iter_mut().for_each(Dedup::restart);
+    }
+
+    /// The state file's content.
+    pub fn to_bytes(&self) -> [u8; 32] {
+        let mut b = [0u8; 32];
+        b[..16].copy_from_slice(&self.streams[0].position().to_bytes());
+        b[16..].copy_from_slice(&self.streams[1].position().to_bytes());
+        b
+    }
+}
+
 /// Opens a FIFO for writing without blocking forever: waits for the reader
 /// (ENXIO until logmon opens it), then switches the fd to blocking writes.
 pub fn open_fifo_writer(path: &Path, wait: Duration) -> std::io::Result<OwnedFd> {
@@ -185,18 +235,18 @@ pub async fn run(args: RelayArgs) -> std::io::Result<()> {
     };
     let stdout = File::from(open_fifo_writer(&args.stdout, READER_WAIT)?);
     let stderr = File::from(open_fifo_writer(&args.stderr, READER_WAIT)?);
-    let mut dedup = Dedup::new(Position::load(&args.state));
+    let mut dedup = StreamsDedup::load(&args.state);
     let runtime = DockerRuntime::new(&args.endpoint);
     let mut out = [stdout, stderr];
     let mut backoff = Duration::from_millis(200);
     loop {
-        let since = dedup.position().secs;
+        let since = dedup.since();
         dedup.restart();
         match runtime.logs(&args.container, since, true).await {
             Ok(mut stream) => {
                 while let Some(item) = stream.next().await {
                     let Ok(rec) = item else { break };
-                    if !dedup.admit(rec.ts) {
+                    if !dedup.admit(rec.stream, rec.ts) {
                         continue;
                     }
                     let w = match rec.stream {
@@ -208,7 +258,7 @@ pub async fn run(args: RelayArgs) -> std::io::Result<()> {
                         tracing::warn!(error = %e, "log reader went away");
                         return Ok(());
                     }
-                    state.write_all_at(&dedup.position().to_bytes(), 0)?;
+                    state.write_all_at(&dedup.to_bytes(), 0)?;
                 }
             }
             Err(e) => tracing::warn!(error = %e, "cannot stream logs"),
@@ -234,19 +284,19 @@ pub async fn run(args: RelayArgs) -> std::io::Result<()> {
 async fn drain_rest(
     runtime: &DockerRuntime,
     args: &RelayArgs,
-    dedup: &mut Dedup,
+    dedup: &mut StreamsDedup,
     out: &mut [File; 2],
     state: &File,
 ) -> std::io::Result<()> {
     dedup.restart();
-    let Ok(mut stream) = runtime.logs(&args.container, dedup.position().secs, false).await else { return Ok(()) };
+    let Ok(mut stream) = runtime.logs(&args.container, dedup.since(), false).await else { return Ok(()) };
     while let Some(Ok(rec)) = stream.next().await {
-        if dedup.admit(rec.ts) {
+        if dedup.admit(rec.stream, rec.ts) {
             let i = usize::from(rec.stream == LogStream::Stderr);
             if out[i].write_all(&rec.bytes).is_err() {
                 return Ok(());
             }
-            state.write_all_at(&dedup.position().to_bytes(), 0)?;
+            state.write_all_at(&dedup.to_bytes(), 0)?;
         }
     }
     Ok(())
@@ -295,6 +345,27 @@ mod tests {
         assert!(!r.admit((11, 0)));
         assert!(!r.admit((12, 0)), "a replayed stream must not repeat the last record");
         assert!(r.admit((13, 0)));
+    }
+
+    #[test]
+    fn streams_are_ordered_separately() {
+        let mut d = StreamsDedup::load(Path::new("/nonexistent"));
+        assert!(d.admit(LogStream::Stderr, (10, 500)));
+        // stdout stamped earlier but arriving later is still new.
+        assert!(d.admit(LogStream::Stdout, (10, 400)));
+        assert!(d.admit(LogStream::Stdout, (10, 600)));
+        let dir = tempfile_dir();
+        let p = dir.join("state2");
+        std::fs::write(&p, d.to_bytes()).unwrap();
+        let mut r = StreamsDedup::load(&p);
+        assert_eq!(r.since(), 10);
+        r.restart();
+        assert!(!r.admit(LogStream::Stderr, (10, 500)));
+        assert!(!r.admit(LogStream::Stdout, (10, 400)));
+        assert!(!r.admit(LogStream::Stdout, (10, 600)));
+        assert!(r.admit(LogStream::Stderr, (10, 550)));
+        assert!(r.admit(LogStream::Stdout, (11, 0)));
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod docs;
+pub mod faulthub;
 pub mod hcl_eval;
 pub mod jobrun;
 pub mod olah;

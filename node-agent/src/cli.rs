@@ -45,6 +45,9 @@ pub enum Cmd {
         /// How long an unchanged lease of another agent is respected before it is taken over.
         #[arg(long, default_value = "30s", value_parser = parse_secs)]
         stale_after: Duration,
+        /// A download that sees no bytes for this long is retried.
+        #[arg(long, default_value = "60s", value_parser = parse_secs)]
+        stall_timeout: Duration,
     },
     /// Check REPO[@REV] in the cache; `--deep` hashes every blob.
     Verify {
@@ -90,7 +93,7 @@ fn split(model: &str) -> (String, String) {
 pub async fn run(args: Args) -> Result<ExitCode> {
     let dir = hub_dir(&args.cache);
     match args.command {
-        Cmd::Prewarm { model, include, exclude, concurrency, heartbeat, stale_after } => {
+        Cmd::Prewarm { model, include, exclude, concurrency, heartbeat, stale_after, stall_timeout } => {
             let (repo, rev) = split(&model);
             let hub = Hub::from_env()?;
             let mut o = Options::new(dir.clone());
@@ -99,6 +102,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             o.concurrency = concurrency;
             o.heartbeat = heartbeat;
             o.stale_after = stale_after;
+            o.stall = stall_timeout;
             let progress = Arc::new(Progress::default());
             let p = progress.clone();
             let label = model.clone();

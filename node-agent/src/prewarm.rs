@@ -21,9 +21,6 @@ use hf_cache::publish::{link_file, write_ref, write_tree};
 use crate::hub::{Hub, HubError, TreeItem, ATTEMPTS};
 use crate::lease::{acquire, Acquired};
 
-/// How long a download may see no bytes before it is retried.
-const STALL: Duration = Duration::from_secs(60);
-
 /// Errors of a prewarm.
 #[derive(Debug, thiserror::Error)]
 pub enum PrewarmError {
@@ -35,8 +32,8 @@ pub enum PrewarmError {
     Size { path: String, expected: u64, actual: u64 },
     #[error("{path}: content hashes to {actual}, the hub lists {expected}; nothing was published")]
     Hash { path: String, expected: String, actual: String },
-    #[error("{path}: no data for {0:?}", STALL)]
-    Stalled { path: String },
+    #[error("{path}: no data for {stall:?}")]
+    Stalled { path: String, stall: Duration },
 }
 
 fn io(path: &Path, e: impl std::fmt::Display) -> PrewarmError {
@@ -54,6 +51,8 @@ pub struct Options {
     pub concurrency: usize,
     pub heartbeat: Duration,
     pub stale_after: Duration,
+    /// A download that sees no bytes for this long is retried.
+    pub stall: Duration,
 }
 
 impl Options {
@@ -66,6 +65,7 @@ impl Options {
             concurrency: 4,
             heartbeat: Duration::from_secs(5),
             stale_after: Duration::from_secs(30),
+            stall: Duration::from_secs(60),
         }
     }
 }
@@ -208,13 +208,13 @@ async fn fetch_blob(
     let url = hub.file_url(repo, commit, &item.path);
     let mut last = None;
     for _ in 0..ATTEMPTS {
-        match download(hub, repo, &url, &blob, &etag, size, entry.lfs_sha256.is_some(), progress).await {
+        match download(hub, repo, &url, &blob, &etag, size, entry.lfs_sha256.is_some(), o.stall, progress).await {
             Ok(()) => return Ok(()),
             Err(e @ (PrewarmError::Hash { .. } | PrewarmError::Hub(_))) => return Err(e),
             Err(e) => last = Some(e),
         }
     }
-    Err(last.unwrap_or(PrewarmError::Stalled { path: item.path.clone() }))
+    Err(last.unwrap_or(PrewarmError::Stalled { path: item.path.clone(), stall: o.stall }))
 }
 
 /// One attempt: resumes a partial download of this blob if one is left, verifies, publishes.
@@ -227,6 +227,7 @@ async fn download(
     etag: &str,
     size: u64,
     lfs: bool,
+    stall: Duration,
     progress: &Progress,
 ) -> Result<(), PrewarmError> {
     let dir = blob.parent().unwrap_or(Path::new("."));
@@ -276,8 +277,8 @@ async fn download(
     let mut written = offset;
     let mut body = resp.bytes_stream();
     loop {
-        let chunk = match tokio::time::timeout(STALL, body.next()).await {
-            Err(_) => return Err(PrewarmError::Stalled { path: url.into() }),
+        let chunk = match tokio::time::timeout(stall, body.next()).await {
+            Err(_) => return Err(PrewarmError::Stalled { path: url.into(), stall }),
             Ok(None) => break,
             Ok(Some(Err(e))) => return Err(PrewarmError::Io { path: url.into(), reason: e.to_string() }),
             Ok(Some(Ok(c))) => c,
