@@ -87,3 +87,32 @@ async fn the_token_never_follows_a_redirect_to_another_host() {
     // Each blob is served once for one agent.
     assert_eq!(log.body_bytes.get("fault/redirect"), Some(&(hub.content.len() as u64)));
 }
+
+#[tokio::test]
+async fn four_agents_three_models_each_blob_served_once() {
+    let hub = FaultHub::start(content()).await.unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let repos = ["plain/model-a", "plain/model-b", "plain/model-c"];
+    let mut runs = Vec::new();
+    for _agent in 0..4 {
+        for repo in repos {
+            let mut c = tokio::process::Command::new(binary(AGENT).unwrap());
+            c.arg("--cache")
+                .arg(cache.path())
+                .args(["prewarm", repo, "--heartbeat", "200ms", "--stale-after", "5s"])
+                .env("HF_ENDPOINT", hub.endpoint())
+                .env_remove("HF_TOKEN");
+            runs.push(c.output());
+        }
+    }
+    for out in futures::future::join_all(runs).await {
+        let out = out.unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let log = hub.log.lock().unwrap();
+    for repo in repos {
+        assert!(published(cache.path(), repo), "{repo}");
+        // Counted at the server: twelve agents, each blob sent exactly once.
+        assert_eq!(log.body_bytes.get(repo), Some(&(hub.content.len() as u64)), "{repo}: {:?}", log.body_bytes);
+    }
+}
