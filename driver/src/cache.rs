@@ -46,6 +46,13 @@ pub struct CacheStatus {
     pub on_nfs: bool,
 }
 
+/// Whether the cache sits on NFS, from mountinfo alone (no filesystem probe:
+/// StartTask needs only this for `load_strategy = "auto"`).
+pub fn on_nfs(cfg: &HfCacheConfig) -> bool {
+    let mountinfo = std::fs::read_to_string(mountinfo_path()).unwrap_or_default();
+    mount_for(&parse_mountinfo(&mountinfo), Path::new(&cfg.host_path)).is_some_and(|m| m.is_nfs())
+}
+
 /// Assesses the cache with the real probes.
 pub fn assess(cfg: &HfCacheConfig) -> CacheStatus {
     let mountinfo = std::fs::read_to_string(mountinfo_path()).unwrap_or_default();

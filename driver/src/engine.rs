@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 
 use crate::config::{
     ConfigError, DeviceRequestKind, Engine, GpuCount, LoadStrategy, PluginConfig, TaskConfig, VisibleDevicesFrom,
-    LABEL_PREFIX,
 };
 use crate::runtime::{ContainerSpec, GpuRequest, PortBinding};
 use crate::task::{NetworkMode, NomadTask};
@@ -276,7 +275,6 @@ pub fn plan(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, facts: &N
     ] {
         labels.insert(k.to_string(), v);
     }
-    debug_assert!(labels.keys().filter(|k| k.starts_with(LABEL_PREFIX)).count() >= 4);
 
     let mut binds = Vec::new();
     if !task.alloc_dir.is_empty() {

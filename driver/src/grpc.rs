@@ -332,7 +332,7 @@ async fn run_fingerprint(driver: Driver, tx: tokio::sync::mpsc::Sender<Result<pb
             last = Some(fp);
             last_sent = tokio::time::Instant::now();
         }
-        let wait = period.min(RECHECK).saturating_sub(Duration::from_millis(0));
+        let wait = period.min(RECHECK);
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tx.closed() => return,

@@ -75,16 +75,6 @@ impl TaskStore {
         self.tasks.lock().unwrap_or_else(|p| p.into_inner()).remove(id)
     }
 
-    /// Number of tracked tasks.
-    pub fn len(&self) -> usize {
-        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    /// True when no task is tracked.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// The Nomad node name tasks were started on, once a task has been seen.
     pub fn node_name(&self) -> Option<String> {
         let tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
@@ -207,10 +197,7 @@ impl Driver {
     async fn cache_gate(&self, task: &NomadTask, cfg: &TaskConfig) -> Result<NodeFacts, DriverError> {
         let plugin = self.config();
         let cache_cfg = plugin.hf_cache.clone();
-        let on_nfs = {
-            let c = cache_cfg.clone();
-            tokio::task::spawn_blocking(move || crate::cache::assess(&c).on_nfs).await.unwrap_or(false)
-        };
+        let on_nfs = crate::cache::on_nfs(&cache_cfg);
         let mut facts = NodeFacts { cache_on_nfs: on_nfs, resolved_revision: None, model_bytes: None };
         let (Some(model), true) = (&cfg.model, crate::cache::uses_hf_cache(cfg)) else { return Ok(facts) };
         let (c, m, r, t) = (cache_cfg.clone(), model.clone(), cfg.revision.clone(), cache_cfg.probe_timeout.0);

@@ -47,17 +47,17 @@ impl Position {
         b
     }
 
+    fn from_bytes(b: &[u8]) -> Option<Position> {
+        Some(Position {
+            secs: i64::from_le_bytes(b.get(..8)?.try_into().ok()?),
+            nanos: u32::from_le_bytes(b.get(8..12)?.try_into().ok()?),
+            same_ts: u32::from_le_bytes(b.get(12..16)?.try_into().ok()?),
+        })
+    }
+
     /// Reads a state file; a missing or short file means "from the start".
     pub fn load(path: &Path) -> Position {
-        let Ok(b) = std::fs::read(path) else { return Position::default() };
-        if b.len() < Self::LEN {
-            return Position::default();
-        }
-        Position {
-            secs: i64::from_le_bytes(b[..8].try_into().unwrap_or_default()),
-            nanos: u32::from_le_bytes(b[8..12].try_into().unwrap_or_default()),
-            same_ts: u32::from_le_bytes(b[12..16].try_into().unwrap_or_default()),
-        }
+        std::fs::read(path).ok().and_then(|b| Position::from_bytes(&b)).unwrap_or_default()
     }
 }
 
@@ -118,16 +118,8 @@ impl StreamsDedup {
     /// Loads both positions (a 16-byte file from an older relay applies to both).
     pub fn load(path: &Path) -> Self {
         let b = std::fs::read(path).unwrap_or_default();
-        let parse = |chunk: &[u8]| Position {
-            secs: i64::from_le_bytes(chunk[..8].try_into().unwrap_or_default()),
-            nanos: u32::from_le_bytes(chunk[8..12].try_into().unwrap_or_default()),
-            same_ts: u32::from_le_bytes(chunk[12..16].try_into().unwrap_or_default()),
-        };
-        let (out, err) = match b.len() {
-            n if n >= 2 * Position::LEN => (parse(&b[..16]), parse(&b[16..32])),
-            n if n >= Position::LEN => (parse(&b[..16]), parse(&b[..16])),
-            _ => (Position::default(), Position::default()),
-        };
+        let out = Position::from_bytes(&b).unwrap_or_default();
+        let err = b.get(Position::LEN..).and_then(Position::from_bytes).unwrap_or(out);
         StreamsDedup { streams: [Dedup::new(out), Dedup::new(err)] }
     }
 

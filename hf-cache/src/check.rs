@@ -149,7 +149,7 @@ pub fn check(hub: &Path, repo: &RepoId, rev: &str, mode: Mode) -> Report {
     report.commit = Some(commit.clone());
     let snapshot = paths.snapshot(&commit);
     let dir = match std::fs::File::open(&snapshot) {
-        Ok(d) => Some(d),
+        Ok(d) => d,
         Err(_) => {
             report.findings.push(Finding::SnapshotMissing { commit });
             return report;
@@ -162,7 +162,7 @@ pub fn check(hub: &Path, repo: &RepoId, rev: &str, mode: Mode) -> Report {
         Some(tree) => {
             for (path, entry) in &tree.files {
                 report.files.insert(path.clone(), entry.content_size());
-                check_file(&snapshot, dir.as_ref(), path, Some(entry), &partials, mode, &mut report.findings);
+                check_file(&snapshot, &dir, path, Some(entry), &partials, mode, &mut report.findings);
             }
             for path in walk(&snapshot) {
                 if !tree.files.contains_key(&path) {
@@ -174,7 +174,7 @@ pub fn check(hub: &Path, repo: &RepoId, rev: &str, mode: Mode) -> Report {
             for path in walk(&snapshot) {
                 let size = std::fs::metadata(snapshot.join(&path)).map(|m| m.len()).unwrap_or(0);
                 report.files.insert(path.clone(), size);
-                check_file(&snapshot, dir.as_ref(), &path, None, &partials, mode, &mut report.findings);
+                check_file(&snapshot, &dir, &path, None, &partials, mode, &mut report.findings);
             }
         }
     }
@@ -199,23 +199,17 @@ fn partial_downloads(paths: &RepoPaths) -> Vec<String> {
 /// The size of `path` below the open snapshot directory, following links;
 /// `Err(true)` when the link itself exists (dangling), `Err(false)` when missing.
 /// Stat relative to the directory's fd spares the kernel re-walking the prefix.
-fn size_at(dir: Option<&std::fs::File>, full: &Path, path: &str) -> Result<u64, bool> {
+fn size_at(dir: &std::fs::File, path: &str) -> Result<u64, bool> {
     use nix::fcntl::AtFlags;
-    if let Some(d) = dir {
-        return match nix::sys::stat::fstatat(d, path, AtFlags::empty()) {
-            Ok(st) => Ok(st.st_size as u64),
-            Err(_) => Err(nix::sys::stat::fstatat(d, path, AtFlags::AT_SYMLINK_NOFOLLOW).is_ok()),
-        };
-    }
-    match std::fs::metadata(full) {
-        Ok(m) => Ok(m.len()),
-        Err(_) => Err(std::fs::symlink_metadata(full).is_ok()),
+    match nix::sys::stat::fstatat(dir, path, AtFlags::empty()) {
+        Ok(st) => Ok(st.st_size as u64),
+        Err(_) => Err(nix::sys::stat::fstatat(dir, path, AtFlags::AT_SYMLINK_NOFOLLOW).is_ok()),
     }
 }
 
 fn check_file(
     snapshot: &Path,
-    dir: Option<&std::fs::File>,
+    dir: &std::fs::File,
     path: &str,
     entry: Option<&TreeEntry>,
     partials: &[String],
@@ -232,7 +226,7 @@ fn check_file(
         }
     }
     // Following every link: snapshot → repo blob → shared store.
-    let size = match size_at(dir, &link, path) {
+    let size = match size_at(dir, path) {
         Ok(n) => n,
         Err(false) => {
             findings.push(Finding::Missing { path: path.to_string() });
@@ -282,10 +276,8 @@ fn walk(dir: &Path) -> Vec<String> {
 
 const HASH_BUF: usize = 1 << 20;
 
-/// sha256 of a file, hex.
-pub fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    let mut h = sha2::Sha256::new();
+/// Feeds a file's content to `h` in large reads.
+fn hash_file<D: sha1::Digest>(mut h: D, f: &mut std::fs::File) -> std::io::Result<String> {
     let mut buf = vec![0u8; HASH_BUF];
     loop {
         let n = f.read(&mut buf)?;
@@ -297,21 +289,17 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     Ok(hex(&h.finalize()))
 }
 
+/// sha256 of a file, hex.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    hash_file(sha2::Sha256::new(), &mut std::fs::File::open(path)?)
+}
+
 /// Git's blob id: sha1 of `blob <len>\0` followed by the content.
 pub fn git_blob_sha1(path: &Path) -> std::io::Result<String> {
     let mut f = std::fs::File::open(path)?;
-    let len = f.metadata()?.len();
     let mut h = sha1::Sha1::new();
-    h.update(format!("blob {len}\0").as_bytes());
-    let mut buf = vec![0u8; HASH_BUF];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex(&h.finalize()))
+    h.update(format!("blob {}\0", f.metadata()?.len()).as_bytes());
+    hash_file(h, &mut f)
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -39,7 +39,7 @@ pub struct Received<T> {
 }
 
 /// What a stream has delivered so far, and whether it is still open.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct StreamLog<T> {
     pub items: Vec<Received<T>>,
     pub ended: Option<String>,
@@ -320,12 +320,6 @@ async fn pump<T>(mut stream: tonic::Streaming<T>, log: Arc<Mutex<StreamLog<T>>>)
                 return;
             }
         }
-    }
-}
-
-impl<T: Clone> Clone for StreamLog<T> {
-    fn clone(&self) -> Self {
-        StreamLog { items: self.items.clone(), ended: self.ended.clone() }
     }
 }
 

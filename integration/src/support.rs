@@ -31,28 +31,34 @@ pub fn binary(name: &str) -> Result<PathBuf> {
         return Ok(p);
     }
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    let dir = cargo_build_once(&BUILT, &["--workspace", "--bins"])?;
+    let p = dir.join(name);
+    if !p.exists() {
+        bail!("{} was not built", p.display());
+    }
+    Ok(p)
+}
+
+/// Runs `cargo build --quiet <args>` (with `--release` when running from a
+/// release build) once per process and `slot`; returns the profile directory.
+fn cargo_build_once(slot: &'static OnceLock<Result<(), String>>, args: &[&str]) -> Result<PathBuf> {
     let dir = profile_dir()?;
-    let built = BUILT.get_or_init(|| {
+    let built = slot.get_or_init(|| {
         let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "--workspace", "--bins", "--quiet"]);
+        cmd.args(["build", "--quiet"]).args(args);
         if dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
-        cmd.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
-        match cmd.status() {
+        match cmd.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/..")).status() {
             Ok(s) if s.success() => Ok(()),
-            Ok(s) => Err(format!("cargo build failed: {s}")),
+            Ok(s) => Err(format!("cargo build {args:?} failed: {s}")),
             Err(e) => Err(format!("cannot run cargo: {e}")),
         }
     });
     if let Err(e) = built {
         bail!("{e}");
     }
-    let p = dir.join(name);
-    if !p.exists() {
-        bail!("{} was not built", p.display());
-    }
-    Ok(p)
+    Ok(dir)
 }
 
 /// Whether the Docker engine answers on its default socket. With `CI=true` an
@@ -184,20 +190,6 @@ pub fn run_python(python: &std::path::Path, code: &str, args: &[&str]) -> Result
 /// The fake `libnvidia-ml.so` (built once per process; `cargo build -p fake-nvml`).
 pub fn fake_nvml() -> Result<PathBuf> {
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
-    let dir = profile_dir()?;
-    let built = BUILT.get_or_init(|| {
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "--quiet", "-p", "fake-nvml"]);
-        if dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        match cmd.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/..")).status() {
-            Ok(s) if s.success() => Ok(()),
-            other => Err(format!("building fake-nvml failed: {other:?}")),
-        }
-    });
-    if let Err(e) = built {
-        bail!("{e}");
-    }
+    let dir = cargo_build_once(&BUILT, &["-p", "fake-nvml"])?;
     Ok(dir.join("libnvidia_ml.so"))
 }

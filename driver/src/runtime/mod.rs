@@ -4,7 +4,7 @@
 mod docker;
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use futures::stream::BoxStream;
 use tokio::io::AsyncWrite;
@@ -220,10 +220,4 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         label: &str,
         value: &str,
     ) -> Result<Vec<(String, BTreeMap<String, String>)>, RuntimeError>;
-}
-
-/// Converts a SystemTime to (secs, nanos) since the epoch.
-pub fn unix_parts(t: SystemTime) -> (i64, u32) {
-    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    (d.as_secs() as i64, d.subsec_nanos())
 }
