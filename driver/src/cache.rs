@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hf_cache::mount::{mount_for, parse_mountinfo, space, with_timeout, writable};
-use hf_cache::{check, Mode, RepoId};
+use hf_cache::state::{InUse, StateDir};
+use hf_cache::{check, Mode, RepoId, RepoPaths};
 
 use crate::config::units::Bytes;
 use crate::config::{Engine, HfCacheConfig, TaskConfig};
@@ -182,6 +183,59 @@ pub fn check_model(
         bytes: report.total_bytes(),
         findings: report.findings.iter().map(ToString::to_string).collect(),
     })
+}
+
+/// `driver.aimodel.warm.<org>/<name>` = commit for every model the agent
+/// recorded as warm whose snapshot is still there (one stat each), read under
+/// the probe timeout. Several revisions of one repo: the latest verified wins.
+pub fn warm_attributes(cache: &HfCacheConfig) -> BTreeMap<String, AttrValue> {
+    let hub = hub_dir(cache);
+    with_timeout(cache.probe_timeout.0, move || {
+        let mut latest: BTreeMap<String, (u64, String)> = BTreeMap::new();
+        for r in StateDir::for_hub(&hub).warm() {
+            if !RepoPaths::new(&hub, &RepoId::model(&r.repo)).snapshot(&r.commit).is_dir() {
+                continue;
+            }
+            let e = latest.entry(r.repo.clone()).or_insert((0, String::new()));
+            if r.verified_at >= e.0 {
+                *e = (r.verified_at, r.commit);
+            }
+        }
+        latest
+            .into_iter()
+            .map(|(repo, (_, commit))| (format!("driver.aimodel.warm.{repo}"), AttrValue::Str(commit)))
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// Marks `model` in use by `task` for the agents' gc (any node) and notes the
+/// use for least-recently-used ordering. Errors are logged, never fatal: a
+/// missing marker only weakens gc protection.
+pub fn mark_in_use(cache: &HfCacheConfig, task: &str, node: &str, model: &str, commit: &str, touch: bool) {
+    let (hub, timeout) = (hub_dir(cache), cache.probe_timeout.0);
+    let u = InUse { repo: model.into(), commit: commit.into(), node: node.into(), task: task.into() };
+    let r = with_timeout(timeout, move || {
+        let s = StateDir::for_hub(&hub);
+        s.mark_in_use(&u)?;
+        if touch {
+            s.touch_used(&u.repo)?;
+        }
+        Ok::<_, std::io::Error>(())
+    });
+    match r {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(task_id = %task, error = %e, "could not write the in-use marker"),
+        Err(t) => tracing::warn!(task_id = %task, error = %t, "could not write the in-use marker"),
+    }
+}
+
+/// Removes the in-use marker of `task`.
+pub fn clear_in_use(cache: &HfCacheConfig, task: &str) {
+    let (hub, t) = (hub_dir(cache), task.to_string());
+    if let Ok(Err(e)) = with_timeout(cache.probe_timeout.0, move || StateDir::for_hub(&hub).clear_in_use(&t)) {
+        tracing::warn!(task_id = %task, error = %e, "could not remove the in-use marker");
+    }
 }
 
 /// `HF_HUB_CACHE` on the host: `<host_path>/hub`.

@@ -30,6 +30,9 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 const ORPHAN_GRACE: Duration = Duration::from_secs(120);
 /// Task events buffered for slow TaskEvents readers.
 const EVENT_BUFFER: usize = 1024;
+/// How often the in-use markers of running tasks are rewritten; the agents' gc
+/// honours a marker for ten times this (`in_use_ttl`).
+const IN_USE_REFRESH: Duration = Duration::from_secs(60);
 
 /// A node attribute value.
 #[derive(Debug, Clone, PartialEq)]
@@ -82,6 +85,8 @@ pub struct Driver {
     born: std::time::Instant,
     orphans: Arc<std::sync::Mutex<Vec<String>>>,
     gpu: Arc<tokio::sync::Mutex<Option<Arc<GpuMonitor>>>>,
+    /// When the in-use markers of running tasks were last rewritten.
+    in_use_refreshed: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 impl Driver {
@@ -107,6 +112,7 @@ impl Driver {
             born: std::time::Instant::now(),
             orphans: Arc::default(),
             gpu: Arc::default(),
+            in_use_refreshed: Arc::default(),
         }
     }
 
@@ -225,6 +231,20 @@ impl Driver {
         let cache_cfg = self.config().hf_cache.clone();
         let cache = tokio::task::spawn_blocking(move || crate::cache::assess(&cache_cfg)).await.unwrap_or_default();
         attributes.extend(cache.attributes.clone());
+        let cache_cfg = self.config().hf_cache.clone();
+        let warm = tokio::task::spawn_blocking(move || crate::cache::warm_attributes(&cache_cfg)).await;
+        attributes.extend(warm.unwrap_or_default());
+        let due = {
+            let mut last = self.in_use_refreshed.lock().unwrap_or_else(|p| p.into_inner());
+            let due = last.is_none_or(|t| t.elapsed() >= IN_USE_REFRESH);
+            if due {
+                *last = Some(std::time::Instant::now());
+            }
+            due
+        };
+        if due {
+            self.refresh_in_use().await;
+        }
         let mut gpu_notes = Vec::new();
         let mut gpu_required_missing = false;
         if let Some(monitor) = self.gpus().await {

@@ -132,6 +132,16 @@ impl Driver {
         if self.tasks().get(&task.id).is_some() {
             return Err(DriverError::TaskExists { id: task.id.clone() });
         }
+        let id = task.id.clone();
+        let r = self.start_task_inner(task).await;
+        if r.is_err() {
+            let cache = self.config().hf_cache.clone();
+            let _ = tokio::task::spawn_blocking(move || crate::cache::clear_in_use(&cache, &id)).await;
+        }
+        r
+    }
+
+    async fn start_task_inner(&self, task: NomadTask) -> Result<Started, DriverError> {
         let cfg = decode_task_config(&task.driver_config).map_err(DriverError::TaskConfig)?;
         let plugin = self.config();
         let facts = self.cache_gate(&task, &cfg).await?;
@@ -200,6 +210,10 @@ impl Driver {
         let on_nfs = crate::cache::on_nfs(&cache_cfg);
         let mut facts = NodeFacts { cache_on_nfs: on_nfs, resolved_revision: None, model_bytes: None };
         let (Some(model), true) = (&cfg.model, crate::cache::uses_hf_cache(cfg)) else { return Ok(facts) };
+        // In use before the check: an agent's gc that reads the markers after
+        // this cannot evict what the check is about to accept.
+        let (c, id, node, m) = (cache_cfg.clone(), task.id.clone(), task.node_name.clone(), model.clone());
+        let _ = tokio::task::spawn_blocking(move || crate::cache::mark_in_use(&c, &id, &node, &m, "", true)).await;
         let (c, m, r, t) = (cache_cfg.clone(), model.clone(), cfg.revision.clone(), cache_cfg.probe_timeout.0);
         let checked = tokio::task::spawn_blocking(move || crate::cache::check_model(&c, &m, &r, t))
             .await
@@ -209,6 +223,9 @@ impl Driver {
             let commit = checked.commit.clone().unwrap_or_default();
             facts.resolved_revision = Some(commit.clone());
             facts.model_bytes = Some(checked.bytes);
+            let (c, id, node, m, k) =
+                (cache_cfg.clone(), task.id.clone(), task.node_name.clone(), model.clone(), commit.clone());
+            let _ = tokio::task::spawn_blocking(move || crate::cache::mark_in_use(&c, &id, &node, &m, &k, false)).await;
             self.event(
                 task,
                 format!(
@@ -437,6 +454,32 @@ impl Driver {
         }
     }
 
+    /// Rewrites the in-use markers of running tasks that use a cached model,
+    /// so the agents' gc on every node keeps seeing them as live.
+    pub async fn refresh_in_use(&self) {
+        let cache = self.config().hf_cache.clone();
+        let live: Vec<(String, String, String, String)> = self
+            .tasks()
+            .ids()
+            .into_iter()
+            .filter_map(|id| self.tasks().get(&id))
+            .filter(|e| e.exit_result().is_none() && e.state.engine != "ollama")
+            .filter_map(|e| {
+                let model = e.state.model.clone()?;
+                Some((e.task.id.clone(), e.task.node_name.clone(), model, e.state.revision.clone().unwrap_or_default()))
+            })
+            .collect();
+        if live.is_empty() {
+            return;
+        }
+        let _ = tokio::task::spawn_blocking(move || {
+            for (id, node, model, commit) in live {
+                crate::cache::mark_in_use(&cache, &id, &node, &model, &commit, false);
+            }
+        })
+        .await;
+    }
+
     /// DestroyTask: free everything; unknown ids are fine.
     pub async fn destroy_task(&self, id: &str, force: bool) -> Result<(), DriverError> {
         let Some(entry) = self.tasks().get(id) else { return Ok(()) };
@@ -451,6 +494,10 @@ impl Driver {
         }
         entry.cancel.cancel();
         entry.fifo_fds.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        if entry.state.model.is_some() {
+            let (cache, tid) = (self.config().hf_cache.clone(), id.to_string());
+            let _ = tokio::task::spawn_blocking(move || crate::cache::clear_in_use(&cache, &tid)).await;
+        }
         let _ = std::fs::remove_file(&entry.state.relay_state);
         self.tasks().remove(id);
         tracing::info!(task_id = %id, "task destroyed");

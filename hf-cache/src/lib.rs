@@ -3,9 +3,12 @@
 //! and publishing. No network, no async, no Docker.
 
 pub mod check;
+pub mod gc;
 pub mod layout;
 pub mod mount;
 pub mod publish;
+pub mod state;
+pub mod units;
 
 pub use check::{check, Finding, Mode, Report};
 pub use layout::{RepoId, RepoPaths, RepoType, TreeEntry, TreeFile};

@@ -1,4 +1,4 @@
-//! The command line: `prewarm`, `verify`, `status`.
+//! The command line: `prewarm`, `verify`, `status`, `gc` and `run` (the daemon).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,7 +9,12 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+use hf_cache::gc;
+use hf_cache::state::StateDir;
+use hf_cache::units::human_bytes;
 use hf_cache::{check, Mode, RepoId};
+
+use crate::config::AgentConfig;
 
 use crate::hub::Hub;
 use crate::prewarm::{prewarm, Options, Progress};
@@ -21,6 +26,10 @@ pub struct Args {
     /// The hub cache directory; default `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else ~/.cache/huggingface/hub.
     #[arg(long, global = true)]
     pub cache: Option<PathBuf>,
+    /// The agent configuration (HCL): its `hf_home` is the cache unless `--cache` is given, and its
+    /// pinned models are kept by `gc` and shown by `status`.
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Cmd,
 }
@@ -55,28 +64,50 @@ pub enum Cmd {
         #[arg(long)]
         deep: bool,
     },
-    /// Every cached model: commit, size, complete or not.
+    /// Every cached model: commit, size, complete or not, last use, pinned.
     Status,
+    /// Evict least-recently-used models until the target holds (never pinned, in-use or downloading ones).
+    Gc {
+        /// Evict until the cache filesystem has this much free (`200GiB`).
+        #[arg(long, value_parser = parse_size, required_unless_present = "max_size")]
+        target_free: Option<u64>,
+        /// Evict until the cached models take at most this much (`1TiB`).
+        #[arg(long, value_parser = parse_size)]
+        max_size: Option<u64>,
+        /// Also keep this repo (repeatable); pins of `--config` are kept anyway.
+        #[arg(long)]
+        pin: Vec<String>,
+        /// An in-use marker older than this no longer protects its model.
+        #[arg(long, default_value = "10m", value_parser = parse_secs)]
+        in_use_ttl: Duration,
+        /// Show what would be evicted; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// The node agent: keep the manifest's models (and Nomad's) warm, serve /health, /status, /metrics.
+    Run {
+        /// Only check the configuration and print what would be prewarmed.
+        #[arg(long)]
+        check: bool,
+    },
 }
 
-/// `30s`, `500ms`, `2m` or plain seconds.
+fn parse_size(s: &str) -> Result<u64, String> {
+    hf_cache::units::parse_bytes(s)
+}
+
+/// `30s`, `500ms`, `2m`, `1h` or plain seconds; positive.
 fn parse_secs(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.trim().split_at(s.trim().find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.trim().len()));
-    let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "ms" => n / 1000.0,
-        "m" => n * 60.0,
-        _ => return Err(format!("invalid duration {s:?} (use ms, s or m)")),
-    };
-    if secs <= 0.0 {
+    let d = hf_cache::units::parse_duration(s)?;
+    if d.is_zero() {
         return Err(format!("duration {s:?} must be positive"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Ok(d)
 }
 
-fn hub_dir(arg: &Option<PathBuf>) -> PathBuf {
+fn hub_dir(arg: &Option<PathBuf>, cfg: Option<&AgentConfig>) -> PathBuf {
     arg.clone()
+        .or_else(|| cfg.map(AgentConfig::hub_dir))
         .or_else(|| std::env::var_os("HF_HUB_CACHE").map(PathBuf::from))
         .or_else(|| std::env::var_os("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
         .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/huggingface/hub"))
@@ -91,7 +122,12 @@ fn split(model: &str) -> (String, String) {
 
 /// Runs a command; the exit code says whether the model is usable.
 pub async fn run(args: Args) -> Result<ExitCode> {
-    let dir = hub_dir(&args.cache);
+    let cfg = match &args.config {
+        Some(p) => Some(AgentConfig::load(p)?),
+        None => None,
+    };
+    let dir = hub_dir(&args.cache, cfg.as_ref());
+    let pinned = cfg.as_ref().map(AgentConfig::pinned).unwrap_or_default();
     match args.command {
         Cmd::Prewarm { model, include, exclude, concurrency, heartbeat, stale_after, stall_timeout } => {
             let (repo, rev) = split(&model);
@@ -104,18 +140,10 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             o.stale_after = stale_after;
             o.stall = stall_timeout;
             let progress = Arc::new(Progress::default());
-            let p = progress.clone();
-            let label = model.clone();
-            let ticker = tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    let (done, total) = (p.bytes_done.load(Ordering::SeqCst), p.bytes_total.load(Ordering::SeqCst));
-                    let pct = if total > 0 { done as f64 * 100.0 / total as f64 } else { 0.0 };
-                    eprintln!("{label}: {:.1}/{:.1} MB ({pct:.0}%)", done as f64 / 1e6, total as f64 / 1e6);
-                }
-            });
+            let ticker = tokio::spawn(show_progress(model.clone(), progress.clone()));
             let r = prewarm(&hub, &repo, &rev, &o, progress).await;
             ticker.abort();
+            let _ = ticker.await;
             let s = r.with_context(|| format!("prewarm {model}"))?;
             let secs = s.elapsed.as_secs_f64().max(1e-9);
             println!(
@@ -145,6 +173,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             Ok(if r.is_complete() { ExitCode::SUCCESS } else { ExitCode::from(3) })
         }
         Cmd::Status => {
+            let state = StateDir::for_hub(&dir);
             let mut rows = Vec::new();
             for e in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?.flatten() {
                 let name = e.file_name().to_string_lossy().to_string();
@@ -152,12 +181,15 @@ pub async fn run(args: Args) -> Result<ExitCode> {
                 let refs = std::fs::read_dir(e.path().join("refs"))
                     .map(|rd| rd.flatten().map(|r| r.file_name().to_string_lossy().to_string()).collect::<Vec<_>>())
                     .unwrap_or_default();
+                let used =
+                    state.last_used(&repo.id).map(|t| format!("{} ago", ago(t))).unwrap_or_else(|| "never used".into());
+                let pin = if pinned.contains(&repo.id) { "  pinned" } else { "" };
                 for rev in refs {
                     let r = check(&dir, &repo, &rev, Mode::Quick);
                     rows.push(format!(
-                        "{repo}@{rev}  {}  {:.1} MB  {}",
+                        "{repo}@{rev}  {}  {}  {}  {used}{pin}",
                         r.commit.as_deref().unwrap_or("-"),
-                        r.total_bytes() as f64 / 1e6,
+                        human_bytes(r.total_bytes()),
                         if r.is_complete() { "complete" } else { "incomplete" }
                     ));
                 }
@@ -167,6 +199,125 @@ pub async fn run(args: Args) -> Result<ExitCode> {
                 println!("{r}");
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Gc { target_free, max_size, pin, in_use_ttl, dry_run } => {
+            let policy = gc::Policy {
+                target_free,
+                max_size,
+                pinned: pinned.into_iter().chain(pin).collect(),
+                protected: Vec::new(),
+                in_use_ttl,
+                lease_fresh: Duration::from_secs(30),
+            };
+            let d = dir.clone();
+            let outcome = tokio::task::spawn_blocking(move || {
+                if dry_run {
+                    gc::plan(&d, &policy).map(|p| (p, Vec::new()))
+                } else {
+                    gc::run(&d, &policy)
+                }
+            })
+            .await?
+            .with_context(|| format!("gc of {}", dir.display()))?;
+            let (plan, done) = outcome;
+            println!(
+                "cache {}: {} in {} models, {} free",
+                dir.display(),
+                human_bytes(plan.total),
+                plan.models.len(),
+                human_bytes(plan.free)
+            );
+            for m in &plan.models {
+                let verdict = match (&m.keep, plan.evict.contains(&m.repo)) {
+                    (Some(k), _) => format!("keep ({k})"),
+                    (None, true) if dry_run => "would evict".to_string(),
+                    (None, true) => {
+                        if done.iter().any(|(r, _)| r == &m.repo) {
+                            "evicted".to_string()
+                        } else {
+                            "kept (target reached)".to_string()
+                        }
+                    }
+                    (None, false) => "keep".to_string(),
+                };
+                println!("  {:<50} {:>10}  used {} ago  {verdict}", m.repo, human_bytes(m.bytes), ago(m.last_used));
+            }
+            let freed: u64 = done.iter().map(|(_, b)| b).sum();
+            if dry_run {
+                println!("dry run: would evict {} models", plan.evict.len());
+            } else {
+                println!("evicted {} models, freed {}", done.len(), human_bytes(freed));
+            }
+            if !plan.reaches_target {
+                println!("target not reachable: the remaining models are pinned, in use or being downloaded");
+                return Ok(ExitCode::from(4));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Run { check: only_check } => {
+            let Some(cfg) = cfg else { anyhow::bail!("run needs --config FILE") };
+            if only_check {
+                println!(
+                    "configuration {} is valid; hub cache {}",
+                    args.config.unwrap_or_default().display(),
+                    cfg.hub_dir().display()
+                );
+                for m in &cfg.models {
+                    println!("  {}@{}{}", m.repo, m.revision, if m.pin { " (pinned)" } else { "" });
+                }
+                if let Some(n) = &cfg.nomad {
+                    println!("  + every driver = \"aimodel\" task of namespace {:?}", n.namespace);
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            init_logging();
+            crate::daemon::run(cfg).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AIMODEL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// `3m`, `2h`, `5d`: how long ago.
+fn ago(t: std::time::SystemTime) -> String {
+    let s = std::time::SystemTime::now().duration_since(t).unwrap_or_default().as_secs();
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+/// A progress bar on a terminal; a line every five seconds otherwise (logs).
+async fn show_progress(label: String, p: Arc<Progress>) {
+    use std::io::IsTerminal;
+    if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_message(label);
+        loop {
+            bar.set_length(p.bytes_total.load(Ordering::SeqCst));
+            bar.set_position(p.bytes_done.load(Ordering::SeqCst));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    } else {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let (done, total) = (p.bytes_done.load(Ordering::SeqCst), p.bytes_total.load(Ordering::SeqCst));
+            let pct = if total > 0 { done as f64 * 100.0 / total as f64 } else { 0.0 };
+            eprintln!("{label}: {}/{} ({pct:.0}%)", human_bytes(done), human_bytes(total));
         }
     }
 }

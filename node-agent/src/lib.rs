@@ -3,6 +3,9 @@
 //! binary is the operator's CLI.
 
 pub mod cli;
+pub mod config;
+pub mod daemon;
 pub mod hub;
 pub mod lease;
+pub mod nomad;
 pub mod prewarm;

@@ -11,11 +11,15 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(1);
         }
     };
-    match rt.block_on(aimodel_agent::cli::run(args)) {
+    let code = match rt.block_on(aimodel_agent::cli::run(args)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("aimodel-agent: {e:#}");
             std::process::ExitCode::from(1)
         }
-    }
+    };
+    // Dropping in-flight downloads releases their leases; a lease waiter
+    // blocked on another node is not waited for.
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    code
 }

@@ -1,0 +1,259 @@
+//! The daemon's configuration file (HCL, usually rendered by a Nomad
+//! `template` stanza): the cache, the HTTP listener, the manifest of models,
+//! the optional Nomad API source, and the disk watermark for gc.
+//!
+//! ```hcl
+//! hf_home  = "/mnt/hf-cache"
+//! listen   = "0.0.0.0:9464"
+//! interval = "5m"
+//!
+//! models = [
+//!   { repo = "mistralai/Mistral-7B-Instruct-v0.3", include = ["*.safetensors", "*.json"], pin = true },
+//!   { repo = "Qwen/Qwen2.5-0.5B-Instruct", revision = "main" },
+//! ]
+//!
+//! nomad {
+//!   address   = "http://127.0.0.1:4646"
+//!   namespace = "*"
+//! }
+//!
+//! gc {
+//!   target_free = "200GiB"
+//! }
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use hf_cache::units::{Bytes, Dur};
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// `HF_HOME` of the shared cache; models go to `<hf_home>/hub`.
+    pub hf_home: PathBuf,
+    /// Address of the HTTP endpoints (`/health`, `/status`, `/metrics`).
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// How often every wanted model is re-checked against the hub and the disk.
+    #[serde(default = "default_interval")]
+    pub interval: Dur,
+    /// Files downloaded at once per model.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// Models prewarmed at once.
+    #[serde(default = "default_models_at_once")]
+    pub models_at_once: usize,
+    /// A download that sees no bytes for this long is retried.
+    #[serde(default = "default_stall")]
+    pub stall_timeout: Dur,
+    /// How often a held blob lease is renewed.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat: Dur,
+    /// How long an unchanged lease of another agent is respected.
+    #[serde(default = "default_stale")]
+    pub stale_after: Dur,
+    /// The manifest.
+    #[serde(default)]
+    pub models: Vec<ModelSpec>,
+    pub nomad: Option<NomadConfig>,
+    pub gc: Option<GcConfig>,
+}
+
+/// One manifest entry.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// `org/name`.
+    pub repo: String,
+    #[serde(default = "default_revision")]
+    pub revision: String,
+    /// Only files matching one of these globs (huggingface_hub's `allow_patterns`).
+    #[serde(default, alias = "allow_patterns")]
+    pub include: Vec<String>,
+    /// No file matching one of these globs (`ignore_patterns`).
+    #[serde(default, alias = "ignore_patterns")]
+    pub exclude: Vec<String>,
+    /// Never evicted by gc.
+    #[serde(default)]
+    pub pin: bool,
+}
+
+/// `nomad { ... }`: prewarm the model of every `driver = "aimodel"` task.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NomadConfig {
+    /// Default `$NOMAD_ADDR`, else `http://127.0.0.1:4646`.
+    pub address: Option<String>,
+    /// ACL token; default `$NOMAD_TOKEN`. Never logged.
+    pub token: Option<String>,
+    /// `*` for every namespace.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Longest wait of one blocking query.
+    #[serde(default = "default_wait")]
+    pub wait: Dur,
+}
+
+impl std::fmt::Debug for NomadConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NomadConfig")
+            .field("address", &self.address)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("namespace", &self.namespace)
+            .field("wait", &self.wait)
+            .finish()
+    }
+}
+
+/// `gc { ... }`: the disk watermark.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GcConfig {
+    /// Evict until the cache filesystem has this much free.
+    pub target_free: Option<Bytes>,
+    /// Evict until the cached models take at most this much.
+    pub max_size: Option<Bytes>,
+    /// An in-use marker not refreshed for this long no longer protects its model.
+    #[serde(default = "default_in_use_ttl")]
+    pub in_use_ttl: Dur,
+    /// Only report what would be evicted.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:9464".into()
+}
+fn default_interval() -> Dur {
+    Dur(Duration::from_secs(300))
+}
+fn default_concurrency() -> usize {
+    4
+}
+fn default_models_at_once() -> usize {
+    2
+}
+fn default_stall() -> Dur {
+    Dur(Duration::from_secs(60))
+}
+fn default_heartbeat() -> Dur {
+    Dur(Duration::from_secs(5))
+}
+fn default_stale() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+fn default_revision() -> String {
+    "main".into()
+}
+fn default_namespace() -> String {
+    "*".into()
+}
+fn default_wait() -> Dur {
+    Dur(Duration::from_secs(300))
+}
+/// Ten driver refresh periods (the driver rewrites its markers every minute).
+pub fn default_in_use_ttl() -> Dur {
+    Dur(Duration::from_secs(600))
+}
+
+/// A configuration error, naming the file and what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {reason}")]
+pub struct ConfigError {
+    pub path: String,
+    pub reason: String,
+}
+
+impl AgentConfig {
+    /// Parses and checks `text` (`path` is for messages).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let err = |reason: String| ConfigError { path: path.display().to_string(), reason };
+        let cfg: AgentConfig = hcl::from_str(text).map_err(|e| err(e.to_string()))?;
+        for (i, m) in cfg.models.iter().enumerate() {
+            let parts: Vec<&str> = m.repo.split('/').collect();
+            if parts.len() != 2 || parts.iter().any(|p| p.is_empty() || *p == "." || *p == "..") {
+                return Err(err(format!("models[{i}].repo: {:?} is not a HuggingFace repo id (org/name)", m.repo)));
+            }
+            if m.revision.trim().is_empty() || m.revision.contains("..") {
+                return Err(err(format!("models[{i}].revision: {:?} is not a revision", m.revision)));
+            }
+        }
+        if cfg.concurrency == 0 || cfg.models_at_once == 0 {
+            return Err(err("concurrency and models_at_once must be at least 1".into()));
+        }
+        if let Some(gc) = &cfg.gc {
+            if gc.target_free.is_none() && gc.max_size.is_none() {
+                return Err(err("gc: set target_free or max_size (or remove the gc block)".into()));
+            }
+        }
+        cfg.listen.parse::<std::net::SocketAddr>().map_err(|e| err(format!("listen {:?}: {e}", cfg.listen)))?;
+        Ok(cfg)
+    }
+
+    /// Reads and parses a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError { path: path.display().to_string(), reason: e.to_string() })?;
+        Self::parse(&text, path)
+    }
+
+    /// `<hf_home>/hub`.
+    pub fn hub_dir(&self) -> PathBuf {
+        self.hf_home.join("hub")
+    }
+
+    /// Repos pinned by the manifest.
+    pub fn pinned(&self) -> Vec<String> {
+        self.models.iter().filter(|m| m.pin).map(|m| m.repo.clone()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_example_parses() {
+        let text = include_str!("config.rs")
+            .lines()
+            .skip_while(|l| !l.starts_with("//! ```hcl"))
+            .skip(1)
+            .take_while(|l| !l.starts_with("//! ```"))
+            .map(|l| l.trim_start_matches("//!").strip_prefix(' ').unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = AgentConfig::parse(&text, Path::new("example.hcl")).unwrap();
+        assert_eq!(c.hub_dir(), PathBuf::from("/mnt/hf-cache/hub"));
+        assert_eq!(c.models.len(), 2);
+        assert_eq!(c.models[0].include, ["*.safetensors", "*.json"]);
+        assert_eq!(c.models[1].revision, "main");
+        assert_eq!(c.pinned(), ["mistralai/Mistral-7B-Instruct-v0.3"]);
+        assert_eq!(c.nomad.as_ref().unwrap().namespace, "*");
+        assert_eq!(c.gc.as_ref().unwrap().target_free, Some(Bytes(200 << 30)));
+        assert_eq!(c.interval, Dur(Duration::from_secs(300)));
+    }
+
+    #[test]
+    fn bad_input_names_the_problem() {
+        let p = Path::new("a.hcl");
+        let e = AgentConfig::parse("hf_home = \"/c\"\nmodels = [{ repo = \"nope\" }]", p).unwrap_err();
+        assert!(e.to_string().contains("models[0].repo"), "{e}");
+        let e = AgentConfig::parse("hf_home = \"/c\"\nmodelz = []", p).unwrap_err();
+        assert!(e.to_string().contains("modelz"), "{e}");
+        let e = AgentConfig::parse("hf_home = \"/c\"\ngc {\n dry_run = true\n}", p).unwrap_err();
+        assert!(e.to_string().contains("target_free"), "{e}");
+        let e = AgentConfig::parse("hf_home = \"/c\"\ninterval = \"soon\"", p).unwrap_err();
+        assert!(e.to_string().contains("soon"), "{e}");
+        let c = AgentConfig::parse(
+            "hf_home = \"/c\"\nmodels = [{ repo = \"a/b\", allow_patterns = [\"*.json\"] }]\nnomad {\n token = \"s3cret\"\n}",
+            p,
+        )
+        .unwrap();
+        assert_eq!(c.models[0].include, ["*.json"]);
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+}

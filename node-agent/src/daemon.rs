@@ -1,0 +1,466 @@
+//! `aimodel-agent run --config FILE`: keeps every wanted model (the manifest,
+//! plus the models of Nomad's `driver = "aimodel"` tasks) warm in the shared
+//! cache, records warm models for the driver's fingerprint, evicts cold ones
+//! above the disk watermark, and serves `/health`, `/status` and `/metrics`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+use hf_cache::state::{node_name, unix_now, StateDir, WarmRecord};
+use hf_cache::{check, Mode, RepoId};
+
+use crate::config::{AgentConfig, ModelSpec};
+use crate::hub::Hub;
+use crate::nomad::{NomadStatus, Wanted};
+use crate::prewarm::{prewarm, Options, Progress};
+
+/// The state of one wanted model.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelStatus {
+    pub repo: String,
+    pub revision: String,
+    /// `manifest` and/or `nomad`.
+    pub sources: BTreeSet<String>,
+    pub pinned: bool,
+    /// `pending`, `downloading`, `warm` or `failed`.
+    pub state: String,
+    pub commit: Option<String>,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub last_error: Option<String>,
+    /// Unix seconds of the last successful check.
+    pub last_ok: Option<u64>,
+    #[serde(skip)]
+    pub progress: Option<Arc<Progress>>,
+    #[serde(skip)]
+    pub checked: Option<Instant>,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Counters {
+    /// Bytes fetched from the hub by finished prewarms.
+    pub downloaded_bytes: u64,
+    pub failures: u64,
+    pub evicted_models: u64,
+    pub evicted_bytes: u64,
+    pub cache_bytes: u64,
+    pub cache_free_bytes: u64,
+}
+
+/// Everything `/status` shows.
+#[derive(Debug, Default)]
+pub struct Shared {
+    pub models: BTreeMap<(String, String), ModelStatus>,
+    pub counters: Counters,
+    pub nomad: Option<NomadStatus>,
+    pub gc_last: Option<serde_json::Value>,
+}
+
+type SharedRef = Arc<Mutex<Shared>>;
+
+fn lock(s: &SharedRef) -> std::sync::MutexGuard<'_, Shared> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The `/status` document.
+pub fn status_json(cfg: &AgentConfig, s: &SharedRef) -> serde_json::Value {
+    let g = lock(s);
+    let models: Vec<serde_json::Value> = g
+        .models
+        .values()
+        .map(|m| {
+            let mut m = m.clone();
+            if let Some(p) = &m.progress {
+                m.bytes_done = p.bytes_done.load(Ordering::SeqCst);
+                m.bytes_total = p.bytes_total.load(Ordering::SeqCst);
+            }
+            serde_json::to_value(m).unwrap_or_default()
+        })
+        .collect();
+    serde_json::json!({
+        "node": node_name(),
+        "hf_home": cfg.hf_home,
+        "models": models,
+        "counters": g.counters,
+        "nomad": g.nomad,
+        "gc": g.gc_last,
+    })
+}
+
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// The `/metrics` page (Prometheus text format 0.0.4).
+pub fn metrics_text(s: &SharedRef) -> String {
+    let g = lock(s);
+    let in_flight = g.models.values().filter(|m| m.state == "downloading").count();
+    let live: u64 =
+        g.models.values().filter_map(|m| m.progress.as_ref()).map(|p| p.downloaded.load(Ordering::SeqCst)).sum();
+    let c = &g.counters;
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, lines: Vec<(String, u64)>| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for (labels, v) in lines {
+            out.push_str(&format!("{name}{labels} {v}\n"));
+        }
+    };
+    metric(
+        "aimodel_agent_downloaded_bytes_total",
+        "counter",
+        "Bytes fetched from the hub by this agent.",
+        vec![(String::new(), c.downloaded_bytes + live)],
+    );
+    metric(
+        "aimodel_agent_downloads_in_flight",
+        "gauge",
+        "Models being prewarmed now.",
+        vec![(String::new(), in_flight as u64)],
+    );
+    metric("aimodel_agent_failures_total", "counter", "Prewarms that failed.", vec![(String::new(), c.failures)]);
+    metric(
+        "aimodel_agent_cache_bytes",
+        "gauge",
+        "Bytes of the models in the cache.",
+        vec![(String::new(), c.cache_bytes)],
+    );
+    metric(
+        "aimodel_agent_cache_free_bytes",
+        "gauge",
+        "Free bytes of the cache filesystem.",
+        vec![(String::new(), c.cache_free_bytes)],
+    );
+    metric(
+        "aimodel_agent_evicted_bytes_total",
+        "counter",
+        "Bytes freed by gc.",
+        vec![(String::new(), c.evicted_bytes)],
+    );
+    metric(
+        "aimodel_agent_evicted_models_total",
+        "counter",
+        "Models evicted by gc.",
+        vec![(String::new(), c.evicted_models)],
+    );
+    let warm = g
+        .models
+        .values()
+        .map(|m| {
+            (
+                format!("{{repo=\"{}\",revision=\"{}\"}}", label(&m.repo), label(&m.revision)),
+                u64::from(m.state == "warm"),
+            )
+        })
+        .collect();
+    metric("aimodel_agent_model_warm", "gauge", "1 when the model is complete in the cache.", warm);
+    out
+}
+
+async fn serve_http(listener: tokio::net::TcpListener, cfg: Arc<AgentConfig>, shared: SharedRef) {
+    while let Ok((mut s, _)) = listener.accept().await {
+        let (cfg, shared) = (cfg.clone(), shared.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut n = 0;
+            // Read the request head (GET only; no body).
+            while n < buf.len() {
+                match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf[n..])).await {
+                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
+                    Ok(Ok(k)) => n += k,
+                }
+                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let mut parts = head.split_whitespace();
+            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or("/"));
+            let path = path.split('?').next().unwrap_or("/");
+            let (status, ctype, body) = match (method, path) {
+                ("GET", "/health") => ("200 OK", "application/json", "{\"status\":\"ok\"}\n".to_string()),
+                ("GET", "/status") => {
+                    let v = status_json(&cfg, &shared);
+                    ("200 OK", "application/json", serde_json::to_string_pretty(&v).unwrap_or_default() + "\n")
+                }
+                ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics_text(&shared)),
+                ("GET", _) => ("404 Not Found", "text/plain", "try /health, /status or /metrics\n".into()),
+                _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+        });
+    }
+}
+
+fn wanted_set(
+    cfg: &AgentConfig,
+    from_nomad: &BTreeSet<Wanted>,
+) -> BTreeMap<(String, String), (ModelSpec, BTreeSet<String>)> {
+    let mut out: BTreeMap<(String, String), (ModelSpec, BTreeSet<String>)> = BTreeMap::new();
+    for m in &cfg.models {
+        out.entry((m.repo.clone(), m.revision.clone()))
+            .or_insert_with(|| (m.clone(), BTreeSet::new()))
+            .1
+            .insert("manifest".into());
+    }
+    for w in from_nomad {
+        out.entry((w.repo.clone(), w.revision.clone()))
+            .or_insert_with(|| {
+                let spec = ModelSpec {
+                    repo: w.repo.clone(),
+                    revision: w.revision.clone(),
+                    include: Vec::new(),
+                    exclude: Vec::new(),
+                    pin: false,
+                };
+                (spec, BTreeSet::new())
+            })
+            .1
+            .insert("nomad".into());
+    }
+    out
+}
+
+/// Prewarms one model and records the outcome.
+async fn keep_warm(cfg: Arc<AgentConfig>, hub: Hub, spec: ModelSpec, shared: SharedRef) {
+    let key = (spec.repo.clone(), spec.revision.clone());
+    let progress = Arc::new(Progress::default());
+    if let Some(m) = lock(&shared).models.get_mut(&key) {
+        m.progress = Some(progress.clone());
+        if m.state != "warm" {
+            m.state = "downloading".into();
+        }
+    }
+    let mut o = Options::new(cfg.hub_dir());
+    o.include = spec.include.clone();
+    o.exclude = spec.exclude.clone();
+    o.concurrency = cfg.concurrency;
+    o.heartbeat = cfg.heartbeat.0;
+    o.stale_after = cfg.stale_after.0;
+    o.stall = cfg.stall_timeout.0;
+    let r = prewarm(&hub, &spec.repo, &spec.revision, &o, progress.clone()).await;
+    let hub_dir = cfg.hub_dir();
+    let (repo, rev) = (spec.repo.clone(), spec.revision.clone());
+    let local =
+        tokio::task::spawn_blocking(move || check(&hub_dir, &RepoId::model(&repo), &rev, Mode::Quick)).await.ok();
+    let mut g = lock(&shared);
+    let downloaded = progress.downloaded.load(Ordering::SeqCst);
+    g.counters.downloaded_bytes += downloaded;
+    let failed = r.is_err();
+    if failed {
+        g.counters.failures += 1;
+    }
+    let Some(m) = g.models.get_mut(&key) else { return };
+    m.progress = None;
+    m.bytes_done = progress.bytes_done.load(Ordering::SeqCst);
+    m.bytes_total = progress.bytes_total.load(Ordering::SeqCst);
+    m.checked = Some(Instant::now());
+    let complete = local.as_ref().is_some_and(|l| l.is_complete());
+    match &r {
+        Ok(s) => {
+            tracing::info!(repo = %spec.repo, revision = %spec.revision, commit = %s.commit, files = s.files, downloaded, "model is warm");
+            m.last_error = None;
+        }
+        Err(e) => {
+            tracing::warn!(repo = %spec.repo, revision = %spec.revision, error = %e, "prewarm failed");
+            m.last_error = Some(e.to_string());
+        }
+    }
+    // Warm means complete on disk: a hub outage does not un-warm a model
+    // that is all there, and a success is re-checked rather than trusted.
+    if complete {
+        let commit = local.as_ref().and_then(|l| l.commit.clone()).unwrap_or_default();
+        m.state = "warm".into();
+        m.commit = Some(commit.clone());
+        m.last_ok = Some(unix_now());
+        let rec = WarmRecord {
+            repo: spec.repo.clone(),
+            revision: spec.revision.clone(),
+            commit,
+            bytes: local.as_ref().map(|l| l.total_bytes()).unwrap_or(0),
+            verified_at: unix_now(),
+            node: node_name(),
+        };
+        drop(g);
+        let state = StateDir::for_hub(&cfg.hub_dir());
+        if let Err(e) = state.write_warm(&rec) {
+            tracing::warn!(repo = %spec.repo, error = %e, "could not write the warm record");
+        }
+    } else {
+        m.state = "failed".into();
+        if m.last_error.is_none() {
+            m.last_error = local.map(|l| l.findings.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "));
+        }
+    }
+}
+
+fn gc_pass(cfg: &AgentConfig, protected: Vec<String>, shared: &SharedRef) {
+    let hub = cfg.hub_dir();
+    let Ok(free) = hf_cache::mount::space(&hub).map(|(f, _)| f) else { return };
+    let policy_base = hf_cache::gc::Policy {
+        pinned: cfg.pinned(),
+        protected,
+        in_use_ttl: cfg.gc.as_ref().map(|g| g.in_use_ttl.0).unwrap_or(crate::config::default_in_use_ttl().0),
+        lease_fresh: cfg.stale_after.0,
+        ..Default::default()
+    };
+    let Some(gc) = &cfg.gc else {
+        if let Ok(inv) = hf_cache::gc::inventory(&hub, &policy_base) {
+            let mut g = lock(shared);
+            g.counters.cache_bytes = inv.iter().map(|m| m.bytes).sum();
+            g.counters.cache_free_bytes = free;
+        }
+        return;
+    };
+    let policy = hf_cache::gc::Policy {
+        target_free: gc.target_free.map(|b| b.0),
+        max_size: gc.max_size.map(|b| b.0),
+        ..policy_base
+    };
+    let outcome = if gc.dry_run {
+        hf_cache::gc::plan(&hub, &policy).map(|p| (p, Vec::new()))
+    } else {
+        hf_cache::gc::run(&hub, &policy)
+    };
+    match outcome {
+        Ok((plan, done)) => {
+            for (repo, bytes) in &done {
+                tracing::info!(repo = %repo, bytes, "evicted");
+            }
+            let mut g = lock(shared);
+            g.counters.evicted_models += done.len() as u64;
+            g.counters.evicted_bytes += done.iter().map(|(_, b)| b).sum::<u64>();
+            let freed: u64 = done.iter().map(|(_, b)| b).sum();
+            g.counters.cache_bytes = plan.total.saturating_sub(freed);
+            g.counters.cache_free_bytes = hf_cache::mount::space(&hub).map(|(f, _)| f).unwrap_or(free);
+            g.gc_last = Some(serde_json::json!({
+                "at": unix_now(),
+                "dry_run": gc.dry_run,
+                "would_evict": plan.evict,
+                "evicted": done.iter().map(|(r, _)| r).collect::<Vec<_>>(),
+                "reaches_target": plan.reaches_target,
+                "kept": plan.models.iter().filter_map(|m| m.keep.as_ref().map(|k| (m.repo.clone(), k.to_string()))).collect::<BTreeMap<_, _>>(),
+            }));
+            if !plan.reaches_target {
+                tracing::warn!("gc cannot reach its target: the rest is pinned, in use or wanted");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "gc failed"),
+    }
+}
+
+/// How long after a check a model is checked again: the interval, or at most
+/// 30 s after a failure.
+fn period(cfg: &AgentConfig, m: &ModelStatus) -> Duration {
+    if m.state == "failed" {
+        cfg.interval.0.min(Duration::from_secs(30))
+    } else {
+        cfg.interval.0
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    let hub = Hub::from_env()?;
+    std::fs::create_dir_all(cfg.hub_dir())
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", cfg.hub_dir().display()))?;
+    let shared: SharedRef = Arc::default();
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+    tracing::info!(listen = %listener.local_addr()?, hf_home = %cfg.hf_home.display(), models = cfg.models.len(), "aimodel-agent running");
+    tokio::spawn(serve_http(listener, cfg.clone(), shared.clone()));
+
+    let (tx, mut rx) = watch::channel(BTreeSet::new());
+    if let Some(n) = cfg.nomad.clone() {
+        let status = Arc::new(Mutex::new(NomadStatus::default()));
+        let (s2, sh) = (status.clone(), shared.clone());
+        tokio::spawn(crate::nomad::watch(n, tx, status));
+        // Mirror the watcher's status into /status.
+        tokio::spawn(async move {
+            loop {
+                lock(&sh).nomad = Some(s2.lock().unwrap_or_else(|p| p.into_inner()).clone());
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+    } else {
+        drop(tx);
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let pass = async {
+        loop {
+            let from_nomad = rx.borrow_and_update().clone();
+            let wanted = wanted_set(&cfg, &from_nomad);
+            let due: Vec<ModelSpec> = {
+                let mut g = lock(&shared);
+                g.models.retain(|k, _| wanted.contains_key(k));
+                let mut due = Vec::new();
+                for (k, (spec, sources)) in &wanted {
+                    let m = g.models.entry(k.clone()).or_insert_with(|| ModelStatus {
+                        repo: spec.repo.clone(),
+                        revision: spec.revision.clone(),
+                        sources: BTreeSet::new(),
+                        pinned: spec.pin,
+                        state: "pending".into(),
+                        commit: None,
+                        bytes_done: 0,
+                        bytes_total: 0,
+                        last_error: None,
+                        last_ok: None,
+                        progress: None,
+                        checked: None,
+                    });
+                    m.sources = sources.clone();
+                    if m.checked.is_none_or(|t| t.elapsed() >= period(&cfg, m)) {
+                        due.push(spec.clone());
+                    }
+                }
+                due
+            };
+            futures::stream::iter(due)
+                .map(|spec| keep_warm(cfg.clone(), hub.clone(), spec, shared.clone()))
+                .buffer_unordered(cfg.models_at_once)
+                .collect::<Vec<()>>()
+                .await;
+            let protected: Vec<String> = wanted.keys().map(|(r, _)| r.clone()).collect();
+            let (c, s) = (cfg.clone(), shared.clone());
+            let _ = tokio::task::spawn_blocking(move || gc_pass(&c, protected, &s)).await;
+            // Sleep until the next re-check or a change in what Nomad wants.
+            let next = {
+                let g = lock(&shared);
+                g.models
+                    .values()
+                    .filter_map(|m| m.checked.map(|t| period(&cfg, m).saturating_sub(t.elapsed())))
+                    .min()
+                    .unwrap_or(cfg.interval.0)
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(next.max(Duration::from_millis(200))) => {}
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        // No Nomad source: only the timer wakes us.
+                        tokio::time::sleep(next.max(Duration::from_millis(200))).await;
+                    }
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = pass => {}
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+    }
+    Ok(())
+}
