@@ -8,6 +8,7 @@ pub mod docs;
 pub mod faulthub;
 pub mod hcl_eval;
 pub mod jobrun;
+pub mod nomadapi;
 pub mod olah;
 pub mod plugin;
 pub mod sequence;

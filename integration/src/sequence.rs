@@ -88,6 +88,32 @@ impl LiveDriver {
         }
     }
 
+    /// The latest fingerprint that satisfies `pred`, waiting up to `within` for one.
+    pub async fn fingerprint_where(
+        &self,
+        within: Duration,
+        pred: impl Fn(&FingerprintResponse) -> bool,
+    ) -> Result<FingerprintResponse> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(f) = self.fingerprints.lock().unwrap().items.iter().rev().find(|f| pred(&f.msg)) {
+                return Ok(f.msg.clone());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "no such fingerprint within {within:?}; the last: {:?}",
+                    self.fingerprints.lock().unwrap().items.last().map(|f| &f.msg)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The latest fingerprint, if any.
+    pub fn last_fingerprint(&self) -> Option<FingerprintResponse> {
+        self.fingerprints.lock().unwrap().items.last().map(|f| f.msg.clone())
+    }
+
     /// Waits for a task event of `task_id` whose message contains `needle`.
     pub async fn wait_event(&self, task_id: &str, needle: &str, within: Duration) -> Result<DriverTaskEvent> {
         let deadline = Instant::now() + within;

@@ -62,24 +62,13 @@ impl GpuSim {
         std::fs::write(self.cfg.path(), config.to_string()).unwrap();
     }
 
-    /// The first fingerprint after `since` that satisfies `pred`.
+    /// The latest fingerprint that satisfies `pred`.
     async fn fingerprint_where(
         &self,
         within: Duration,
         pred: impl Fn(&FingerprintResponse) -> bool,
     ) -> FingerprintResponse {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(f) = self.live.fingerprints.lock().unwrap().items.iter().rev().find(|f| pred(&f.msg)) {
-                return f.msg.clone();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no such fingerprint within {within:?}: {:?}",
-                self.live.fingerprints.lock().unwrap().items.last().map(|f| &f.msg)
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.live.fingerprint_where(within, pred).await.unwrap_or_else(|e| panic!("{e}"))
     }
 }
 

@@ -548,3 +548,59 @@ async fn incomplete_models_do_not_start_and_complete_ones_are_pinned() {
     assert!(text.contains(&format!("--revision {commit}")), "{text}");
     sim.destroy(&t.config.id).await;
 }
+
+/// `aimodel-agent gc` against a cache a running task uses: the driver's in-use
+/// marker (any node may run the gc) keeps the model; pinned ones stay; cold
+/// ones go, least recently used first; after DestroyTask the model can go too.
+#[tokio::test]
+async fn gc_never_evicts_a_model_a_running_task_uses() {
+    use hf_cache::state::StateDir;
+    let Some(mut sim) = Sim::start().await else { return };
+    let hub = sim._cache.path().join("hub");
+    let mut commits = std::collections::BTreeMap::new();
+    for m in ["org/running", "org/pinned", "org/cold"] {
+        commits.insert(m, aimodel_integration::jobrun::seed_tiny_model(&hub, m).unwrap());
+    }
+    let cfg = format!(
+        "engine = \"vllm\"\nimage = \"{}\"\nmodel = \"org/running\"\nport = \"http\"\n",
+        aimodel_integration::support::STANDIN_IMAGE
+    );
+    let b = TaskBuilder::new("served", &cfg).port("http", free_port(), 0);
+    let (t, _) = sim.start_task(&b).await;
+    let state = StateDir::for_hub(&hub);
+    let marks = state.in_use(Duration::from_secs(60));
+    assert_eq!(marks.len(), 1, "{marks:?}");
+    assert_eq!(marks[0].0.repo, "org/running");
+    assert_eq!(marks[0].0.commit, commits["org/running"]);
+    assert_eq!(marks[0].0.task, t.config.id);
+    assert!(state.last_used("org/running").is_some(), "StartTask notes the use");
+
+    let gc = |extra: &[&str]| {
+        let out = std::process::Command::new(binary("aimodel-agent").unwrap())
+            .arg("--cache")
+            .arg(&hub)
+            .args(["gc", "--max-size", "0", "--pin", "org/pinned"])
+            .args(extra)
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (code, dry) = gc(&["--dry-run"]);
+    assert_eq!(code, Some(4), "{dry}");
+    assert!(dry.contains("would evict 1 models"), "{dry}");
+    assert!(hub.join("models--org--cold").exists(), "a dry run changes nothing");
+    let (code, out) = gc(&[]);
+    assert_eq!(code, Some(4), "pinned and in-use models keep the target out of reach: {out}");
+    assert!(out.contains("in use by") && out.contains("evicted 1 models"), "{out}");
+    assert!(!hub.join("models--org--cold").exists(), "{out}");
+    for m in ["org/running", "org/pinned"] {
+        assert!(hf_cache::check(&hub, &hf_cache::RepoId::model(m), "main", hf_cache::Mode::Quick).is_complete());
+    }
+
+    sim.destroy(&t.config.id).await;
+    assert!(state.in_use(Duration::from_secs(60)).is_empty(), "DestroyTask removes the marker");
+    let (_, out) = gc(&[]);
+    assert!(out.contains("evicted 1 models"), "{out}");
+    assert!(!hub.join("models--org--running").exists(), "{out}");
+    assert!(hub.join("models--org--pinned").exists(), "{out}");
+}

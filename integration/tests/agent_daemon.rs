@@ -1,0 +1,243 @@
+//! The agent as a daemon (`aimodel-agent run --config`), end to end: the
+//! manifest's models and the models of Nomad jobs (blocking queries against a
+//! stand-in Nomad API) are prewarmed from a hub, reported on `/status` and
+//! `/metrics`, recorded for the driver, whose fingerprint (the real plugin)
+//! then advertises `driver.aimodel.warm.<repo>`; cold models are evicted;
+//! SIGTERM stops it cleanly.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use aimodel_integration::faulthub::{FaultHub, COMMIT};
+use aimodel_integration::nomadapi::NomadApi;
+use aimodel_integration::sequence;
+use aimodel_integration::support::{binary, DRIVER_BIN};
+use aimodel_integration::task::free_port;
+use aimodel_proto::drivers::FingerprintResponse;
+use aimodel_proto::structs::attribute::Value as A;
+use hf_cache::state::StateDir;
+use hf_cache::{check, Mode, RepoId};
+
+async fn get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { return String::new() };
+    let _ = s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await;
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out).await;
+    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+}
+
+async fn status(port: u16) -> serde_json::Value {
+    serde_json::from_str(&get(port, "/status").await).unwrap_or_default()
+}
+
+fn model<'a>(st: &'a serde_json::Value, repo: &str) -> Option<&'a serde_json::Value> {
+    st["models"].as_array()?.iter().find(|m| m["repo"] == repo)
+}
+
+async fn wait_status(port: u16, within: Duration, what: &str, pred: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = Instant::now() + within;
+    loop {
+        let st = status(port).await;
+        if pred(&st) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what} within {within:?}; /status: {st:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn warm(f: &FingerprintResponse, repo: &str) -> Option<String> {
+    match f.attributes.get(&format!("driver.aimodel.warm.{repo}")).and_then(|a| a.value.clone()) {
+        Some(A::StringVal(s)) => Some(s),
+        _ => None,
+    }
+}
+
+fn aimodel_job(id: &str, model: &str) -> serde_json::Value {
+    serde_json::json!({
+        "ID": id, "Name": id, "Type": "service",
+        "TaskGroups": [{"Name": "g", "Tasks": [
+            {"Name": "server", "Driver": "aimodel", "Config": {"engine": "vllm", "model": model, "port": "http"}},
+            {"Name": "sidecar", "Driver": "docker", "Config": {"image": "busybox", "model": "org/not-ours"}}
+        ]}]
+    })
+}
+
+fn complete(hub: &Path, repo: &str) -> bool {
+    check(hub, &RepoId::model(repo), "main", Mode::Quick).is_complete()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_keeps_manifest_and_nomad_models_warm_for_the_driver() {
+    let content: Vec<u8> = (0..1_500_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let hub_server = FaultHub::start(content.clone()).await.unwrap();
+    let nomad = NomadApi::start().await.unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let hub = home.path().join("hub");
+    // A cold model nobody wants: the watermark evicts it.
+    aimodel_integration::jobrun::seed_tiny_model(&hub, "org/cold").unwrap();
+    let port = free_port();
+    let cfg_path = home.path().join("agent.hcl");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            r#"hf_home = "{home}"
+listen = "127.0.0.1:{port}"
+interval = "1h"
+models = [
+  {{ repo = "org/pinned", pin = true }},
+]
+nomad {{
+  address = "{nomad}"
+  token   = "nomad-secret-token"
+  wait    = "20s"
+}}
+gc {{
+  max_size = "1"
+}}
+"#,
+            home = home.path().display(),
+            nomad = nomad.address()
+        ),
+    )
+    .unwrap();
+    let log = home.path().join("agent.log");
+    let mut agent = tokio::process::Command::new(binary("aimodel-agent").unwrap())
+        .args(["run", "--config"])
+        .arg(&cfg_path)
+        .env("HF_ENDPOINT", hub_server.endpoint())
+        .env("HF_TOKEN", "hf-secret-token")
+        .env("AIMODEL_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    // The manifest's model is prewarmed; the cold one is evicted.
+    wait_status(port, Duration::from_secs(60), "org/pinned warm", |st| {
+        model(st, "org/pinned").is_some_and(|m| m["state"] == "warm")
+    })
+    .await;
+    assert!(complete(&hub, "org/pinned"));
+    wait_status(port, Duration::from_secs(10), "org/cold evicted", |st| st["gc"]["evicted"][0] == "org/cold").await;
+    assert!(!hub.join("models--org--cold").exists());
+    let st = status(port).await;
+    assert_eq!(st["gc"]["kept"]["org/pinned"], "pinned", "{st:#}");
+    assert_eq!(model(&st, "org/pinned").unwrap()["commit"], COMMIT);
+    assert_eq!(model(&st, "org/pinned").unwrap()["bytes_done"], content.len() as u64);
+
+    // The driver (the real plugin, through the Nomad-client simulator) reads the warm record.
+    let client_hcl = format!(
+        "plugin \"nomad-driver-aimodel\" {{\n  config {{\n    hf_cache {{\n      host_path = \"{}\"\n      min_free = \"1MB\"\n    }}\n    gpu {{ enabled = false }}\n  }}\n}}\n",
+        home.path().display()
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let report =
+        sequence::start(&binary(DRIVER_BIN).unwrap(), &client_hcl, &[("TMPDIR", tmp.path().to_str().unwrap())])
+            .await
+            .unwrap();
+    let live = report.live;
+    let f = live.fingerprint_where(Duration::from_secs(15), |f| warm(f, "org/pinned").is_some()).await.unwrap();
+    assert_eq!(warm(&f, "org/pinned").as_deref(), Some(COMMIT));
+    assert_eq!(warm(&f, "org/fromjob"), None);
+
+    // A job registered with Nomad: its aimodel task's model is prewarmed without polling.
+    nomad.register("prod", aimodel_job("chat", "org/fromjob"));
+    wait_status(port, Duration::from_secs(60), "org/fromjob warm", |st| {
+        model(st, "org/fromjob").is_some_and(|m| m["state"] == "warm" && m["sources"][0] == "nomad")
+    })
+    .await;
+    assert!(complete(&hub, "org/fromjob"));
+    let st = status(port).await;
+    assert!(model(&st, "org/not-ours").is_none(), "a docker task's config is not ours: {st:#}");
+    assert_eq!(st["nomad"]["jobs"]["prod/chat"][0], "org/fromjob@main", "{st:#}");
+    let f = live.fingerprint_where(Duration::from_secs(15), |f| warm(f, "org/fromjob").is_some()).await.unwrap();
+    assert_eq!(warm(&f, "org/fromjob").as_deref(), Some(COMMIT));
+
+    let metrics = get(port, "/metrics").await;
+    assert!(metrics.contains("aimodel_agent_model_warm{repo=\"org/fromjob\",revision=\"main\"} 1"), "{metrics}");
+    assert!(metrics.contains("aimodel_agent_downloads_in_flight 0"), "{metrics}");
+    assert!(metrics.contains("aimodel_agent_failures_total 0"), "{metrics}");
+    assert!(metrics.contains("aimodel_agent_evicted_models_total 1"), "{metrics}");
+    let downloaded: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("aimodel_agent_downloaded_bytes_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert_eq!(downloaded, 2 * content.len() as u64, "{metrics}");
+    assert_eq!(
+        hub_server.log.lock().unwrap().body_bytes.values().sum::<u64>(),
+        2 * content.len() as u64,
+        "the hub served each model once"
+    );
+    assert_eq!(get(port, "/health").await.trim(), "{\"status\":\"ok\"}");
+
+    // The job stops: its model is no longer wanted, so the watermark evicts it
+    // and the driver stops advertising it.
+    nomad.stop("chat");
+    wait_status(port, Duration::from_secs(20), "org/fromjob evicted", |st| {
+        model(st, "org/fromjob").is_none() && st["gc"]["evicted"][0] == "org/fromjob"
+    })
+    .await;
+    assert!(!hub.join("models--org--fromjob").exists());
+    assert!(StateDir::for_hub(&hub).warm().iter().all(|r| r.repo != "org/fromjob"));
+    live.fingerprint_where(Duration::from_secs(15), |f| {
+        warm(f, "org/fromjob").is_none() && warm(f, "org/pinned").is_some()
+    })
+    .await
+    .unwrap();
+    assert!(complete(&hub, "org/pinned"), "a pinned model stays");
+
+    // Blocking queries, not polling: every list query carries the last index
+    // and the wait; a handful over the whole test; the ACL token was sent.
+    let seen = nomad.seen();
+    let lists: Vec<_> = seen.iter().filter(|s| s.path.starts_with("/v1/jobs")).collect();
+    assert!(lists.iter().all(|s| s.path.contains("wait=20s") && s.path.contains("namespace=*")), "{lists:?}");
+    assert!(lists.iter().skip(1).all(|s| !s.path.contains("index=0")), "{lists:?}");
+    assert!(lists.len() <= 8, "{} list queries: polling? {lists:?}", lists.len());
+    assert!(seen.iter().all(|s| s.token.as_deref() == Some("nomad-secret-token")));
+
+    // SIGTERM: a clean exit; no lease left; no secret in the log.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent.id().unwrap() as i32), nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    let code = tokio::time::timeout(Duration::from_secs(10), agent.wait()).await.unwrap().unwrap();
+    assert!(code.success(), "{code:?}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("model is warm"), "{text}");
+    assert!(!text.contains("secret-token"), "a token was logged: {text}");
+    for e in walk(&hub) {
+        assert!(!e.ends_with(".lease") && !e.ends_with(".incomplete"), "left behind: {e}");
+    }
+    live.kill().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_check_validates_the_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.hcl");
+    std::fs::write(&bad, "hf_home = \"/x\"\nmodels = [{ repo = \"no-slash\" }]\n").unwrap();
+    let out = std::process::Command::new(binary("aimodel-agent").unwrap())
+        .args(["run", "--check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.hcl") && err.contains("models[0].repo"), "{err}");
+}
+
+fn walk(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() && !p.is_symlink() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p.display().to_string());
+        }
+    }
+    out
+}
