@@ -33,9 +33,17 @@ fn files() -> Vec<(String, String)> {
     out
 }
 
-fn job_files() -> Vec<(String, String)> {
+/// Every jobspec (not the volume specs).
+fn all_jobs() -> Vec<(String, String)> {
     files().into_iter().filter(|(n, _)| n.ends_with(".nomad.hcl") && !n.contains("volume")).collect()
 }
+
+/// The model-serving stacks (every jobspec but the node agent's).
+fn job_files() -> Vec<(String, String)> {
+    all_jobs().into_iter().filter(|(n, _)| n != AGENT_JOB).collect()
+}
+
+const AGENT_JOB: &str = "aimodel-agent.nomad.hcl";
 
 #[test]
 fn every_file_parses() {
@@ -52,7 +60,7 @@ fn every_file_parses() {
 
 #[test]
 fn declared_variables_cover_every_use() {
-    for (name, text) in job_files() {
+    for (name, text) in all_jobs() {
         let body: hcl::Body = hcl::parse(&text).unwrap();
         let declared: BTreeSet<String> = body
             .blocks()
@@ -180,4 +188,106 @@ async fn every_stack_runs_through_the_simulator() {
     }
     assert!(ran >= 8, "ran {ran} tasks");
     live.kill().await.unwrap();
+}
+
+fn block<'a>(body: &'a hcl::Body, name: &str) -> Vec<&'a hcl::Block> {
+    body.blocks().filter(|b| b.identifier.as_str() == name).collect()
+}
+
+fn attr_str(body: &hcl::Body, key: &str, ctx: &hcl::eval::Context) -> Option<String> {
+    use hcl::eval::Evaluate;
+    body.attributes().find(|a| a.key.as_str() == key).and_then(|a| match a.expr.evaluate(ctx).ok()? {
+        hcl::Value::String(s) => Some(s),
+        v => Some(v.to_string()),
+    })
+}
+
+/// The node-agent system job: its manifest template renders (as Nomad would,
+/// for the `env` lookups it uses) into a configuration the agent accepts, and
+/// the agent run with it serves `/health` on the job's metrics port and
+/// prewarms the manifest's models (from a local hub), with the cache at the
+/// volume mount.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_agent_job_renders_a_manifest_the_agent_runs() {
+    let text = std::fs::read_to_string(jobs_dir().join(AGENT_JOB)).unwrap();
+    let body: hcl::Body = hcl::parse(&text).unwrap();
+    let ctx = eval_context(&body, &BTreeMap::new()).unwrap();
+    let job = &block(&body, "job")[0].body;
+    assert_eq!(attr_str(job, "type", &ctx).as_deref(), Some("system"));
+    let group = &block(job, "group")[0].body;
+    let network = &block(group, "network")[0].body;
+    let port = block(network, "port").into_iter().find(|p| p.labels[0].as_str() == "metrics").expect("a metrics port");
+    let static_port = attr_str(&port.body, "static", &ctx).unwrap();
+    let service = &block(group, "service")[0].body;
+    assert_eq!(attr_str(service, "port", &ctx).as_deref(), Some("metrics"));
+    assert_eq!(attr_str(&block(service, "check")[0].body, "path", &ctx).as_deref(), Some("/health"));
+    let task = &block(group, "task")[0].body;
+    let mount = &block(task, "volume_mount")[0].body;
+    let vol = attr_str(mount, "volume", &ctx).unwrap();
+    assert!(block(group, "volume").iter().any(|v| v.labels[0].as_str() == vol), "volume {vol} is declared");
+    let cache_mount = attr_str(mount, "destination", &ctx).unwrap();
+    let templates = block(task, "template");
+    let manifest = templates
+        .iter()
+        .find(|t| attr_str(&t.body, "destination", &ctx).as_deref() == Some("local/agent.hcl"))
+        .expect("the manifest template");
+    let args = block(task, "config")[0].body.attributes().find(|a| a.key.as_str() == "args").unwrap().expr.to_string();
+    assert!(args.contains("local/agent.hcl"), "the agent reads the rendered manifest: {args}");
+    let secrets = templates.iter().find(|t| attr_str(&t.body, "env", &ctx).as_deref() == Some("true")).unwrap();
+    assert!(attr_str(&secrets.body, "destination", &ctx).unwrap().starts_with("secrets/"));
+
+    // Render: HCL interpolation (variables) first, then the consul-template `env` lookups.
+    let hub_server = aimodel_integration::faulthub::FaultHub::start(vec![7u8; 300_000]).await.unwrap();
+    let nomad = aimodel_integration::nomadapi::NomadApi::start().await.unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let rendered = attr_str(&manifest.body, "data", &ctx)
+        .unwrap()
+        .replace("{{ env \"NOMAD_PORT_metrics\" }}", &static_port)
+        .replace(&format!("http://{{{{ env \"attr.unique.network.ip-address\" }}}}:4646"), &nomad.address());
+    assert!(!rendered.contains("{{") && !rendered.contains("${"), "unrendered: {rendered}");
+    assert!(rendered.contains(&format!("hf_home  = \"{cache_mount}\"")), "the cache is the volume mount: {rendered}");
+    // The test's stand-in for the mount and for the wildcard listener.
+    let rendered = rendered
+        .replace(&format!("\"{cache_mount}\""), &format!("\"{}\"", home.path().display()))
+        .replace("0.0.0.0:", "127.0.0.1:");
+    let cfg = home.path().join("agent.hcl");
+    std::fs::write(&cfg, &rendered).unwrap();
+    let agent = binary("aimodel-agent").unwrap();
+    let check = std::process::Command::new(&agent).args(["run", "--check", "--config"]).arg(&cfg).output().unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    let listed = String::from_utf8_lossy(&check.stdout);
+    assert!(listed.contains("mistralai/Mistral-7B-Instruct-v0.3@main (pinned)"), "{listed}");
+
+    let mut child = tokio::process::Command::new(&agent)
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env("HF_ENDPOINT", hub_server.endpoint())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let port: u16 = static_port.parse().unwrap();
+    loop {
+        let st = http_get(port, "/status").await;
+        let v: serde_json::Value = serde_json::from_str(&st).unwrap_or_default();
+        let warm = v["models"].as_array().map(|m| m.iter().filter(|m| m["state"] == "warm").count()).unwrap_or(0);
+        if warm == 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "manifest models not warm: {st}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(http_get(port, "/metrics").await.contains("aimodel_agent_model_warm"));
+    assert!(nomad.seen().iter().any(|s| s.path.starts_with("/v1/jobs")), "the agent watches the Nomad API");
+    let _ = child.kill().await;
+}
+
+async fn http_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { return String::new() };
+    let _ = s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await;
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out).await;
+    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
 }

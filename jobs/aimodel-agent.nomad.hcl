@@ -1,0 +1,137 @@
+# The node agent: one per client (a system job). It keeps the manifest's models,
+# and the model of every `driver = "aimodel"` task Nomad knows, warm in the
+# shared HF cache, fetching every byte once across all nodes; it records warm
+# models for the driver's fingerprint (`driver.aimodel.warm.<org>/<name>`) and
+# evicts cold ones above the watermark.
+#   nomad var put nomad/jobs/aimodel-agent hf_token=hf_xxx nomad_token=<read-job token>
+#   nomad job run jobs/aimodel-agent.nomad.hcl
+# The binary is installed beside the plugin (docs/install.md): /usr/local/bin/aimodel-agent.
+
+variable "region" {
+  type    = string
+  default = "global"
+}
+
+variable "datacenters" {
+  type    = list(string)
+  default = ["dc1"]
+}
+
+variable "metrics_port" {
+  type    = number
+  default = 9464
+}
+
+variable "target_free" {
+  type        = string
+  default     = "200GiB"
+  description = "Evict least-recently-used models until the cache has this much free."
+}
+
+job "aimodel-agent" {
+  region      = var.region
+  datacenters = var.datacenters
+  type        = "system"
+  priority    = 80
+
+  group "agent" {
+    network {
+      port "metrics" {
+        static = var.metrics_port
+      }
+    }
+
+    # The same export the model servers read (jobs/hf-cache-host-volume.hcl), writable here.
+    volume "hf-cache" {
+      type      = "host"
+      source    = "hf-cache"
+      read_only = false
+    }
+
+    restart {
+      attempts = 10
+      interval = "30m"
+      delay    = "15s"
+      mode     = "delay"
+    }
+
+    update {
+      max_parallel = 1
+      stagger      = "30s"
+    }
+
+    service {
+      name     = "aimodel-agent"
+      port     = "metrics"
+      provider = "consul"
+      tags     = ["metrics", "prometheus"]
+
+      check {
+        type     = "http"
+        path     = "/health"
+        interval = "15s"
+        timeout  = "3s"
+      }
+    }
+
+    task "agent" {
+      driver = "exec"
+
+      config {
+        command = "/usr/local/bin/aimodel-agent"
+        args    = ["run", "--config", "local/agent.hcl"]
+      }
+
+      volume_mount {
+        volume      = "hf-cache"
+        destination = "/mnt/hf-cache"
+      }
+
+      # The manifest. Models listed here are prewarmed on every node's view of the
+      # cache; `pin = true` keeps one from ever being evicted. Every agent sharing
+      # one export should use the same manifest (their gc honours the same pins).
+      template {
+        destination = "local/agent.hcl"
+        change_mode = "restart"
+        data        = <<-EOT
+          hf_home  = "/mnt/hf-cache"
+          listen   = "0.0.0.0:{{ env "NOMAD_PORT_metrics" }}"
+          interval = "10m"
+
+          models = [
+            { repo = "mistralai/Mistral-7B-Instruct-v0.3", include = ["*.safetensors", "*.json", "tokenizer.model"], pin = true },
+            { repo = "Qwen/Qwen2.5-0.5B-Instruct" },
+          ]
+
+          nomad {
+            address   = "http://{{ env "attr.unique.network.ip-address" }}:4646"
+            namespace = "*"
+          }
+
+          gc {
+            target_free = "${var.target_free}"
+          }
+        EOT
+      }
+
+      # Secrets come from Nomad Variables, into the environment only (never the config file).
+      template {
+        destination = "secrets/agent.env"
+        env         = true
+        data        = <<-EOT
+          {{ with nomadVar "nomad/jobs/aimodel-agent" }}
+          HF_TOKEN={{ .hf_token }}
+          NOMAD_TOKEN={{ .nomad_token }}
+          {{ end }}
+        EOT
+      }
+
+      resources {
+        cpu    = 1000
+        memory = 512
+      }
+
+      kill_timeout = "10s"
+    }
+  }
+}
