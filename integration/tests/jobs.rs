@@ -243,7 +243,7 @@ async fn the_node_agent_job_renders_a_manifest_the_agent_runs() {
     let rendered = attr_str(&manifest.body, "data", &ctx)
         .unwrap()
         .replace("{{ env \"NOMAD_PORT_metrics\" }}", &static_port)
-        .replace(&format!("http://{{{{ env \"attr.unique.network.ip-address\" }}}}:4646"), &nomad.address());
+        .replace("http://{{ env \"attr.unique.network.ip-address\" }}:4646", &nomad.address());
     assert!(!rendered.contains("{{") && !rendered.contains("${"), "unrendered: {rendered}");
     assert!(rendered.contains(&format!("hf_home  = \"{cache_mount}\"")), "the cache is the volume mount: {rendered}");
     // The test's stand-in for the mount and for the wildcard listener.
