@@ -12,5 +12,6 @@ pub mod nomadapi;
 pub mod olah;
 pub mod plugin;
 pub mod sequence;
+pub mod statichub;
 pub mod support;
 pub mod task;

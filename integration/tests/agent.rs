@@ -169,3 +169,80 @@ fn kill_9_at_random_points_never_exposes_a_partial_model() {
     assert!(r.is_complete(), "{:?}", r.findings);
     assert_nothing_partial_visible(cache.path());
 }
+
+/// Parallel byte ranges against a hub that serves them (ours, static): each
+/// byte once, verified, loadable in huggingface_hub; a kill -9 mid-download
+/// resumes with the ranges already on disk (counted at the server); and
+/// huggingface_hub's own download from the same server is complete for us.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranged_downloads_are_verified_and_resume_after_kill_9() {
+    use aimodel_integration::statichub::{describe, write_model, StaticHub};
+    use std::sync::atomic::Ordering;
+    let Some(py) = hf_python() else { return };
+    let src = tempfile::tempdir().unwrap();
+    let files = write_model(src.path(), &[40 << 20, 3 << 20]).unwrap();
+    let hub = StaticHub::start("127.0.0.1:0", &"ab".repeat(20), describe(&files, 1 << 20).unwrap()).await.unwrap();
+    let total = hub.total();
+    let range_args = ["--ranges", "4", "--range-min", "8MiB", "--range-size", "2MiB"];
+
+    let cache = tempfile::tempdir().unwrap();
+    let (c, e, a) = (cache.path().to_path_buf(), hub.endpoint(), [&["prewarm", "org/big"][..], &range_args].concat());
+    let out = ok(&tokio::task::spawn_blocking(move || agent(&c, &e, &a).output().unwrap()).await.unwrap());
+    assert!(hub.ranges.load(Ordering::SeqCst) >= 20, "ranges were used: {}", hub.ranges.load(Ordering::SeqCst));
+    assert_eq!(hub.served.load(Ordering::SeqCst), total, "each byte served once: {out}");
+    let r = check(cache.path(), &RepoId::model("org/big"), "main", Mode::Deep);
+    assert!(r.is_complete() && r.verifiable, "{:?}", r.findings);
+    let code = "import sys\nfrom huggingface_hub import snapshot_download\nprint(snapshot_download('org/big', cache_dir=sys.argv[1], local_files_only=True))";
+    run_python(&py, code, &[cache.path().to_str().unwrap()]).unwrap();
+
+    // kill -9 once some ranges are recorded; the next run fetches only the rest.
+    let cache = tempfile::tempdir().unwrap();
+    hub.served.store(0, Ordering::SeqCst);
+    hub.pause_per_mib_us.store(40_000, Ordering::SeqCst);
+    let slow = [&["prewarm", "org/big"][..], &range_args].concat();
+    let mut child = agent(cache.path(), &hub.endpoint(), &slow)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let blobs = cache.path().join("models--org--big/blobs");
+    let recorded = |min: usize| -> usize {
+        std::fs::read_dir(&blobs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".parts"))
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default().lines().count())
+            .find(|&n| n >= min)
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while recorded(3) < 3 {
+        assert!(std::time::Instant::now() < deadline, "no ranges recorded");
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let kept = recorded(0) as u64 * (2 << 20);
+    assert!(!cache.path().join("models--org--big/refs/main").exists(), "nothing published by the killed run");
+    hub.pause_per_mib_us.store(0, Ordering::SeqCst);
+    let before = hub.served.load(Ordering::SeqCst);
+    let args = [&slow[..], &["--stale-after", "1s"]].concat();
+    let (c, e) = (cache.path().to_path_buf(), hub.endpoint());
+    let out = tokio::task::spawn_blocking(move || agent(&c, &e, &args).output().unwrap()).await.unwrap();
+    ok(&out);
+    let second = hub.served.load(Ordering::SeqCst) - before;
+    assert!(second <= total - kept, "the second run fetched {second} bytes; {kept} of {total} were on disk");
+    let r = check(cache.path(), &RepoId::model("org/big"), "main", Mode::Deep);
+    assert!(r.is_complete(), "{:?}", r.findings);
+
+    // huggingface_hub itself downloads from this server completely (the benchmark relies on it).
+    let theirs = tempfile::tempdir().unwrap();
+    let code = "import sys\nfrom huggingface_hub import snapshot_download\nprint(snapshot_download('org/big', cache_dir=sys.argv[1]))";
+    let mut c = std::process::Command::new(&py);
+    c.arg("-c").arg(code).arg(theirs.path()).env("HF_ENDPOINT", hub.endpoint()).env("HF_HUB_DISABLE_XET", "1");
+    let o = tokio::task::spawn_blocking(move || c.output().unwrap()).await.unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = check(theirs.path(), &RepoId::model("org/big"), "main", Mode::Deep);
+    assert!(r.is_complete(), "{:?}", r.findings);
+}

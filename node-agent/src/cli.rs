@@ -57,6 +57,15 @@ pub enum Cmd {
         /// A download that sees no bytes for this long is retried.
         #[arg(long, default_value = "60s", value_parser = parse_secs)]
         stall_timeout: Duration,
+        /// Parallel byte ranges per large LFS file (1: one stream per file).
+        #[arg(long, default_value = "4")]
+        ranges: usize,
+        /// Files at least this large are fetched in ranges.
+        #[arg(long, default_value = "128MiB", value_parser = parse_size)]
+        range_min: u64,
+        /// Size of one range.
+        #[arg(long, default_value = "32MiB", value_parser = parse_size)]
+        range_size: u64,
     },
     /// Check REPO[@REV] in the cache; `--deep` hashes every blob.
     Verify {
@@ -129,7 +138,18 @@ pub async fn run(args: Args) -> Result<ExitCode> {
     let dir = hub_dir(&args.cache, cfg.as_ref());
     let pinned = cfg.as_ref().map(AgentConfig::pinned).unwrap_or_default();
     match args.command {
-        Cmd::Prewarm { model, include, exclude, concurrency, heartbeat, stale_after, stall_timeout } => {
+        Cmd::Prewarm {
+            model,
+            include,
+            exclude,
+            concurrency,
+            heartbeat,
+            stale_after,
+            stall_timeout,
+            ranges,
+            range_min,
+            range_size,
+        } => {
             let (repo, rev) = split(&model);
             let hub = Hub::from_env()?;
             let mut o = Options::new(dir.clone());
@@ -139,6 +159,9 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             o.heartbeat = heartbeat;
             o.stale_after = stale_after;
             o.stall = stall_timeout;
+            o.ranges = ranges;
+            o.range_min = range_min;
+            o.range_size = range_size;
             let progress = Arc::new(Progress::default());
             let ticker = tokio::spawn(show_progress(model.clone(), progress.clone()));
             let r = prewarm(&hub, &repo, &rev, &o, progress).await;

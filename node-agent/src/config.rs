@@ -44,6 +44,12 @@ pub struct AgentConfig {
     /// Files downloaded at once per model.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+    /// Parallel byte ranges per large LFS file (1: one stream per file).
+    #[serde(default = "default_ranges")]
+    pub ranges: usize,
+    /// Files at least this large are fetched in ranges.
+    #[serde(default = "default_range_min")]
+    pub range_min: Bytes,
     /// Models prewarmed at once.
     #[serde(default = "default_models_at_once")]
     pub models_at_once: usize,
@@ -133,6 +139,12 @@ fn default_interval() -> Dur {
 }
 fn default_concurrency() -> usize {
     4
+}
+fn default_ranges() -> usize {
+    4
+}
+fn default_range_min() -> Bytes {
+    Bytes(128 << 20)
 }
 fn default_models_at_once() -> usize {
     2

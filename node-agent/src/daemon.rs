@@ -249,6 +249,8 @@ async fn keep_warm(cfg: Arc<AgentConfig>, hub: Hub, spec: ModelSpec, shared: Sha
     o.heartbeat = cfg.heartbeat.0;
     o.stale_after = cfg.stale_after.0;
     o.stall = cfg.stall_timeout.0;
+    o.ranges = cfg.ranges;
+    o.range_min = cfg.range_min.0;
     let r = prewarm(&hub, &spec.repo, &spec.revision, &o, progress.clone()).await;
     let hub_dir = cfg.hub_dir();
     let (repo, rev) = (spec.repo.clone(), spec.revision.clone());

@@ -53,6 +53,12 @@ pub struct Options {
     pub stale_after: Duration,
     /// A download that sees no bytes for this long is retried.
     pub stall: Duration,
+    /// Byte ranges fetched at once for one large LFS file (1: a single stream).
+    pub ranges: usize,
+    /// Files at least this large are fetched in ranges.
+    pub range_min: u64,
+    /// Size of one range.
+    pub range_size: u64,
 }
 
 impl Options {
@@ -66,6 +72,9 @@ impl Options {
             heartbeat: Duration::from_secs(5),
             stale_after: Duration::from_secs(30),
             stall: Duration::from_secs(60),
+            ranges: 4,
+            range_min: 128 << 20,
+            range_size: 32 << 20,
         }
     }
 }
@@ -208,7 +217,7 @@ async fn fetch_blob(
     let url = hub.file_url(repo, commit, &item.path);
     let mut last = None;
     for _ in 0..ATTEMPTS {
-        match download(hub, repo, &url, &blob, &etag, size, entry.lfs_sha256.is_some(), o.stall, progress).await {
+        match download(hub, repo, &url, &blob, &etag, size, entry.lfs_sha256.is_some(), o, progress).await {
             Ok(()) => return Ok(()),
             Err(e @ (PrewarmError::Hash { .. } | PrewarmError::Hub(_))) => return Err(e),
             Err(e) => last = Some(e),
@@ -227,9 +236,10 @@ async fn download(
     etag: &str,
     size: u64,
     lfs: bool,
-    stall: Duration,
+    o: &Options,
     progress: &Progress,
 ) -> Result<(), PrewarmError> {
+    let stall = o.stall;
     let dir = blob.parent().unwrap_or(Path::new("."));
     let mine = dir.join(format!("{etag}.{}.incomplete", nonce()));
     // Take over a partial file left by a crash (we hold the lease, so it is dead).
@@ -241,6 +251,22 @@ async fn download(
         })
     }) {
         let _ = std::fs::rename(&old, &mine);
+        let _ = std::fs::rename(parts_of(&old), parts_of(&mine));
+    }
+    if lfs && o.ranges > 1 && size >= o.range_min {
+        match ranged(hub, repo, url, &mine, size, o, progress).await {
+            Ok(sha) => return publish_checked(&mine, blob, etag, size, &sha, url),
+            Err(Ranged::Unsupported) => {
+                // The server ignores ranges (olah does): one stream from the start.
+                let _ = std::fs::remove_file(&mine);
+                let _ = std::fs::remove_file(parts_of(&mine));
+            }
+            Err(Ranged::Failed(e)) => return Err(e),
+        }
+    } else if parts_of(&mine).exists() {
+        // Left by a ranged download: its length says nothing about a prefix.
+        let _ = std::fs::remove_file(&mine);
+        let _ = std::fs::remove_file(parts_of(&mine));
     }
     let mut offset = std::fs::metadata(&mine).map(|m| m.len()).unwrap_or(0);
     if offset > size {
@@ -307,6 +333,226 @@ async fn download(
     }
     std::fs::rename(&mine, blob).map_err(|e| io(blob, e))?;
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io(dir, e))
+}
+
+/// Verifies a finished temp file (size; `sha256` when the caller hashed it)
+/// and publishes it as the blob.
+fn publish_checked(
+    mine: &Path,
+    blob: &Path,
+    etag: &str,
+    size: u64,
+    sha256: &str,
+    url: &str,
+) -> Result<(), PrewarmError> {
+    let len = std::fs::metadata(mine).map_err(|e| io(mine, e))?.len();
+    if len != size {
+        return Err(PrewarmError::Size { path: url.into(), expected: size, actual: len });
+    }
+    if sha256 != etag {
+        let _ = std::fs::remove_file(mine);
+        let _ = std::fs::remove_file(parts_of(mine));
+        return Err(PrewarmError::Hash { path: url.into(), expected: etag.into(), actual: sha256.into() });
+    }
+    std::fs::rename(mine, blob).map_err(|e| io(blob, e))?;
+    let _ = std::fs::remove_file(parts_of(mine));
+    let dir = blob.parent().unwrap_or(Path::new("."));
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io(dir, e))
+}
+
+/// The record of finished ranges beside a ranged temp file.
+fn parts_of(tmp: &Path) -> PathBuf {
+    let mut s = tmp.as_os_str().to_owned();
+    s.push(".parts");
+    PathBuf::from(s)
+}
+
+/// Why a ranged download did not finish.
+enum Ranged {
+    /// The server answered a range with the whole file.
+    Unsupported,
+    Failed(PrewarmError),
+}
+
+/// Finished ranges and the hasher's wake-up.
+struct RangeState {
+    done: Vec<bool>,
+    failed: bool,
+}
+
+/// Fetches `size` bytes of `url` into `mine` as `o.ranges` parallel byte
+/// ranges of `o.range_size`. A range counts as done only once its bytes are
+/// on disk (fdatasync) and its index is appended to the `.parts` file, so a
+/// crash resumes with the finished ranges. sha256 is computed while the
+/// download runs, following the finished prefix in order. Returns the sha256.
+async fn ranged(
+    hub: &Hub,
+    repo: &str,
+    url: &str,
+    mine: &Path,
+    size: u64,
+    o: &Options,
+    progress: &Progress,
+) -> Result<String, Ranged> {
+    use std::os::unix::fs::FileExt;
+    let fail = |e: PrewarmError| Ranged::Failed(e);
+    let chunk = o.range_size.max(1 << 20);
+    let n = size.div_ceil(chunk) as usize;
+    let parts_path = parts_of(mine);
+    let mut done = vec![false; n];
+    if parts_path.exists() {
+        for line in std::fs::read_to_string(&parts_path).unwrap_or_default().lines() {
+            if let Some(d) = line.trim().parse::<usize>().ok().and_then(|i| done.get_mut(i)) {
+                *d = true;
+            }
+        }
+    } else {
+        let _ = std::fs::remove_file(mine);
+    }
+    let file = Arc::new(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .read(true)
+            .write(true)
+            .truncate(false)
+            .open(mine)
+            .map_err(|e| fail(io(mine, e)))?,
+    );
+    let parts = Arc::new(std::sync::Mutex::new(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&parts_path)
+            .map_err(|e| fail(io(&parts_path, e)))?,
+    ));
+    let range_of = |i: usize| (i as u64 * chunk, ((i as u64 + 1) * chunk).min(size));
+    let already: u64 = (0..n).filter(|&i| done[i]).map(|i| range_of(i).1 - range_of(i).0).sum();
+    progress.bytes_done.fetch_add(already, Ordering::SeqCst);
+    let todo: Vec<usize> = (0..n).filter(|&i| !done[i]).collect();
+    let state = Arc::new((std::sync::Mutex::new(RangeState { done, failed: false }), std::sync::Condvar::new()));
+
+    // The hasher: reads finished ranges in order (from the page cache, mostly).
+    let (hs, hf) = (state.clone(), file.clone());
+    let hasher = tokio::task::spawn_blocking(move || -> Option<std::io::Result<String>> {
+        let mut h = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        for i in 0..n {
+            {
+                let (m, cv) = &*hs;
+                let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+                while !g.done[i] && !g.failed {
+                    g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
+                }
+                if g.failed {
+                    return None;
+                }
+            }
+            let (mut at, end) = (i as u64 * chunk, ((i as u64 + 1) * chunk).min(size));
+            while at < end {
+                let want = ((end - at) as usize).min(buf.len());
+                if let Err(e) = hf.read_exact_at(&mut buf[..want], at) {
+                    return Some(Err(e));
+                }
+                h.update(&buf[..want]);
+                at += want as u64;
+            }
+        }
+        Some(Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect()))
+    });
+
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let unsupported = std::sync::atomic::AtomicBool::new(false);
+    let worker = || async {
+        loop {
+            let k = next.fetch_add(1, Ordering::SeqCst);
+            let Some(&i) = todo.get(k) else { return Ok(()) };
+            let (start, end) = range_of(i);
+            let mut last = None;
+            let mut ok = false;
+            for _ in 0..ATTEMPTS {
+                if unsupported.load(Ordering::SeqCst) {
+                    return Err(Ranged::Unsupported);
+                }
+                let mut headers = HeaderMap::new();
+                if let Ok(v) = format!("bytes={start}-{}", end - 1).parse() {
+                    headers.insert(RANGE, v);
+                }
+                let resp = match hub.get(url, headers, repo).await {
+                    Ok(r) => r,
+                    Err(e) => return Err(fail(e.into())),
+                };
+                if resp.status() != reqwest::StatusCode::PARTIAL_CONTENT {
+                    unsupported.store(true, Ordering::SeqCst);
+                    return Err(Ranged::Unsupported);
+                }
+                let mut at = start;
+                let mut body = resp.bytes_stream();
+                let outcome: Result<(), PrewarmError> = loop {
+                    match tokio::time::timeout(o.stall, body.next()).await {
+                        Err(_) => break Err(PrewarmError::Stalled { path: url.into(), stall: o.stall }),
+                        Ok(None) => break Ok(()),
+                        Ok(Some(Err(e))) => break Err(PrewarmError::Io { path: url.into(), reason: e.to_string() }),
+                        Ok(Some(Ok(c))) => {
+                            if at + c.len() as u64 > end {
+                                break Err(PrewarmError::Size {
+                                    path: url.into(),
+                                    expected: end - start,
+                                    actual: at + c.len() as u64 - start,
+                                });
+                            }
+                            if let Err(e) = file.write_all_at(&c, at) {
+                                break Err(io(mine, e));
+                            }
+                            at += c.len() as u64;
+                            progress.bytes_done.fetch_add(c.len() as u64, Ordering::SeqCst);
+                            progress.downloaded.fetch_add(c.len() as u64, Ordering::SeqCst);
+                        }
+                    }
+                };
+                let got = at - start;
+                match outcome {
+                    Ok(()) if at == end => {
+                        ok = true;
+                        break;
+                    }
+                    Ok(()) => last = Some(PrewarmError::Size { path: url.into(), expected: end - start, actual: got }),
+                    Err(e) => last = Some(e),
+                }
+                progress.bytes_done.fetch_sub(got, Ordering::SeqCst);
+            }
+            if !ok {
+                return Err(fail(last.unwrap_or(PrewarmError::Stalled { path: url.into(), stall: o.stall })));
+            }
+            // Durable first, then recorded: a recorded range is never a hole.
+            file.sync_data().map_err(|e| fail(io(mine, e)))?;
+            {
+                let mut p = parts.lock().unwrap_or_else(|p| p.into_inner());
+                std::io::Write::write_all(&mut *p, format!("{i}\n").as_bytes())
+                    .map_err(|e| fail(io(&parts_path, e)))?;
+            }
+            let (m, cv) = &*state;
+            m.lock().unwrap_or_else(|p| p.into_inner()).done[i] = true;
+            cv.notify_all();
+        }
+    };
+    let workers = o.ranges.min(todo.len()).max(1);
+    let results = futures::future::join_all((0..workers).map(|_| worker())).await;
+    let err = results.into_iter().find_map(Result::err);
+    if err.is_some() {
+        let (m, cv) = &*state;
+        m.lock().unwrap_or_else(|p| p.into_inner()).failed = true;
+        cv.notify_all();
+    }
+    let hashed = hasher.await.map_err(|e| fail(io(mine, e)))?;
+    if let Some(e) = err {
+        return Err(e);
+    }
+    file.sync_all().map_err(|e| fail(io(mine, e)))?;
+    match hashed {
+        Some(Ok(sha)) => Ok(sha),
+        Some(Err(e)) => Err(fail(io(mine, e))),
+        None => Err(fail(io(mine, "hashing stopped"))),
+    }
 }
 
 fn nonce() -> String {
