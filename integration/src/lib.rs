@@ -4,6 +4,7 @@
 //! demo (`nomad-sim`).
 
 pub mod cli;
+pub mod delayproxy;
 pub mod docs;
 pub mod faulthub;
 pub mod hcl_eval;
