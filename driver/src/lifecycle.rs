@@ -214,11 +214,7 @@ impl Driver {
         // this cannot evict what the check is about to accept.
         let (c, id, node, m) = (cache_cfg.clone(), task.id.clone(), task.node_name.clone(), model.clone());
         let _ = tokio::task::spawn_blocking(move || crate::cache::mark_in_use(&c, &id, &node, &m, "", true)).await;
-        let (c, m, r, t) = (cache_cfg.clone(), model.clone(), cfg.revision.clone(), cache_cfg.probe_timeout.0);
-        let checked = tokio::task::spawn_blocking(move || crate::cache::check_model(&c, &m, &r, t))
-            .await
-            .map_err(|e| DriverError::Cache { message: e.to_string() })?
-            .map_err(|message| DriverError::Cache { message })?;
+        let checked = check_cached(&cache_cfg, model, &cfg.revision).await?;
         if checked.complete {
             let commit = checked.commit.clone().unwrap_or_default();
             facts.resolved_revision = Some(commit.clone());
@@ -241,19 +237,33 @@ impl Driver {
         }
         let hub = crate::cache::hub_dir(&cache_cfg);
         let message = checked.failure_message(&hub);
+        if cfg.prewarm {
+            self.event(task, format!("{message}; prewarm = true: fetching it with aimodel-agent"), &[]);
+            self.prewarm_with_agent(task, model, &cfg.revision, &hub).await?;
+            let again = check_cached(&cache_cfg, model, &cfg.revision).await?;
+            if again.complete {
+                let commit = again.commit.clone().unwrap_or_default();
+                facts.resolved_revision = Some(commit.clone());
+                facts.model_bytes = Some(again.bytes);
+                self.event(
+                    task,
+                    format!(
+                        "model {model}@{} is {commit}: prewarmed, {:.2} GB",
+                        cfg.revision,
+                        again.bytes as f64 / 1e9
+                    ),
+                    &[("commit", commit)],
+                );
+                return Ok(facts);
+            }
+            return Err(DriverError::ModelIncomplete { message: again.failure_message(&hub) });
+        }
         if !cfg.offline {
             // The engine may download what is missing itself.
             self.event(task, format!("{message}; offline = false, the engine will download it"), &[]);
             return Ok(facts);
         }
         self.event(task, message.clone(), &[]);
-        if cfg.prewarm {
-            return Err(DriverError::Cache {
-                message: format!(
-                    "{message} (prewarm = true needs the aimodel-agent node agent, which is not available yet)"
-                ),
-            });
-        }
         Err(DriverError::ModelIncomplete { message })
     }
 
@@ -452,6 +462,48 @@ impl Driver {
         } else {
             Err(DriverError::StopTimeout { id: id.into() })
         }
+    }
+
+    /// `prewarm = true`: runs `aimodel-agent prewarm` (the same fetch the node
+    /// agent does: leases, verification, ordered publishing) for a missing
+    /// model, with the task's `HF_ENDPOINT`/`HF_TOKEN` if it sets them, and
+    /// turns its progress lines into task events.
+    async fn prewarm_with_agent(
+        &self,
+        task: &NomadTask,
+        model: &str,
+        revision: &str,
+        hub: &Path,
+    ) -> Result<(), DriverError> {
+        use tokio::io::AsyncBufReadExt;
+        let bin = agent_binary().ok_or_else(|| DriverError::Cache {
+            message:
+                "prewarm = true but aimodel-agent was not found (beside the plugin, on PATH, or AIMODEL_AGENT_BIN)"
+                    .into(),
+        })?;
+        let mut cmd = tokio::process::Command::new(&bin);
+        cmd.arg("--cache").arg(hub).args(["prewarm", &format!("{model}@{revision}")]);
+        for k in ["HF_ENDPOINT", "HF_TOKEN"] {
+            if let Some(v) = task.env.get(k) {
+                cmd.env(k, v);
+            }
+        }
+        cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(|e| DriverError::Cache { message: format!("{}: {e}", bin.display()) })?;
+        let mut lines = tokio::io::BufReader::new(child.stderr.take().expect("piped")).lines();
+        let mut last = String::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            self.event(task, format!("prewarm: {line}"), &[]);
+            last = line;
+        }
+        let out = child.wait_with_output().await.map_err(|e| DriverError::Cache { message: e.to_string() })?;
+        if !out.status.success() {
+            return Err(DriverError::Cache { message: format!("prewarm of {model}@{revision} failed: {last}") });
+        }
+        let summary = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        tracing::info!(task_id = %task.id, model = %model, summary = %summary, "prewarmed");
+        self.event(task, format!("prewarm: {summary}"), &[]);
+        Ok(())
     }
 
     /// Rewrites the in-use markers of running tasks that use a cached model,
@@ -786,6 +838,31 @@ async fn last_log_lines(driver: &Driver, container: &str) -> String {
     let text = String::from_utf8_lossy(&text);
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(LAST_LINES)..].join("\n")
+}
+
+/// The quick completeness check of `model@revision`, off the async threads, under the probe timeout.
+async fn check_cached(
+    cache: &crate::config::HfCacheConfig,
+    model: &str,
+    revision: &str,
+) -> Result<crate::cache::ModelCheck, DriverError> {
+    let (c, m, r, t) = (cache.clone(), model.to_string(), revision.to_string(), cache.probe_timeout.0);
+    tokio::task::spawn_blocking(move || crate::cache::check_model(&c, &m, &r, t))
+        .await
+        .map_err(|e| DriverError::Cache { message: e.to_string() })?
+        .map_err(|message| DriverError::Cache { message })
+}
+
+/// The agent binary: `AIMODEL_AGENT_BIN`, else beside the plugin (`plugin_dir`), else on PATH.
+fn agent_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("AIMODEL_AGENT_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    let beside = std::env::current_exe().ok()?.parent()?.join("aimodel-agent");
+    if beside.is_file() {
+        return Some(beside);
+    }
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join("aimodel-agent")).find(|p| p.is_file())
 }
 
 #[cfg(test)]

@@ -604,3 +604,50 @@ async fn gc_never_evicts_a_model_a_running_task_uses() {
     assert!(!hub.join("models--org--running").exists(), "{out}");
     assert!(hub.join("models--org--pinned").exists(), "{out}");
 }
+
+/// `prewarm = true`: a missing model is fetched by aimodel-agent (found beside
+/// the plugin) from the task's `HF_ENDPOINT` with its `HF_TOKEN`, with progress
+/// as task events, then the task starts pinned to the commit; a repo the hub
+/// does not have fails with the agent's reason.
+#[tokio::test]
+async fn prewarm_true_fetches_a_missing_model_with_the_agent() {
+    use aimodel_integration::faulthub::{FaultHub, COMMIT};
+    let Some(mut sim) = Sim::start().await else { return };
+    let hub = FaultHub::start(vec![3u8; 200_000]).await.unwrap();
+    let cfg = |model: &str| {
+        format!(
+            "engine = \"vllm\"\nimage = \"{}\"\nmodel = \"{model}\"\nport = \"http\"\nprewarm = true\n",
+            aimodel_integration::support::STANDIN_IMAGE
+        )
+    };
+    let b = TaskBuilder::new("fetched", &cfg("org/fetched"))
+        .port("http", free_port(), 0)
+        .env("HF_ENDPOINT", &hub.endpoint())
+        .env("HF_TOKEN", "hf-task-token");
+    let (t, handle) = sim.start_task(&b).await;
+    let state = aimodel_driver::task::DriverState::decode(&handle.driver_state).unwrap();
+    assert_eq!(state.revision.as_deref(), Some(COMMIT));
+    let msgs = sim.live.event_messages(&t.config.id);
+    assert!(msgs.iter().any(|m| m.contains("fetching it with aimodel-agent")), "{msgs:?}");
+    assert!(msgs.iter().any(|m| m.starts_with("prewarm: org/fetched@main = ")), "{msgs:?}");
+    assert!(hub.log.lock().unwrap().hub_auth.iter().all(|a| a == "Bearer hf-task-token"));
+    assert_eq!(hub.log.lock().unwrap().body_bytes["org/fetched"], 200_000);
+    let hubdir = sim._cache.path().join("hub");
+    assert!(
+        hf_cache::check(&hubdir, &hf_cache::RepoId::model("org/fetched"), "main", hf_cache::Mode::Deep).is_complete()
+    );
+    sim.destroy(&t.config.id).await;
+
+    let b = TaskBuilder::new("absent", &cfg("fault/missing"))
+        .port("http", free_port(), 0)
+        .env("HF_ENDPOINT", &hub.endpoint());
+    let t = sim.prepare(&b);
+    let err =
+        sim.live.process.driver().start_task(StartTaskRequest { task: Some(t.config.clone()) }).await.unwrap_err();
+    assert!(
+        err.message().contains("prewarm of fault/missing@main failed") && err.message().contains("not found"),
+        "{}",
+        err.message()
+    );
+    assert!(containers_with_label(LABEL_ALLOC_ID, &b.alloc_id).is_empty());
+}

@@ -41,7 +41,12 @@ pub const TASK_SCHEMA: &[Field] = &[
         "`auto` (eager loading when the cache is on NFS), `eager`, `mmap` or `none`.",
     ),
     attr("offline", "bool", Some("true"), "Run with `HF_HUB_OFFLINE=1`; the model must be complete in the cache."),
-    attr("prewarm", "bool", Some("false"), "Fetch a missing model into the cache before starting."),
+    attr(
+        "prewarm",
+        "bool",
+        Some("false"),
+        "Fetch a missing model before starting, with `aimodel-agent prewarm` (beside the plugin or on PATH) and the task's `HF_ENDPOINT`/`HF_TOKEN`.",
+    ),
     attr("privileged", "bool", Some("false"), "Run privileged (needs the plugin's `allow_privileged`)."),
     attr("volumes", "list(string)", None, "Extra bind mounts, `host:container[:ro]`."),
     attr("labels", "map(string)", None, "Extra container labels."),
