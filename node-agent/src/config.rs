@@ -268,4 +268,23 @@ mod tests {
         assert_eq!(c.models[0].include, ["*.json"]);
         assert!(!format!("{c:?}").contains("s3cret"));
     }
+
+    /// The agent table in docs/configuration.md lists exactly the keys the parser accepts
+    /// (serde names every accepted key when it refuses an unknown one).
+    #[test]
+    fn the_documented_keys_are_the_accepted_keys() {
+        let err = AgentConfig::parse("hf_home = \"/c\"\nno_such_key = 1", Path::new("x")).unwrap_err().to_string();
+        let expected = err.split("expected one of").nth(1).unwrap_or_else(|| panic!("{err}"));
+        let mut accepted: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+        let docs = include_str!("../../docs/configuration.md");
+        let section = docs.split("## Agent configuration").nth(1).expect("an agent section");
+        let mut documented: Vec<&str> = section
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split('`').next())
+            .collect();
+        accepted.sort_unstable();
+        documented.sort_unstable();
+        assert_eq!(documented, accepted, "docs/configuration.md#agent-configuration is out of date");
+    }
 }
