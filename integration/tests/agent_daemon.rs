@@ -241,3 +241,68 @@ fn walk(dir: &Path) -> Vec<String> {
     }
     out
 }
+
+/// Four daemons (separate processes) on one cache directory, one three-model
+/// manifest, started together: every agent reports all three warm, the hub
+/// served each model's bytes exactly once (counted at the server), and deep
+/// verification passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_daemons_with_one_manifest_fetch_each_blob_once() {
+    let content: Vec<u8> = (0..2_000_000u32).map(|i| (i.wrapping_mul(2_246_822_519) >> 7) as u8).collect();
+    let hub_server = FaultHub::start(content.clone()).await.unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let hub = home.path().join("hub");
+    let models = ["org/alpha", "org/beta", "org/gamma"];
+    let mut agents = Vec::new();
+    let mut ports = Vec::new();
+    for i in 0..4 {
+        let port = free_port();
+        let cfg = home.path().join(format!("agent{i}.hcl"));
+        let list: Vec<String> = models.iter().map(|m| format!("  {{ repo = \"{m}\" }},")).collect();
+        std::fs::write(
+            &cfg,
+            format!(
+                "hf_home = \"{}\"\nlisten = \"127.0.0.1:{port}\"\nheartbeat = \"200ms\"\nmodels = [\n{}\n]\n",
+                home.path().display(),
+                list.join("\n")
+            ),
+        )
+        .unwrap();
+        agents.push(
+            tokio::process::Command::new(binary("aimodel-agent").unwrap())
+                .args(["run", "--config"])
+                .arg(&cfg)
+                .env("HF_ENDPOINT", hub_server.endpoint())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap(),
+        );
+        ports.push(port);
+    }
+    for port in &ports {
+        wait_status(*port, Duration::from_secs(60), "three models warm", |st| {
+            models.iter().all(|m| model(st, m).is_some_and(|s| s["state"] == "warm" && s["commit"] == COMMIT))
+        })
+        .await;
+    }
+    let served = hub_server.log.lock().unwrap().body_bytes.clone();
+    for m in models {
+        assert_eq!(served.get(m).copied(), Some(content.len() as u64), "{m}: {served:?}");
+        let r = check(&hub, &RepoId::model(m), "main", Mode::Deep);
+        assert!(r.is_complete() && r.verifiable, "{m}: {:?}", r.findings);
+    }
+    let mut downloaded = 0u64;
+    for port in &ports {
+        let metrics = get(*port, "/metrics").await;
+        downloaded += metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("aimodel_agent_downloaded_bytes_total "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap();
+    }
+    assert_eq!(downloaded, 3 * content.len() as u64, "the agents' own counts agree with the server's");
+    for a in agents.iter_mut() {
+        let _ = a.kill().await;
+    }
+}

@@ -278,11 +278,8 @@ mod tests {
         let mut accepted: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
         let docs = include_str!("../../docs/configuration.md");
         let section = docs.split("## Agent configuration").nth(1).expect("an agent section");
-        let mut documented: Vec<&str> = section
-            .lines()
-            .filter_map(|l| l.strip_prefix("| `"))
-            .filter_map(|l| l.split('`').next())
-            .collect();
+        let mut documented: Vec<&str> =
+            section.lines().filter_map(|l| l.strip_prefix("| `")).filter_map(|l| l.split('`').next()).collect();
         accepted.sort_unstable();
         documented.sort_unstable();
         assert_eq!(documented, accepted, "docs/configuration.md#agent-configuration is out of date");

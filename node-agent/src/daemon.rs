@@ -60,7 +60,8 @@ pub struct Counters {
 pub struct Shared {
     pub models: BTreeMap<(String, String), ModelStatus>,
     pub counters: Counters,
-    pub nomad: Option<NomadStatus>,
+    /// The Nomad watcher's own status, read when `/status` is served.
+    pub nomad: Option<Arc<Mutex<NomadStatus>>>,
     pub gc_last: Option<serde_json::Value>,
 }
 
@@ -90,7 +91,7 @@ pub fn status_json(cfg: &AgentConfig, s: &SharedRef) -> serde_json::Value {
         "hf_home": cfg.hf_home,
         "models": models,
         "counters": g.counters,
-        "nomad": g.nomad,
+        "nomad": g.nomad.as_ref().map(|n| n.lock().unwrap_or_else(|p| p.into_inner()).clone()),
         "gc": g.gc_last,
     })
 }
@@ -388,15 +389,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let (tx, mut rx) = watch::channel(BTreeSet::new());
     if let Some(n) = cfg.nomad.clone() {
         let status = Arc::new(Mutex::new(NomadStatus::default()));
-        let (s2, sh) = (status.clone(), shared.clone());
+        lock(&shared).nomad = Some(status.clone());
         tokio::spawn(crate::nomad::watch(n, tx, status));
-        // Mirror the watcher's status into /status.
-        tokio::spawn(async move {
-            loop {
-                lock(&sh).nomad = Some(s2.lock().unwrap_or_else(|p| p.into_inner()).clone());
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        });
     } else {
         drop(tx);
     }
