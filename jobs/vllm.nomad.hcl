@@ -52,6 +52,14 @@ job "vllm" {
       value     = "true"
     }
 
+    # Prefer nodes where aimodel-agent reports the model warm (its commit).
+    affinity {
+      attribute = "$${attr.driver.aimodel.warm.${var.model}}"
+      operator  = "regexp"
+      value     = "^[0-9a-f]{40}$"
+      weight    = 50
+    }
+
     # Model loads take minutes: be patient before calling a start failed.
     restart {
       attempts = 5

@@ -135,6 +135,17 @@ async fn serve(
         return respond(&mut s, "302 Found", &[("Location", to)], b"").await;
     }
     let count_body = |bytes: u64| *log.lock().unwrap().body_bytes.entry(repo.clone()).or_default() += bytes;
+    if repo == "fault/othercommit" {
+        // The resolve answer says it is another commit's file (a stale mirror).
+        let other = ("X-Repo-Commit", "0123456789abcdef0123456789abcdef01234567".to_string());
+        count_body(content.len() as u64);
+        return respond(&mut s, "200 OK", &[other], &content).await;
+    }
+    if repo == "fault/otheretag" {
+        let other = ("X-Linked-Etag", format!("\"{}\"", "e".repeat(64)));
+        count_body(content.len() as u64);
+        return respond(&mut s, "200 OK", &[other], &content).await;
+    }
     match (repo.as_str(), n) {
         ("fault/ratelimit", 1) => respond(&mut s, "429 Too Many Requests", &[("Retry-After", "1".into())], b"").await,
         ("fault/flaky", 1) => respond(&mut s, "500 Internal Server Error", &[], b"oops").await,

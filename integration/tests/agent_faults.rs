@@ -41,6 +41,8 @@ async fn errors_are_clear_and_publish_nothing() {
         ("fault/gated", "gated"),
         ("fault/missing", "not found"),
         ("fault/corrupt", "hashes to"),
+        ("fault/othercommit", "X-Repo-Commit is 0123456789abcdef0123456789abcdef01234567"),
+        ("fault/otheretag", "X-Linked-Etag is eeee"),
     ] {
         let (ok, _, err) = prewarm(cache.path(), &hub, repo, None).await;
         assert!(!ok, "{repo} succeeded");

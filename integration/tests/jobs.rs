@@ -291,3 +291,47 @@ async fn http_get(port: u16, path: &str) -> String {
     let _ = s.read_to_string(&mut out).await;
     out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
 }
+
+/// Every `constraint`/`affinity` on a `driver.aimodel.*` attribute names one
+/// the plugin's fingerprint can report (after HCL evaluation, so escapes such
+/// as `$${attr.driver.aimodel.warm.${var.model}}` are checked as Nomad sees them).
+#[test]
+fn placement_rules_name_attributes_the_driver_reports() {
+    fn walk(body: &hcl::Body, ctx: &hcl::eval::Context, out: &mut Vec<String>) {
+        for b in body.blocks() {
+            if matches!(b.identifier.as_str(), "constraint" | "affinity") {
+                if let Some(a) = attr_str(&b.body, "attribute", ctx) {
+                    out.push(a);
+                }
+            }
+            walk(&b.body, ctx, out);
+        }
+    }
+    let known = |key: &str| {
+        let k = key.trim_start_matches("${attr.driver.aimodel.").trim_end_matches('}');
+        k.starts_with("hf_cache.")
+            || k.starts_with("nvidia.")
+            || k.starts_with("docker.")
+            || k == "version"
+            || k.strip_prefix("gpu.").is_some()
+            || k.strip_prefix("warm.").is_some_and(|repo| repo.split('/').count() == 2 && !repo.contains('$'))
+    };
+    let mut seen = 0;
+    for (name, text) in all_jobs() {
+        let body: hcl::Body = hcl::parse(&text).unwrap();
+        let ctx = eval_context(&body, &BTreeMap::new()).unwrap();
+        let mut attrs = Vec::new();
+        walk(&body, &ctx, &mut attrs);
+        for a in attrs.iter().filter(|a| a.starts_with("${attr.driver.aimodel.")) {
+            assert!(known(a), "{name}: {a} is not an attribute the driver reports");
+            seen += 1;
+        }
+        if name == "vllm.nomad.hcl" {
+            assert!(
+                attrs.contains(&"${attr.driver.aimodel.warm.mistralai/Mistral-7B-Instruct-v0.3}".to_string()),
+                "{attrs:?}"
+            );
+        }
+    }
+    assert!(seen > 0);
+}

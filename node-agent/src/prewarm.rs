@@ -34,6 +34,45 @@ pub enum PrewarmError {
     Hash { path: String, expected: String, actual: String },
     #[error("{path}: no data for {stall:?}")]
     Stalled { path: String, stall: Duration },
+    #[error("{path}: the hub's {header} is {actual}, the tree listing says {expected}; nothing was published")]
+    Mismatch { path: String, header: &'static str, expected: String, actual: String },
+}
+
+/// Compares what a resolve answer says about itself (`X-Repo-Commit`,
+/// `X-Linked-Etag`, `X-Linked-Size`, present when the hub answers without a
+/// redirect) with the tree listing, before any byte is written.
+fn check_answer(
+    resp: &reqwest::Response,
+    url: &str,
+    commit: &str,
+    etag: &str,
+    size: u64,
+    lfs: bool,
+) -> Result<(), PrewarmError> {
+    let h = |k: &str| {
+        resp.headers()
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim().trim_start_matches("W/").trim_matches('"').to_string())
+    };
+    let mismatch = |header, expected: String, actual: String| PrewarmError::Mismatch {
+        path: url.into(),
+        header,
+        expected,
+        actual,
+    };
+    if let Some(c) = h("x-repo-commit").filter(|c| !c.is_empty() && c != commit) {
+        return Err(mismatch("X-Repo-Commit", commit.into(), c));
+    }
+    if lfs {
+        if let Some(e) = h("x-linked-etag").filter(|e| !e.is_empty() && e != etag) {
+            return Err(mismatch("X-Linked-Etag", etag.into(), e));
+        }
+        if let Some(n) = h("x-linked-size").and_then(|n| n.parse::<u64>().ok()).filter(|n| *n != size) {
+            return Err(mismatch("X-Linked-Size", size.to_string(), n.to_string()));
+        }
+    }
+    Ok(())
 }
 
 fn io(path: &Path, e: impl std::fmt::Display) -> PrewarmError {
@@ -217,9 +256,11 @@ async fn fetch_blob(
     let url = hub.file_url(repo, commit, &item.path);
     let mut last = None;
     for _ in 0..ATTEMPTS {
-        match download(hub, repo, &url, &blob, &etag, size, entry.lfs_sha256.is_some(), o, progress).await {
+        match download(hub, repo, commit, &url, &blob, &etag, size, entry.lfs_sha256.is_some(), o, progress).await {
             Ok(()) => return Ok(()),
-            Err(e @ (PrewarmError::Hash { .. } | PrewarmError::Hub(_))) => return Err(e),
+            Err(e @ (PrewarmError::Hash { .. } | PrewarmError::Hub(_) | PrewarmError::Mismatch { .. })) => {
+                return Err(e)
+            }
             Err(e) => last = Some(e),
         }
     }
@@ -231,6 +272,7 @@ async fn fetch_blob(
 async fn download(
     hub: &Hub,
     repo: &str,
+    commit: &str,
     url: &str,
     blob: &Path,
     etag: &str,
@@ -254,7 +296,7 @@ async fn download(
         let _ = std::fs::rename(parts_of(&old), parts_of(&mine));
     }
     if lfs && o.ranges > 1 && size >= o.range_min {
-        match ranged(hub, repo, url, &mine, size, o, progress).await {
+        match ranged(hub, repo, commit, etag, url, &mine, size, o, progress).await {
             Ok(sha) => return publish_checked(&mine, blob, etag, size, &sha, url),
             Err(Ranged::Unsupported) => {
                 // The server ignores ranges (olah does): one stream from the start.
@@ -284,6 +326,7 @@ async fn download(
         }
     }
     let resp = hub.get(url, headers, repo).await?;
+    check_answer(&resp, url, commit, etag, size, lfs)?;
     if offset > 0 && resp.status() != reqwest::StatusCode::PARTIAL_CONTENT {
         // The server ignored the range (olah does): start over.
         offset = 0;
@@ -385,9 +428,12 @@ struct RangeState {
 /// on disk (fdatasync) and its index is appended to the `.parts` file, so a
 /// crash resumes with the finished ranges. sha256 is computed while the
 /// download runs, following the finished prefix in order. Returns the sha256.
+#[allow(clippy::too_many_arguments)]
 async fn ranged(
     hub: &Hub,
     repo: &str,
+    commit: &str,
+    etag: &str,
     url: &str,
     mine: &Path,
     size: u64,
@@ -485,6 +531,7 @@ async fn ranged(
                     unsupported.store(true, Ordering::SeqCst);
                     return Err(Ranged::Unsupported);
                 }
+                check_answer(&resp, url, commit, etag, size, true).map_err(fail)?;
                 let mut at = start;
                 let mut body = resp.bytes_stream();
                 let outcome: Result<(), PrewarmError> = loop {
