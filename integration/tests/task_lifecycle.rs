@@ -311,6 +311,32 @@ async fn signal_exec_and_stats() {
     assert_eq!(String::from_utf8_lossy(&got), "hello exec\n");
     assert_eq!(exited.expect("an exited message").exit_code, 0);
 
+    // With a TTY (`nomad alloc exec -t`): the terminal size Nomad sends reaches the pty.
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let cmd = ["/bin/sh", "-c", "read go; stty size; exit 3"].map(String::from).to_vec();
+    let setup = Setup { task_id: id.clone(), command: cmd, tty: true };
+    tx.send(ExecTaskStreamingRequest { setup: Some(setup), ..Default::default() }).await.unwrap();
+    let mut resp =
+        d.clone().exec_task_streaming(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let size = aimodel_proto::drivers::exec_task_streaming_request::TerminalSize { height: 33, width: 101 };
+    tx.send(ExecTaskStreamingRequest { tty_size: Some(size), ..Default::default() }).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let data = ExecTaskStreamingIoOperation { data: b"go\n".to_vec(), close: false };
+    tx.send(ExecTaskStreamingRequest { stdin: Some(data), ..Default::default() }).await.unwrap();
+    let (mut got, mut exited) = (Vec::new(), None);
+    while let Some(m) = tokio::time::timeout(Duration::from_secs(20), resp.message()).await.unwrap().unwrap() {
+        if let Some(o) = m.stdout {
+            got.extend(o.data);
+        }
+        if m.exited {
+            exited = m.result;
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.contains("33 101"), "{text:?}");
+    assert_eq!(exited.expect("an exited message").exit_code, 3);
+    drop(tx);
+
     let req = TaskStatsRequest {
         task_id: id.clone(),
         collection_interval: Some(prost_types::Duration { seconds: 0, nanos: 300_000_000 }),
