@@ -51,6 +51,7 @@ fn the_demo_runs_verbatim_from_a_fresh_clone() {
         "model server ready after",
         "model.safetensors (4096 bytes)",
         "prewarming aimodel-demo/tiny-chat",
+        "driver.aimodel.warm.aimodel-demo/tiny-chat",
         "plugin stopped (graceful: true",
     ] {
         assert!(stdout.contains(needle), "{needle:?} not in the demo's output:\n{stdout}");

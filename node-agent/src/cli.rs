@@ -17,7 +17,7 @@ use hf_cache::{check, Mode, RepoId};
 use crate::config::AgentConfig;
 
 use crate::hub::Hub;
-use crate::prewarm::{prewarm, Options, Progress};
+use crate::prewarm::{prewarm, record_if_warm, Options, Progress};
 
 /// Prewarm, verify and inspect models in the shared HuggingFace cache.
 #[derive(Debug, Parser)]
@@ -168,6 +168,11 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             ticker.abort();
             let _ = ticker.await;
             let s = r.with_context(|| format!("prewarm {model}"))?;
+            let (d, rp, rv) = (dir.clone(), repo.clone(), rev.clone());
+            let (_, record_err) = tokio::task::spawn_blocking(move || record_if_warm(&d, &rp, &rv)).await?;
+            if let Some(e) = record_err {
+                eprintln!("aimodel-agent: could not record {model} as warm for the driver: {e}");
+            }
             let secs = s.elapsed.as_secs_f64().max(1e-9);
             println!(
                 "{repo}@{rev} = {}: {} files, {:.1} MB, {:.1} MB downloaded in {:.1} s ({:.1} MB/s)",

@@ -13,13 +13,12 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
-use hf_cache::state::{node_name, unix_now, StateDir, WarmRecord};
-use hf_cache::{check, Mode, RepoId};
+use hf_cache::state::{node_name, unix_now};
 
 use crate::config::{AgentConfig, ModelSpec};
 use crate::hub::Hub;
 use crate::nomad::{NomadStatus, Wanted};
-use crate::prewarm::{prewarm, Options, Progress};
+use crate::prewarm::{prewarm, record_if_warm, Options, Progress};
 
 /// The state of one wanted model.
 #[derive(Debug, Clone, Serialize)]
@@ -255,8 +254,16 @@ async fn keep_warm(cfg: Arc<AgentConfig>, hub: Hub, spec: ModelSpec, shared: Sha
     let r = prewarm(&hub, &spec.repo, &spec.revision, &o, progress.clone()).await;
     let hub_dir = cfg.hub_dir();
     let (repo, rev) = (spec.repo.clone(), spec.revision.clone());
-    let local =
-        tokio::task::spawn_blocking(move || check(&hub_dir, &RepoId::model(&repo), &rev, Mode::Quick)).await.ok();
+    // Warm means complete on disk: a hub outage does not un-warm a model
+    // that is all there, and a success is re-checked rather than trusted.
+    let checked = tokio::task::spawn_blocking(move || record_if_warm(&hub_dir, &repo, &rev)).await.ok();
+    let (local, record_err) = match checked {
+        Some((r, e)) => (Some(r), e),
+        None => (None, None),
+    };
+    if let Some(e) = record_err {
+        tracing::warn!(repo = %spec.repo, error = %e, "could not write the warm record");
+    }
     let mut g = lock(&shared);
     let downloaded = progress.downloaded.load(Ordering::SeqCst);
     g.counters.downloaded_bytes += downloaded;
@@ -280,26 +287,10 @@ async fn keep_warm(cfg: Arc<AgentConfig>, hub: Hub, spec: ModelSpec, shared: Sha
             m.last_error = Some(e.to_string());
         }
     }
-    // Warm means complete on disk: a hub outage does not un-warm a model
-    // that is all there, and a success is re-checked rather than trusted.
     if complete {
-        let commit = local.as_ref().and_then(|l| l.commit.clone()).unwrap_or_default();
         m.state = "warm".into();
-        m.commit = Some(commit.clone());
+        m.commit = local.as_ref().and_then(|l| l.commit.clone());
         m.last_ok = Some(unix_now());
-        let rec = WarmRecord {
-            repo: spec.repo.clone(),
-            revision: spec.revision.clone(),
-            commit,
-            bytes: local.as_ref().map(|l| l.total_bytes()).unwrap_or(0),
-            verified_at: unix_now(),
-            node: node_name(),
-        };
-        drop(g);
-        let state = StateDir::for_hub(&cfg.hub_dir());
-        if let Err(e) = state.write_warm(&rec) {
-            tracing::warn!(repo = %spec.repo, error = %e, "could not write the warm record");
-        }
     } else {
         m.state = "failed".into();
         if m.last_error.is_none() {

@@ -602,6 +602,26 @@ async fn ranged(
     }
 }
 
+/// Checks `repo@revision` on disk (quick mode) and, when it is complete,
+/// records it as warm for the driver's fingerprint. Returns the check and the
+/// error of writing the record, if any.
+pub fn record_if_warm(hub_dir: &Path, repo: &str, revision: &str) -> (hf_cache::Report, Option<std::io::Error>) {
+    let report = hf_cache::check(hub_dir, &RepoId::model(repo), revision, hf_cache::Mode::Quick);
+    let mut err = None;
+    if report.is_complete() {
+        let rec = hf_cache::state::WarmRecord {
+            repo: repo.to_string(),
+            revision: revision.to_string(),
+            commit: report.commit.clone().unwrap_or_default(),
+            bytes: report.total_bytes(),
+            verified_at: hf_cache::state::unix_now(),
+            node: hf_cache::state::node_name(),
+        };
+        err = hf_cache::state::StateDir::for_hub(hub_dir).write_warm(&rec).err();
+    }
+    (report, err)
+}
+
 fn nonce() -> String {
     let mut b = [0u8; 4];
     if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
