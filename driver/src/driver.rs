@@ -32,7 +32,7 @@ const ORPHAN_GRACE: Duration = Duration::from_secs(120);
 const EVENT_BUFFER: usize = 1024;
 /// How often the in-use markers of running tasks are rewritten; the agents' gc
 /// honours a marker for ten times this (`in_use_ttl`).
-const IN_USE_REFRESH: Duration = Duration::from_secs(60);
+pub(crate) const IN_USE_REFRESH: Duration = Duration::from_secs(60);
 
 /// A node attribute value.
 #[derive(Debug, Clone, PartialEq)]

@@ -133,7 +133,27 @@ impl Driver {
             return Err(DriverError::TaskExists { id: task.id.clone() });
         }
         let id = task.id.clone();
+        // A start can take long (a prewarm, a big pull): keep the in-use marker
+        // fresh until the task is tracked and the regular refresh takes over.
+        let refresher = match decode_task_config(&task.driver_config) {
+            Ok(cfg) if crate::cache::uses_hf_cache(&cfg) => cfg.model.clone().map(|model| {
+                let (cache, tid, node) = (self.config().hf_cache.clone(), task.id.clone(), task.node_name.clone());
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(crate::driver::IN_USE_REFRESH).await;
+                        let (c, t, n, m) = (cache.clone(), tid.clone(), node.clone(), model.clone());
+                        let _ =
+                            tokio::task::spawn_blocking(move || crate::cache::mark_in_use(&c, &t, &n, &m, "", false))
+                                .await;
+                    }
+                })
+            }),
+            _ => None,
+        };
         let r = self.start_task_inner(task).await;
+        if let Some(h) = refresher {
+            h.abort();
+        }
         if r.is_err() {
             let cache = self.config().hf_cache.clone();
             let _ = tokio::task::spawn_blocking(move || crate::cache::clear_in_use(&cache, &id)).await;
@@ -466,8 +486,8 @@ impl Driver {
 
     /// `prewarm = true`: runs `aimodel-agent prewarm` (the same fetch the node
     /// agent does: leases, verification, ordered publishing) for a missing
-    /// model, with the task's `HF_ENDPOINT`/`HF_TOKEN` if it sets them, and
-    /// turns its progress lines into task events.
+    /// model, from the plugin's `HF_ENDPOINT` with the task's `HF_TOKEN` if it
+    /// sets one, and turns its progress lines into task events.
     async fn prewarm_with_agent(
         &self,
         task: &NomadTask,
@@ -482,11 +502,12 @@ impl Driver {
                     .into(),
         })?;
         let mut cmd = tokio::process::Command::new(&bin);
-        cmd.arg("--cache").arg(hub).args(["prewarm", &format!("{model}@{revision}")]);
-        for k in ["HF_ENDPOINT", "HF_TOKEN"] {
-            if let Some(v) = task.env.get(k) {
-                cmd.env(k, v);
-            }
+        cmd.arg("--cache").arg(hub).args(["prewarm", "--", &format!("{model}@{revision}")]);
+        // The hub is the operator's (the plugin's own HF_ENDPOINT), never the
+        // task's: a job must not fill the shared cache from a server of its
+        // choosing under a real repo's name. The task may bring its token.
+        if let Some(v) = task.env.get("HF_TOKEN") {
+            cmd.env("HF_TOKEN", v);
         }
         cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).kill_on_drop(true);
         let mut child = cmd.spawn().map_err(|e| DriverError::Cache { message: format!("{}: {e}", bin.display()) })?;
@@ -526,7 +547,8 @@ impl Driver {
         }
         let _ = tokio::task::spawn_blocking(move || {
             for (id, node, model, commit) in live {
-                crate::cache::mark_in_use(&cache, &id, &node, &model, &commit, false);
+                // Touching last-used too: a model in use is the most recently used.
+                crate::cache::mark_in_use(&cache, &id, &node, &model, &commit, true);
             }
         })
         .await;

@@ -112,6 +112,9 @@ impl Report {
 
 /// Resolves a revision: a cached commit as is, else `refs/<rev>`.
 pub fn resolve(paths: &RepoPaths, rev: &str) -> Result<String, Finding> {
+    if !crate::layout::is_safe_revision(rev) {
+        return Err(Finding::RefMissing { rev: rev.to_string() });
+    }
     if is_commit(rev) && paths.snapshot(rev).is_dir() {
         return Ok(rev.to_string());
     }

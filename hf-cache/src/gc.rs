@@ -167,18 +167,30 @@ pub fn plan(hub: &Path, policy: &Policy) -> std::io::Result<Plan> {
     Ok(Plan { reaches_target: met(size, free_after), models, evict, total, free })
 }
 
-/// Evicts one repo; returns the bytes its blobs took.
-pub fn evict(hub: &Path, repo: &str) -> std::io::Result<u64> {
+/// Evicts one repo; returns the bytes its blobs took, or `None` when it was
+/// already gone or a task started using it meanwhile (then it is put back).
+pub fn evict(hub: &Path, repo: &str, in_use_ttl: Duration) -> std::io::Result<Option<u64>> {
     let state = StateDir::for_hub(hub);
     let paths = RepoPaths::new(hub, &RepoId::model(repo));
+    if !paths.root.exists() {
+        return Ok(None);
+    }
     let bytes = blob_bytes(&paths);
     state.remove_warm(repo)?;
     std::fs::create_dir_all(state.trash())?;
     let nonce = format!("{}.{}", std::process::id(), crate::state::unix_now());
     let aside = state.trash().join(format!("{}.{nonce}", paths.root.file_name().unwrap_or_default().to_string_lossy()));
     match std::fs::rename(&paths.root, &aside) {
-        Ok(()) => std::fs::remove_dir_all(&aside)?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Ok(()) => {
+            // A driver marks a model in use before it checks it: a marker that
+            // appeared since the plan means a task is starting on it.
+            if state.in_use(in_use_ttl).iter().any(|(u, _, live)| *live && u.repo == repo) {
+                std::fs::rename(&aside, &paths.root)?;
+                return Ok(None);
+            }
+            std::fs::remove_dir_all(&aside)?
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(_) => {
             // Another filesystem (HF_HUB_CACHE set apart from HF_HOME): refs go
             // first, so no reader resolves a revision while the rest goes.
@@ -187,7 +199,7 @@ pub fn evict(hub: &Path, repo: &str) -> std::io::Result<u64> {
         }
     }
     state.forget_used(repo);
-    Ok(bytes)
+    Ok(Some(bytes))
 }
 
 /// Removes what an interrupted eviction left in the trash.
@@ -198,10 +210,58 @@ pub fn empty_trash(hub: &Path) {
     }
 }
 
+/// The cache-wide gc lock: one gc at a time across all agents sharing the
+/// cache (the space a rename into the trash frees only shows once deleted, so
+/// two gcs at once would both evict for the same shortfall). O_EXCL, like the
+/// blob leases; a lock untouched for ten minutes is from a dead gc.
+struct GcLock(PathBuf);
+
+impl GcLock {
+    fn take(state: &StateDir) -> std::io::Result<Option<GcLock>> {
+        let path = state.root().join("gc.lock");
+        std::fs::create_dir_all(state.root())?;
+        for _ in 0..2 {
+            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(mut f) => {
+                    use std::io::Write;
+                    let _ = write!(f, "{} {}", crate::state::node_name(), std::process::id());
+                    return Ok(Some(GcLock(path)));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let age = std::fs::metadata(&path)
+                        .and_then(|m| m.modified())
+                        .map(|m| SystemTime::now().duration_since(m).unwrap_or_default())
+                        .unwrap_or_default();
+                    if age < Duration::from_secs(600) {
+                        return Ok(None);
+                    }
+                    let _ = std::fs::remove_file(&path);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
+}
+
+impl Drop for GcLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Plans, then evicts in order, re-checking the real targets after each
 /// eviction (other writers share the filesystem). Returns the plan and the
-/// repos evicted with their bytes.
+/// repos evicted with their bytes. Fails with `WouldBlock` while another gc
+/// holds the cache's gc lock.
 pub fn run(hub: &Path, policy: &Policy) -> std::io::Result<(Plan, Vec<(String, u64)>)> {
+    let state = StateDir::for_hub(hub);
+    let Some(_lock) = GcLock::take(&state)? else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::WouldBlock,
+            format!("another gc holds {}", state.root().join("gc.lock").display()),
+        ));
+    };
     empty_trash(hub);
     let p = plan(hub, policy)?;
     let mut done = Vec::new();
@@ -210,8 +270,9 @@ pub fn run(hub: &Path, policy: &Policy) -> std::io::Result<(Plan, Vec<(String, u
         if !still.evict.contains(repo) {
             continue;
         }
-        let bytes = evict(hub, repo)?;
-        done.push((repo.clone(), bytes));
+        if let Some(bytes) = evict(hub, repo, policy.in_use_ttl)? {
+            done.push((repo.clone(), bytes));
+        }
     }
     Ok((p, done))
 }
@@ -270,6 +331,26 @@ mod tests {
         let stale = Policy { in_use_ttl: Duration::ZERO, ..tight };
         let (_, done) = run(&hub, &stale).unwrap();
         assert_eq!(done.iter().map(|(r, _)| r.as_str()).collect::<Vec<_>>(), ["o/running"]);
+    }
+
+    #[test]
+    fn one_gc_at_a_time_and_a_marker_that_appears_puts_the_repo_back() {
+        let d = tempfile::tempdir().unwrap();
+        let hub = d.path().join("hub");
+        seed(&hub, "o/m", 10, 100);
+        let state = StateDir::for_hub(&hub);
+        let policy = Policy { max_size: Some(0), in_use_ttl: Duration::from_secs(60), ..Policy::default() };
+        let held = GcLock::take(&state).unwrap().expect("free");
+        assert_eq!(run(&hub, &policy).unwrap_err().kind(), std::io::ErrorKind::WouldBlock);
+        drop(held);
+        // The marker is written after the plan but before the eviction re-checks.
+        let u = InUse { repo: "o/m".into(), commit: String::new(), node: "n".into(), task: "t".into() };
+        state.mark_in_use(&u).unwrap();
+        assert_eq!(evict(&hub, "o/m", policy.in_use_ttl).unwrap(), None);
+        assert!(RepoPaths::new(&hub, &RepoId::model("o/m")).root.exists(), "put back");
+        state.clear_in_use("t").unwrap();
+        assert_eq!(evict(&hub, "o/m", policy.in_use_ttl).unwrap(), Some(10));
+        assert_eq!(evict(&hub, "o/m", policy.in_use_ttl).unwrap(), None, "already gone");
     }
 
     #[test]

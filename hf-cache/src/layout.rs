@@ -80,6 +80,18 @@ pub fn is_commit(s: &str) -> bool {
     s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
+/// A revision that is safe as a path under `refs/`: a branch, tag or commit,
+/// or `refs/pr/N`-style names — no empty, `.` or `..` component, not absolute,
+/// no backslash, whitespace or control character. Anything else could name a
+/// file outside the repo.
+pub fn is_safe_revision(rev: &str) -> bool {
+    !rev.is_empty()
+        && rev.len() <= 255
+        && !rev.starts_with('/')
+        && !rev.chars().any(|c| c.is_whitespace() || c.is_control() || c == '\\')
+        && rev.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
 /// Paths of one repo in a hub cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RepoPaths {
@@ -184,6 +196,21 @@ impl TreeFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_safe_revisions_become_paths() {
+        for ok in ["main", "v1.0", "refs/pr/1", "0123456789abcdef0123456789abcdef01234567", "release-2024_x"] {
+            assert!(is_safe_revision(ok), "{ok}");
+        }
+        for bad in ["", "..", "refs/../../etc/x", "/etc/passwd", "a//b", "a/./b", "a b", "a\\b", "x\n", "refs/"] {
+            assert!(!is_safe_revision(bad), "{bad:?}");
+        }
+        let d = std::env::temp_dir().join("never-written");
+        let paths = RepoPaths::new(&d, &RepoId::model("o/m"));
+        let err = crate::publish::write_ref(&paths, "../../../../x", &"a".repeat(40)).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+        assert!(!d.exists());
+    }
 
     #[test]
     fn folder_names_round_trip() {

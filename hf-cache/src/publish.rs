@@ -84,6 +84,9 @@ pub fn write_tree(paths: &RepoPaths, commit: &str, listing: BTreeMap<String, Tre
 
 /// Points `refs/<rev>` at `commit`, without a trailing newline.
 pub fn write_ref(paths: &RepoPaths, rev: &str, commit: &str) -> std::io::Result<()> {
+    if !crate::layout::is_safe_revision(rev) {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("unsafe revision {rev:?}")));
+    }
     write_atomic(&paths.refs(rev), commit.as_bytes())
 }
 

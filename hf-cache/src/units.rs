@@ -14,7 +14,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         return Err(format!("duration must not be negative, found {text:?}"));
     }
     if let Ok(secs) = t.parse::<f64>() {
-        return Ok(Duration::from_secs_f64(secs));
+        return Duration::try_from_secs_f64(secs).map_err(|_| format!("invalid duration {text:?}"));
     }
     let mut total = Duration::ZERO;
     let mut rest = t;
@@ -36,7 +36,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "h" => 3600.0,
             _ => return Err(format!("invalid duration {text:?}: unknown unit {unit:?} (use ms, s, m or h)")),
         };
-        total += Duration::from_secs_f64(n * scale);
+        let part = Duration::try_from_secs_f64(n * scale).map_err(|_| format!("invalid duration {text:?}"))?;
+        total = total.checked_add(part).ok_or_else(|| format!("duration {text:?} is too long"))?;
         rest = &rest[num_len + unit_len..];
     }
     Ok(total)
@@ -130,6 +131,9 @@ mod tests {
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("").is_err());
         assert!(parse_duration("s").is_err());
+        for bad in ["nan", "NaN", "inf", "1e300", "1e300s", "99999999999999999999h"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -141,6 +145,7 @@ mod tests {
         assert_eq!(parse_bytes("1.5KiB").unwrap(), 1536);
         assert!(parse_bytes("-1g").unwrap_err().contains("negative"));
         assert!(parse_bytes("12 furlongs").is_err());
+        assert!(parse_bytes("nan").is_err() && parse_bytes("1e300").is_err());
         assert_eq!(human_bytes(10 << 30), "10.0 GiB");
         assert_eq!(human_bytes(12), "12 B");
     }

@@ -632,14 +632,16 @@ async fn gc_never_evicts_a_model_a_running_task_uses() {
 }
 
 /// `prewarm = true`: a missing model is fetched by aimodel-agent (found beside
-/// the plugin) from the task's `HF_ENDPOINT` with its `HF_TOKEN`, with progress
-/// as task events, then the task starts pinned to the commit; a repo the hub
-/// does not have fails with the agent's reason.
+/// the plugin) from the client's `HF_ENDPOINT` (a task's own is ignored) with
+/// the task's `HF_TOKEN`, with progress as task events, then the task starts
+/// pinned to the commit; a repo the hub does not have fails with the agent's reason.
 #[tokio::test]
 async fn prewarm_true_fetches_a_missing_model_with_the_agent() {
     use aimodel_integration::faulthub::{FaultHub, COMMIT};
-    let Some(mut sim) = Sim::start().await else { return };
     let hub = FaultHub::start(vec![3u8; 200_000]).await.unwrap();
+    let decoy = FaultHub::start(vec![9u8; 10]).await.unwrap();
+    let endpoint = hub.endpoint();
+    let Some(mut sim) = Sim::start_with("", &[("HF_ENDPOINT", endpoint.as_str())]).await else { return };
     let cfg = |model: &str| {
         format!(
             "engine = \"vllm\"\nimage = \"{}\"\nmodel = \"{model}\"\nport = \"http\"\nprewarm = true\n",
@@ -648,7 +650,7 @@ async fn prewarm_true_fetches_a_missing_model_with_the_agent() {
     };
     let b = TaskBuilder::new("fetched", &cfg("org/fetched"))
         .port("http", free_port(), 0)
-        .env("HF_ENDPOINT", &hub.endpoint())
+        .env("HF_ENDPOINT", &decoy.endpoint())
         .env("HF_TOKEN", "hf-task-token");
     let (t, handle) = sim.start_task(&b).await;
     let state = aimodel_driver::task::DriverState::decode(&handle.driver_state).unwrap();
@@ -658,6 +660,7 @@ async fn prewarm_true_fetches_a_missing_model_with_the_agent() {
     assert!(msgs.iter().any(|m| m.starts_with("prewarm: org/fetched@main = ")), "{msgs:?}");
     assert!(hub.log.lock().unwrap().hub_auth.iter().all(|a| a == "Bearer hf-task-token"));
     assert_eq!(hub.log.lock().unwrap().body_bytes["org/fetched"], 200_000);
+    assert!(decoy.log.lock().unwrap().hits.is_empty(), "the task's HF_ENDPOINT must not choose the hub");
     let hubdir = sim._cache.path().join("hub");
     assert!(
         hf_cache::check(&hubdir, &hf_cache::RepoId::model("org/fetched"), "main", hf_cache::Mode::Deep).is_complete()

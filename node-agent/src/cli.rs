@@ -159,6 +159,11 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             o.heartbeat = heartbeat;
             o.stale_after = stale_after;
             o.stall = stall_timeout;
+            if stale_after < heartbeat * 3 {
+                anyhow::bail!(
+                    "--stale-after must be at least three --heartbeat periods, or live leases get taken over"
+                );
+            }
             o.ranges = ranges;
             o.range_min = range_min;
             o.range_size = range_size;
@@ -245,9 +250,14 @@ pub async fn run(args: Args) -> Result<ExitCode> {
                     gc::run(&d, &policy)
                 }
             })
-            .await?
-            .with_context(|| format!("gc of {}", dir.display()))?;
-            let (plan, done) = outcome;
+            .await?;
+            let (plan, done) = match outcome {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    println!("{e}: another agent is collecting this cache; nothing done");
+                    return Ok(ExitCode::from(5));
+                }
+                r => r.with_context(|| format!("gc of {}", dir.display()))?,
+            };
             println!(
                 "cache {}: {} in {} models, {} free",
                 dir.display(),

@@ -190,9 +190,24 @@ impl AgentConfig {
             if parts.len() != 2 || parts.iter().any(|p| p.is_empty() || *p == "." || *p == "..") {
                 return Err(err(format!("models[{i}].repo: {:?} is not a HuggingFace repo id (org/name)", m.repo)));
             }
-            if m.revision.trim().is_empty() || m.revision.contains("..") {
+            if !hf_cache::layout::is_safe_revision(&m.revision) {
                 return Err(err(format!("models[{i}].revision: {:?} is not a revision", m.revision)));
             }
+        }
+        for (key, d) in [("interval", cfg.interval), ("stall_timeout", cfg.stall_timeout), ("heartbeat", cfg.heartbeat)]
+        {
+            if d.0 < Duration::from_secs(1) && key != "heartbeat" || d.0.is_zero() {
+                return Err(err(format!("{key} must be positive (and at least 1s for interval and stall_timeout)")));
+            }
+        }
+        if cfg.stale_after.0 < cfg.heartbeat.0 * 3 {
+            return Err(err(format!(
+                "stale_after ({:?}) must be at least three heartbeats ({:?}), or live leases get taken over",
+                cfg.stale_after.0, cfg.heartbeat.0
+            )));
+        }
+        if cfg.gc.as_ref().is_some_and(|g| g.in_use_ttl.0 < Duration::from_secs(180)) {
+            return Err(err("gc.in_use_ttl must be at least 3m (the driver rewrites its markers every minute)".into()));
         }
         if cfg.concurrency == 0 || cfg.models_at_once == 0 {
             return Err(err("concurrency and models_at_once must be at least 1".into()));
@@ -260,6 +275,13 @@ mod tests {
         assert!(e.to_string().contains("target_free"), "{e}");
         let e = AgentConfig::parse("hf_home = \"/c\"\ninterval = \"soon\"", p).unwrap_err();
         assert!(e.to_string().contains("soon"), "{e}");
+        let e = AgentConfig::parse("hf_home = \"/c\"\ninterval = \"0\"", p).unwrap_err();
+        assert!(e.to_string().contains("interval must be positive"), "{e}");
+        let e = AgentConfig::parse("hf_home = \"/c\"\nheartbeat = \"20s\"", p).unwrap_err();
+        assert!(e.to_string().contains("stale_after"), "{e}");
+        let e =
+            AgentConfig::parse("hf_home = \"/c\"\ngc {\n max_size = \"1\"\n in_use_ttl = \"30s\"\n}", p).unwrap_err();
+        assert!(e.to_string().contains("in_use_ttl"), "{e}");
         let c = AgentConfig::parse(
             "hf_home = \"/c\"\nmodels = [{ repo = \"a/b\", allow_patterns = [\"*.json\"] }]\nnomad {\n token = \"s3cret\"\n}",
             p,

@@ -8,7 +8,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
@@ -36,6 +35,8 @@ pub struct ModelStatus {
     pub last_error: Option<String>,
     /// Unix seconds of the last successful check.
     pub last_ok: Option<u64>,
+    /// Failed checks in a row (the retry pause doubles with each, up to `interval`).
+    pub failures: u32,
     #[serde(skip)]
     pub progress: Option<Arc<Progress>>,
     #[serde(skip)]
@@ -164,43 +165,64 @@ pub fn metrics_text(s: &SharedRef) -> String {
     out
 }
 
+/// At most this many HTTP connections at once; more are closed at accept.
+const HTTP_SLOTS: usize = 64;
+
 async fn serve_http(listener: tokio::net::TcpListener, cfg: Arc<AgentConfig>, shared: SharedRef) {
-    while let Ok((mut s, _)) = listener.accept().await {
+    let slots = Arc::new(tokio::sync::Semaphore::new(HTTP_SLOTS));
+    loop {
+        let mut s = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // EMFILE and friends pass; the listener must not die.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else { continue };
         let (cfg, shared) = (cfg.clone(), shared.clone());
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut n = 0;
-            // Read the request head (GET only; no body).
-            while n < buf.len() {
-                match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf[n..])).await {
-                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
-                    Ok(Ok(k)) => n += k,
-                }
-                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
-            }
-            let head = String::from_utf8_lossy(&buf[..n]);
-            let mut parts = head.split_whitespace();
-            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or("/"));
-            let path = path.split('?').next().unwrap_or("/");
-            let (status, ctype, body) = match (method, path) {
-                ("GET", "/health") => ("200 OK", "application/json", "{\"status\":\"ok\"}\n".to_string()),
-                ("GET", "/status") => {
-                    let v = status_json(&cfg, &shared);
-                    ("200 OK", "application/json", serde_json::to_string_pretty(&v).unwrap_or_default() + "\n")
-                }
-                ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics_text(&shared)),
-                ("GET", _) => ("404 Not Found", "text/plain", "try /health, /status or /metrics\n".into()),
-                _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = s.write_all(resp.as_bytes()).await;
+            let _permit = permit;
+            // One deadline for the whole exchange, however slowly a client trickles.
+            let _ = tokio::time::timeout(Duration::from_secs(5), answer(&mut s, &cfg, &shared)).await;
         });
     }
+}
+
+async fn answer(s: &mut tokio::net::TcpStream, cfg: &AgentConfig, shared: &SharedRef) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 4096];
+    let mut n = 0;
+    // Read the request head (GET only; no body).
+    while n < buf.len() {
+        let k = s.read(&mut buf[n..]).await?;
+        if k == 0 {
+            break;
+        }
+        n += k;
+        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    let head = String::from_utf8_lossy(&buf[..n]);
+    let mut parts = head.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or("/"));
+    let path = path.split('?').next().unwrap_or("/");
+    let (status, ctype, body) = match (method, path) {
+        ("GET", "/health") => ("200 OK", "application/json", "{\"status\":\"ok\"}\n".to_string()),
+        ("GET", "/status") => {
+            let v = status_json(cfg, shared);
+            ("200 OK", "application/json", serde_json::to_string_pretty(&v).unwrap_or_default() + "\n")
+        }
+        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics_text(shared)),
+        ("GET", _) => ("404 Not Found", "text/plain", "try /health, /status or /metrics\n".into()),
+        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
+    };
+    let resp = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(resp.as_bytes()).await
 }
 
 fn wanted_set(
@@ -287,11 +309,16 @@ async fn keep_warm(cfg: Arc<AgentConfig>, hub: Hub, spec: ModelSpec, shared: Sha
             m.last_error = Some(e.to_string());
         }
     }
+    m.failures = if complete { 0 } else { m.failures + 1 };
     if complete {
         m.state = "warm".into();
         m.commit = local.as_ref().and_then(|l| l.commit.clone());
         m.last_ok = Some(unix_now());
     } else {
+        // Not (or no longer) complete here: stop advertising it to the scheduler.
+        if let Err(e) = hf_cache::state::StateDir::for_hub(&cfg.hub_dir()).remove_warm(&spec.repo) {
+            tracing::warn!(repo = %spec.repo, error = %e, "could not remove the warm record");
+        }
         m.state = "failed".into();
         if m.last_error.is_none() {
             m.last_error = local.map(|l| l.findings.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "));
@@ -350,15 +377,17 @@ fn gc_pass(cfg: &AgentConfig, protected: Vec<String>, shared: &SharedRef) {
                 tracing::warn!("gc cannot reach its target: the rest is pinned, in use or wanted");
             }
         }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => tracing::debug!(reason = %e, "gc skipped"),
         Err(e) => tracing::warn!(error = %e, "gc failed"),
     }
 }
 
-/// How long after a check a model is checked again: the interval, or at most
-/// 30 s after a failure.
+/// How long after a check a model is checked again: the interval, or after a
+/// failure 30 s, doubling with each failure in a row, at most the interval.
 fn period(cfg: &AgentConfig, m: &ModelStatus) -> Duration {
     if m.state == "failed" {
-        cfg.interval.0.min(Duration::from_secs(30))
+        let backoff = Duration::from_secs(30) * (1u32 << m.failures.saturating_sub(1).min(6));
+        cfg.interval.0.min(backoff)
     } else {
         cfg.interval.0
     }
@@ -387,12 +416,27 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let pass = async {
+        // Each model is its own task: a 100 GB download never delays a model a
+        // new job wants, nor gc. At most `models_at_once` run at a time.
+        let mut running: tokio::task::JoinSet<(String, String)> = tokio::task::JoinSet::new();
+        let mut in_flight: BTreeMap<(String, String), tokio::task::AbortHandle> = BTreeMap::new();
+        let mut gc_task: Option<tokio::task::JoinHandle<()>> = None;
+        let mut gc_due = true;
+        let mut gc_last = Instant::now();
         loop {
             let from_nomad = rx.borrow_and_update().clone();
             let wanted = wanted_set(&cfg, &from_nomad);
             let due: Vec<ModelSpec> = {
                 let mut g = lock(&shared);
                 g.models.retain(|k, _| wanted.contains_key(k));
+                // A model nobody wants any more is not worth finishing.
+                in_flight.retain(|k, h| {
+                    let keep = wanted.contains_key(k);
+                    if !keep {
+                        h.abort();
+                    }
+                    keep
+                });
                 let mut due = Vec::new();
                 for (k, (spec, sources)) in &wanted {
                     let m = g.models.entry(k.clone()).or_insert_with(|| ModelStatus {
@@ -406,40 +450,70 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                         bytes_total: 0,
                         last_error: None,
                         last_ok: None,
+                        failures: 0,
                         progress: None,
                         checked: None,
                     });
                     m.sources = sources.clone();
-                    if m.checked.is_none_or(|t| t.elapsed() >= period(&cfg, m)) {
+                    if !in_flight.contains_key(k) && m.checked.is_none_or(|t| t.elapsed() >= period(&cfg, m)) {
                         due.push(spec.clone());
                     }
                 }
                 due
             };
-            futures::stream::iter(due)
-                .map(|spec| keep_warm(cfg.clone(), hub.clone(), spec, shared.clone()))
-                .buffer_unordered(cfg.models_at_once)
-                .collect::<Vec<()>>()
-                .await;
-            let protected: Vec<String> = wanted.keys().map(|(r, _)| r.clone()).collect();
-            let (c, s) = (cfg.clone(), shared.clone());
-            let _ = tokio::task::spawn_blocking(move || gc_pass(&c, protected, &s)).await;
-            // Sleep until the next re-check or a change in what Nomad wants.
+            for spec in due.into_iter().take(cfg.models_at_once.saturating_sub(in_flight.len())) {
+                let key = (spec.repo.clone(), spec.revision.clone());
+                let (c, h, sh, k) = (cfg.clone(), hub.clone(), shared.clone(), key.clone());
+                let handle = running.spawn(async move {
+                    keep_warm(c, h, spec, sh).await;
+                    k
+                });
+                in_flight.insert(key, handle);
+            }
+            if gc_task.as_ref().is_none_or(|t| t.is_finished()) && (gc_due || gc_last.elapsed() >= cfg.interval.0) {
+                let protected: Vec<String> = wanted.keys().map(|(r, _)| r.clone()).collect();
+                let (c, sh) = (cfg.clone(), shared.clone());
+                gc_task = Some(tokio::task::spawn_blocking(move || gc_pass(&c, protected, &sh)));
+                gc_due = false;
+                gc_last = Instant::now();
+            }
+            // Sleep until the next re-check, a finished prewarm, or a change in what Nomad wants.
             let next = {
                 let g = lock(&shared);
                 g.models
-                    .values()
-                    .filter_map(|m| m.checked.map(|t| period(&cfg, m).saturating_sub(t.elapsed())))
+                    .iter()
+                    .filter(|(k, _)| !in_flight.contains_key(*k))
+                    .filter_map(|(_, m)| m.checked.map(|t| period(&cfg, m).saturating_sub(t.elapsed())))
                     .min()
                     .unwrap_or(cfg.interval.0)
+                    .min(cfg.interval.0.saturating_sub(gc_last.elapsed()))
+                    .max(Duration::from_millis(200))
             };
             tokio::select! {
-                _ = tokio::time::sleep(next.max(Duration::from_millis(200))) => {}
+                _ = tokio::time::sleep(next) => {}
                 changed = rx.changed() => {
+                    // What is wanted changed: what is protected from gc changed with it.
+                    gc_due |= changed.is_ok();
                     if changed.is_err() {
-                        // No Nomad source: only the timer wakes us.
-                        tokio::time::sleep(next.max(Duration::from_millis(200))).await;
+                        // No Nomad source: the timer and finished prewarms wake us.
+                        tokio::select! {
+                            _ = tokio::time::sleep(next) => {}
+                            Some(done) = running.join_next(), if !running.is_empty() => {
+                                if let Ok(k) = done {
+                                    in_flight.remove(&k);
+                                }
+                                in_flight.retain(|_, h| !h.is_finished());
+                                gc_due = true;
+                            }
+                        }
                     }
+                }
+                Some(done) = running.join_next(), if !running.is_empty() => {
+                    if let Ok(k) = done {
+                        in_flight.remove(&k);
+                    }
+                    in_flight.retain(|_, h| !h.is_finished());
+                    gc_due = true;
                 }
             }
         }

@@ -64,7 +64,11 @@ pub fn models_of_job(job: &serde_json::Value) -> Vec<Wanted> {
             let Some(repo) = s("model") else { continue };
             let revision = s("revision").unwrap_or_else(|| "main".into());
             // Runtime interpolation (`${NOMAD_META_model}`) is only known on the client.
-            if repo.contains("${") || revision.contains("${") || repo.split('/').count() != 2 {
+            if repo.contains("${")
+                || !hf_cache::layout::is_safe_revision(&revision)
+                || repo.split('/').count() != 2
+                || repo.split('/').any(|p| p.is_empty() || p == "." || p == "..")
+            {
                 continue;
             }
             out.insert(Wanted { repo, revision });
@@ -115,7 +119,7 @@ fn enc(s: &str) -> String {
 /// Watches the job list and sends the set of wanted models whenever it changes.
 /// Runs until `tx` has no receivers.
 pub async fn watch(cfg: NomadConfig, tx: watch::Sender<BTreeSet<Wanted>>, status: Arc<Mutex<NomadStatus>>) {
-    let address = cfg
+    let address: String = cfg
         .address
         .clone()
         .or_else(|| std::env::var("NOMAD_ADDR").ok())
@@ -124,7 +128,7 @@ pub async fn watch(cfg: NomadConfig, tx: watch::Sender<BTreeSet<Wanted>>, status
         .to_string();
     let token = cfg.token.clone().or_else(|| std::env::var("NOMAD_TOKEN").ok()).filter(|t| !t.is_empty());
     let client = Client { http: reqwest::Client::new(), address: address.clone(), token };
-    status.lock().unwrap_or_else(|p| p.into_inner()).address = address;
+    status.lock().unwrap_or_else(|p| p.into_inner()).address = address.clone();
     let wait = cfg.wait.0.max(Duration::from_secs(1));
     let mut index = 0u64;
     let mut jobs: BTreeMap<String, (u64, Vec<Wanted>)> = BTreeMap::new();
@@ -137,9 +141,16 @@ pub async fn watch(cfg: NomadConfig, tx: watch::Sender<BTreeSet<Wanted>>, status
         status.lock().unwrap_or_else(|p| p.into_inner()).queries += 1;
         // The server holds the query up to `wait` (plus jitter of wait/16).
         let listed = client.get(&path, wait + wait / 8 + Duration::from_secs(5)).await;
-        let (list, new_index) = match listed {
+        let parsed = listed.and_then(|(list, idx)| {
+            if idx == 0 {
+                return Err(format!("{address}: no X-Nomad-Index in the answer (is this the Nomad API?)"));
+            }
+            serde_json::from_value::<Vec<JobStub>>(list).map(|l| (l, idx)).map_err(|e| format!("job list: {e}"))
+        });
+        let (stubs, new_index) = match parsed {
             Ok(v) => v,
             Err(e) => {
+                // Keep what we knew (the wanted set keeps its gc protection) and back off.
                 tracing::warn!(error = %e, "nomad job list failed");
                 status.lock().unwrap_or_else(|p| p.into_inner()).last_error = Some(e);
                 tokio::time::sleep(backoff).await;
@@ -147,10 +158,8 @@ pub async fn watch(cfg: NomadConfig, tx: watch::Sender<BTreeSet<Wanted>>, status
                 continue;
             }
         };
-        backoff = Duration::from_millis(500);
         // An index that goes backwards (a restored or new cluster) restarts the watch.
-        index = if new_index < index { 0 } else { new_index.max(1) };
-        let stubs: Vec<JobStub> = serde_json::from_value(list).unwrap_or_default();
+        index = if new_index < index { 0 } else { new_index };
         let mut seen = BTreeSet::new();
         let mut failed = None;
         for s in stubs.iter().filter(|s| !s.stop && s.status != "dead") {
@@ -189,9 +198,13 @@ pub async fn watch(cfg: NomadConfig, tx: watch::Sender<BTreeSet<Wanted>>, status
             }
         });
         if failed.is_some() {
-            // Retry the failed job reads soon rather than after a long block.
+            // Retry the failed job reads after a growing pause rather than after
+            // a long block (index 0 answers at once).
             index = 0;
             tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        } else {
+            backoff = Duration::from_millis(500);
         }
     }
 }

@@ -178,6 +178,12 @@ pub async fn prewarm(
     progress: Arc<Progress>,
 ) -> Result<Summary, PrewarmError> {
     let started = Instant::now();
+    if !hf_cache::layout::is_safe_revision(revision) {
+        return Err(PrewarmError::Io { path: repo.into(), reason: format!("unsafe revision {revision:?}") });
+    }
+    if repo.split('/').count() != 2 || repo.split('/').any(|p| p.is_empty() || p == "." || p == "..") {
+        return Err(PrewarmError::Io { path: repo.into(), reason: "not a HuggingFace repo id (org/name)".into() });
+    }
     let commit = if is_commit(revision) { revision.to_string() } else { hub.resolve(repo, revision).await? };
     let all = hub.tree(repo, &commit).await?;
     let items: Vec<TreeItem> = all.iter().filter(|i| wanted(o, &i.path)).cloned().collect();
@@ -196,8 +202,16 @@ pub async fn prewarm(
             fetch_blob(&hub, &repo, &commit, &item, &paths, &o, &progress).await
         }));
     }
-    for j in jobs {
-        j.await.map_err(|e| PrewarmError::Io { path: repo.into(), reason: e.to_string() })??;
+    let mut jobs = jobs.into_iter();
+    while let Some(j) = jobs.next() {
+        let r = j.await.map_err(|e| PrewarmError::Io { path: repo.into(), reason: e.to_string() }).and_then(|r| r);
+        if let Err(e) = r {
+            // Nobody will publish what the others fetch: stop them (their leases go with them).
+            for rest in jobs {
+                rest.abort();
+            }
+            return Err(e);
+        }
     }
     // Publish order: blobs (above) → snapshot links → trees listing → ref last.
     for item in &items {
@@ -294,6 +308,13 @@ async fn download(
     }) {
         let _ = std::fs::rename(&old, &mine);
         let _ = std::fs::rename(parts_of(&old), parts_of(&mine));
+    }
+    // A range record whose file is gone (a crash between the two renames above) is litter.
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let n = e.file_name().to_string_lossy().to_string();
+        if n.starts_with(&format!("{etag}.")) && n.ends_with(".incomplete.parts") && e.path() != parts_of(&mine) {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
     if lfs && o.ranges > 1 && size >= o.range_min {
         match ranged(hub, repo, commit, etag, url, &mine, size, o, progress).await {
@@ -397,11 +418,20 @@ fn publish_checked(
         let _ = std::fs::remove_file(parts_of(mine));
         return Err(PrewarmError::Hash { path: url.into(), expected: etag.into(), actual: sha256.into() });
     }
-    std::fs::rename(mine, blob).map_err(|e| io(blob, e))?;
+    // The record goes first: a crash after it costs a re-download, never a stray file.
     let _ = std::fs::remove_file(parts_of(mine));
+    std::fs::rename(mine, blob).map_err(|e| io(blob, e))?;
     let dir = blob.parent().unwrap_or(Path::new("."));
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io(dir, e))
 }
+
+/// Runs file I/O off the async threads (NFS writes and COMMITs can block for long).
+async fn blocking<T: Send + 'static>(op: impl FnOnce() -> std::io::Result<T> + Send + 'static) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(op).await.map_err(std::io::Error::other).and_then(|r| r)
+}
+
+/// Bytes a range download gathers before one write.
+const WRITE_BUFFER: usize = 1 << 20;
 
 /// The record of finished ranges beside a ranged temp file.
 fn parts_of(tmp: &Path) -> PathBuf {
@@ -446,14 +476,22 @@ async fn ranged(
     let n = size.div_ceil(chunk) as usize;
     let parts_path = parts_of(mine);
     let mut done = vec![false; n];
-    if parts_path.exists() {
-        for line in std::fs::read_to_string(&parts_path).unwrap_or_default().lines() {
-            if let Some(d) = line.trim().parse::<usize>().ok().and_then(|i| done.get_mut(i)) {
-                *d = true;
+    // The first line says how the file was cut; a record of other cuts (another
+    // --range-size, another file size) says nothing about these ranges.
+    let header = format!("ranges {chunk} {size}");
+    let recorded = std::fs::read_to_string(&parts_path).ok();
+    match recorded.as_deref().and_then(|t| t.split_once('\n')) {
+        Some((h, rest)) if h == header => {
+            for line in rest.lines() {
+                if let Some(d) = line.trim().parse::<usize>().ok().and_then(|i| done.get_mut(i)) {
+                    *d = true;
+                }
             }
         }
-    } else {
-        let _ = std::fs::remove_file(mine);
+        _ => {
+            let _ = std::fs::remove_file(mine);
+            std::fs::write(&parts_path, format!("{header}\n")).map_err(|e| fail(io(&parts_path, e)))?;
+        }
     }
     let file = Arc::new(
         std::fs::OpenOptions::new()
@@ -476,6 +514,15 @@ async fn ranged(
     progress.bytes_done.fetch_add(already, Ordering::SeqCst);
     let todo: Vec<usize> = (0..n).filter(|&i| !done[i]).collect();
     let state = Arc::new((std::sync::Mutex::new(RangeState { done, failed: false }), std::sync::Condvar::new()));
+    // However this function ends (an error, or its future dropped), the hasher is released.
+    struct Release(Arc<(std::sync::Mutex<RangeState>, std::sync::Condvar)>);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            let (m, cv) = &*self.0;
+            m.lock().unwrap_or_else(|p| p.into_inner()).failed = true;
+            cv.notify_all();
+        }
+    }
 
     // The hasher: reads finished ranges in order (from the page cache, mostly).
     let (hs, hf) = (state.clone(), file.clone());
@@ -506,10 +553,21 @@ async fn ranged(
         Some(Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect()))
     });
 
+    let release = Release(state.clone());
     let next = std::sync::atomic::AtomicUsize::new(0);
     let unsupported = std::sync::atomic::AtomicBool::new(false);
-    let worker = || async {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let completed_now = AtomicU64::new(0);
+    // Writes leave the async threads (NFS writes and COMMITs can block for long).
+    let write_at = |data: Vec<u8>, at: u64| {
+        let f = file.clone();
+        async move { blocking(move || f.write_all_at(&data, at)).await }
+    };
+    let work = || async {
         loop {
+            if stop.load(Ordering::SeqCst) {
+                return Ok(());
+            }
             let k = next.fetch_add(1, Ordering::SeqCst);
             let Some(&i) = todo.get(k) else { return Ok(()) };
             let (start, end) = range_of(i);
@@ -518,6 +576,9 @@ async fn ranged(
             for _ in 0..ATTEMPTS {
                 if unsupported.load(Ordering::SeqCst) {
                     return Err(Ranged::Unsupported);
+                }
+                if stop.load(Ordering::SeqCst) {
+                    return Ok(());
                 }
                 let mut headers = HeaderMap::new();
                 if let Ok(v) = format!("bytes={start}-{}", end - 1).parse() {
@@ -533,6 +594,8 @@ async fn ranged(
                 }
                 check_answer(&resp, url, commit, etag, size, true).map_err(fail)?;
                 let mut at = start;
+                // Bytes received but not yet written, starting at `at - pending.len()`.
+                let mut pending: Vec<u8> = Vec::with_capacity(WRITE_BUFFER);
                 let mut body = resp.bytes_stream();
                 let outcome: Result<(), PrewarmError> = loop {
                     match tokio::time::timeout(o.stall, body.next()).await {
@@ -547,14 +610,26 @@ async fn ranged(
                                     actual: at + c.len() as u64 - start,
                                 });
                             }
-                            if let Err(e) = file.write_all_at(&c, at) {
-                                break Err(io(mine, e));
-                            }
+                            pending.extend_from_slice(&c);
                             at += c.len() as u64;
                             progress.bytes_done.fetch_add(c.len() as u64, Ordering::SeqCst);
                             progress.downloaded.fetch_add(c.len() as u64, Ordering::SeqCst);
+                            if pending.len() >= WRITE_BUFFER {
+                                let data = std::mem::replace(&mut pending, Vec::with_capacity(WRITE_BUFFER));
+                                let offset = at - data.len() as u64;
+                                if let Err(e) = write_at(data, offset).await {
+                                    break Err(io(mine, e));
+                                }
+                            }
                         }
                     }
+                };
+                let outcome = match (outcome, pending.is_empty()) {
+                    (Ok(()), false) => {
+                        let offset = at - pending.len() as u64;
+                        write_at(pending, offset).await.map_err(|e| io(mine, e))
+                    }
+                    (r, _) => r,
                 };
                 let got = at - start;
                 match outcome {
@@ -571,16 +646,26 @@ async fn ranged(
                 return Err(fail(last.unwrap_or(PrewarmError::Stalled { path: url.into(), stall: o.stall })));
             }
             // Durable first, then recorded: a recorded range is never a hole.
-            file.sync_data().map_err(|e| fail(io(mine, e)))?;
+            let f = file.clone();
+            blocking(move || f.sync_data()).await.map_err(|e| fail(io(mine, e)))?;
             {
                 let mut p = parts.lock().unwrap_or_else(|p| p.into_inner());
                 std::io::Write::write_all(&mut *p, format!("{i}\n").as_bytes())
                     .map_err(|e| fail(io(&parts_path, e)))?;
             }
+            completed_now.fetch_add(end - start, Ordering::SeqCst);
             let (m, cv) = &*state;
             m.lock().unwrap_or_else(|p| p.into_inner()).done[i] = true;
             cv.notify_all();
         }
+    };
+    // The first failure stops the other workers after their current range.
+    let worker = || async {
+        let r = work().await;
+        if r.is_err() {
+            stop.store(true, Ordering::SeqCst);
+        }
+        r
     };
     let workers = o.ranges.min(todo.len()).max(1);
     let results = futures::future::join_all((0..workers).map(|_| worker())).await;
@@ -592,9 +677,13 @@ async fn ranged(
     }
     let hashed = hasher.await.map_err(|e| fail(io(mine, e)))?;
     if let Some(e) = err {
+        // The next attempt counts the recorded ranges again.
+        progress.bytes_done.fetch_sub(already + completed_now.load(Ordering::SeqCst), Ordering::SeqCst);
         return Err(e);
     }
-    file.sync_all().map_err(|e| fail(io(mine, e)))?;
+    drop(release);
+    let f = file.clone();
+    blocking(move || f.sync_all()).await.map_err(|e| fail(io(mine, e)))?;
     match hashed {
         Some(Ok(sha)) => Ok(sha),
         Some(Err(e)) => Err(fail(io(mine, e))),

@@ -45,7 +45,7 @@ pub const TASK_SCHEMA: &[Field] = &[
         "prewarm",
         "bool",
         Some("false"),
-        "Fetch a missing model before starting, with `aimodel-agent prewarm` (beside the plugin or on PATH) and the task's `HF_ENDPOINT`/`HF_TOKEN`.",
+        "Fetch a missing model before starting, with `aimodel-agent prewarm` (beside the plugin or on PATH) from the client's `HF_ENDPOINT`, with the task's `HF_TOKEN`.",
     ),
     attr("privileged", "bool", Some("false"), "Run privileged (needs the plugin's `allow_privileged`)."),
     attr("volumes", "list(string)", None, "Extra bind mounts, `host:container[:ro]`."),
@@ -197,7 +197,8 @@ impl TaskConfig {
             }
             _ => {}
         }
-        if self.revision.trim().is_empty() || self.revision.contains(['/', ' ']) && !self.revision.starts_with("refs/")
+        if !hf_cache::layout::is_safe_revision(&self.revision)
+            || self.revision.contains('/') && !self.revision.starts_with("refs/")
         {
             return invalid("revision", format!("{:?} is not a branch, tag or commit", self.revision));
         }

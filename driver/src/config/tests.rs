@@ -100,3 +100,20 @@ fn task_config_checks() {
     );
     assert_eq!(decode_task_config(&[]).unwrap_err().field(), Some("engine"));
 }
+
+#[test]
+fn revisions_that_would_escape_refs_are_refused() {
+    let Value::Map(mut task) = default_value(TASK_SCHEMA, true) else { unreachable!() };
+    task.insert("engine".into(), Value::str("vllm"));
+    task.insert("model".into(), Value::str("org/m"));
+    for (rev, ok) in
+        [("main", true), ("refs/pr/3", true), ("refs/../../../../etc/x", false), ("a/b", false), ("..", false)]
+    {
+        task.insert("revision".into(), Value::str(rev));
+        let r = decode_task_config(&encode(&Value::Map(task.clone())));
+        assert_eq!(r.is_ok(), ok, "{rev}: {r:?}");
+        if let Err(e) = r {
+            assert_eq!(e.field(), Some("revision"), "{e}");
+        }
+    }
+}
