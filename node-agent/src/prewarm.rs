@@ -431,7 +431,7 @@ async fn blocking<T: Send + 'static>(op: impl FnOnce() -> std::io::Result<T> + S
 }
 
 /// Bytes a range download gathers before one write.
-const WRITE_BUFFER: usize = 1 << 20;
+const WRITE_BUFFER: usize = 4 << 20;
 
 /// The record of finished ranges beside a ranged temp file.
 fn parts_of(tmp: &Path) -> PathBuf {
@@ -559,9 +559,19 @@ async fn ranged(
     let stop = std::sync::atomic::AtomicBool::new(false);
     let completed_now = AtomicU64::new(0);
     // Writes leave the async threads (NFS writes and COMMITs can block for long).
-    let write_at = |data: Vec<u8>, at: u64| {
+    let write_at = |chunks: Vec<bytes::Bytes>, at: u64| {
         let f = file.clone();
-        async move { blocking(move || f.write_all_at(&data, at)).await }
+        async move {
+            blocking(move || {
+                let mut at = at;
+                for c in chunks {
+                    f.write_all_at(&c, at)?;
+                    at += c.len() as u64;
+                }
+                Ok(())
+            })
+            .await
+        }
     };
     let work = || async {
         loop {
@@ -594,8 +604,8 @@ async fn ranged(
                 }
                 check_answer(&resp, url, commit, etag, size, true).map_err(fail)?;
                 let mut at = start;
-                // Bytes received but not yet written, starting at `at - pending.len()`.
-                let mut pending: Vec<u8> = Vec::with_capacity(WRITE_BUFFER);
+                // Chunks received but not yet written (no copy), starting at `at - pending_len`.
+                let (mut pending, mut pending_len): (Vec<bytes::Bytes>, usize) = (Vec::new(), 0);
                 let mut body = resp.bytes_stream();
                 let outcome: Result<(), PrewarmError> = loop {
                     match tokio::time::timeout(o.stall, body.next()).await {
@@ -610,14 +620,15 @@ async fn ranged(
                                     actual: at + c.len() as u64 - start,
                                 });
                             }
-                            pending.extend_from_slice(&c);
                             at += c.len() as u64;
                             progress.bytes_done.fetch_add(c.len() as u64, Ordering::SeqCst);
                             progress.downloaded.fetch_add(c.len() as u64, Ordering::SeqCst);
-                            if pending.len() >= WRITE_BUFFER {
-                                let data = std::mem::replace(&mut pending, Vec::with_capacity(WRITE_BUFFER));
-                                let offset = at - data.len() as u64;
-                                if let Err(e) = write_at(data, offset).await {
+                            pending_len += c.len();
+                            pending.push(c);
+                            if pending_len >= WRITE_BUFFER {
+                                let offset = at - pending_len as u64;
+                                pending_len = 0;
+                                if let Err(e) = write_at(std::mem::take(&mut pending), offset).await {
                                     break Err(io(mine, e));
                                 }
                             }
@@ -625,10 +636,7 @@ async fn ranged(
                     }
                 };
                 let outcome = match (outcome, pending.is_empty()) {
-                    (Ok(()), false) => {
-                        let offset = at - pending.len() as u64;
-                        write_at(pending, offset).await.map_err(|e| io(mine, e))
-                    }
+                    (Ok(()), false) => write_at(pending, at - pending_len as u64).await.map_err(|e| io(mine, e)),
                     (r, _) => r,
                 };
                 let got = at - start;
