@@ -80,6 +80,21 @@ pub fn is_commit(s: &str) -> bool {
     s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
+/// Percent-encodes every byte of `s` but ASCII letters, digits and `keep`.
+pub fn percent_encode(s: &str, keep: &[u8]) -> String {
+    s.bytes()
+        .map(
+            |b| {
+                if b.is_ascii_alphanumeric() || keep.contains(&b) {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            },
+        )
+        .collect()
+}
+
 /// A revision that is safe as a path under `refs/`: a branch, tag or commit,
 /// or `refs/pr/N`-style names — no empty, `.` or `..` component, not absolute,
 /// no backslash, whitespace or control character. Anything else could name a

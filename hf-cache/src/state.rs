@@ -56,15 +56,7 @@ fn key(repo: &str) -> String {
 
 /// A file-name-safe form of any string (revisions, task ids).
 fn escape(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
+    crate::layout::percent_encode(s, b"-_.")
 }
 
 /// Unix seconds now.

@@ -161,6 +161,17 @@ pub fn remove_containers_with_label(label: &str, value: &str) {
     }
 }
 
+/// The body of `GET path` on 127.0.0.1:`port`; empty when nothing answers
+/// (for polling a server that is still starting).
+pub async fn http_body(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { return String::new() };
+    let _ = s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await;
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out).await;
+    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+}
+
 /// A Python with huggingface_hub installed: `AIMODEL_PYTHON`, else the venv
 /// scripts/test creates at `target/pyenv`. With `CI=true` its absence fails.
 pub fn hf_python() -> Option<PathBuf> {

@@ -12,24 +12,15 @@ use std::time::{Duration, Instant};
 use aimodel_integration::faulthub::{FaultHub, COMMIT};
 use aimodel_integration::nomadapi::NomadApi;
 use aimodel_integration::sequence;
-use aimodel_integration::support::{binary, DRIVER_BIN};
+use aimodel_integration::support::{binary, http_body, DRIVER_BIN};
 use aimodel_integration::task::free_port;
 use aimodel_proto::drivers::FingerprintResponse;
 use aimodel_proto::structs::attribute::Value as A;
 use hf_cache::state::StateDir;
 use hf_cache::{check, Mode, RepoId};
 
-async fn get(port: u16, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { return String::new() };
-    let _ = s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await;
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out).await;
-    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
-}
-
 async fn status(port: u16) -> serde_json::Value {
-    serde_json::from_str(&get(port, "/status").await).unwrap_or_default()
+    serde_json::from_str(&http_body(port, "/status").await).unwrap_or_default()
 }
 
 fn model<'a>(st: &'a serde_json::Value, repo: &str) -> Option<&'a serde_json::Value> {
@@ -160,7 +151,7 @@ gc {{
     let f = live.fingerprint_where(Duration::from_secs(15), |f| warm(f, "org/fromjob").is_some()).await.unwrap();
     assert_eq!(warm(&f, "org/fromjob").as_deref(), Some(COMMIT));
 
-    let metrics = get(port, "/metrics").await;
+    let metrics = http_body(port, "/metrics").await;
     assert!(metrics.contains("aimodel_agent_model_warm{repo=\"org/fromjob\",revision=\"main\"} 1"), "{metrics}");
     assert!(metrics.contains("aimodel_agent_downloads_in_flight 0"), "{metrics}");
     assert!(metrics.contains("aimodel_agent_failures_total 0"), "{metrics}");
@@ -176,7 +167,7 @@ gc {{
         2 * content.len() as u64,
         "the hub served each model once"
     );
-    assert_eq!(get(port, "/health").await.trim(), "{\"status\":\"ok\"}");
+    assert_eq!(http_body(port, "/health").await.trim(), "{\"status\":\"ok\"}");
 
     // The job stops: its model is no longer wanted, so the watermark evicts it
     // and the driver stops advertising it.
@@ -297,7 +288,7 @@ async fn four_daemons_with_one_manifest_fetch_each_blob_once() {
     }
     let mut downloaded = 0u64;
     for port in &ports {
-        let metrics = get(*port, "/metrics").await;
+        let metrics = http_body(*port, "/metrics").await;
         downloaded += metrics
             .lines()
             .find_map(|l| l.strip_prefix("aimodel_agent_downloaded_bytes_total "))

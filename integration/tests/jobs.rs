@@ -14,7 +14,7 @@ use aimodel_integration::hcl_eval::plugin_stanza;
 use aimodel_integration::jobrun::{aimodel_tasks, eval_context, seed_tiny_model};
 use aimodel_integration::sequence::{self, encode_config};
 use aimodel_integration::support::{
-    binary, remove_containers_with_label, require_docker, standin_image, DRIVER_BIN, STANDIN_IMAGE,
+    binary, http_body, remove_containers_with_label, require_docker, standin_image, DRIVER_BIN, STANDIN_IMAGE,
 };
 use aimodel_proto::drivers::{DestroyTaskRequest, StartTaskRequest};
 
@@ -269,7 +269,7 @@ async fn the_node_agent_job_renders_a_manifest_the_agent_runs() {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let port: u16 = static_port.parse().unwrap();
     loop {
-        let st = http_get(port, "/status").await;
+        let st = http_body(port, "/status").await;
         let v: serde_json::Value = serde_json::from_str(&st).unwrap_or_default();
         let warm = v["models"].as_array().map(|m| m.iter().filter(|m| m["state"] == "warm").count()).unwrap_or(0);
         if warm == 2 {
@@ -278,18 +278,9 @@ async fn the_node_agent_job_renders_a_manifest_the_agent_runs() {
         assert!(std::time::Instant::now() < deadline, "manifest models not warm: {st}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(http_get(port, "/metrics").await.contains("aimodel_agent_model_warm"));
+    assert!(http_body(port, "/metrics").await.contains("aimodel_agent_model_warm"));
     assert!(nomad.seen().iter().any(|s| s.path.starts_with("/v1/jobs")), "the agent watches the Nomad API");
     let _ = child.kill().await;
-}
-
-async fn http_get(port: u16, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { return String::new() };
-    let _ = s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await;
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out).await;
-    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
 }
 
 /// Every `constraint`/`affinity` on a `driver.aimodel.*` attribute names one

@@ -139,6 +139,22 @@ async fn model_server_stand_in_runs_as_a_task() {
     sim.destroy("no/such/task").await;
 }
 
+/// Reads an exec stream to its end: stdout bytes and the exit result.
+async fn drain_exec(
+    resp: &mut tonic::Streaming<aimodel_proto::drivers::ExecTaskStreamingResponse>,
+) -> (Vec<u8>, Option<aimodel_proto::drivers::ExitResult>) {
+    let (mut got, mut exited) = (Vec::new(), None);
+    while let Some(m) = tokio::time::timeout(Duration::from_secs(20), resp.message()).await.unwrap().unwrap() {
+        if let Some(o) = m.stdout {
+            got.extend(o.data);
+        }
+        if m.exited {
+            exited = m.result;
+        }
+    }
+    (got, exited)
+}
+
 async fn http_get(port: u16, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
@@ -299,15 +315,7 @@ async fn signal_exec_and_stats() {
     tx.send(ExecTaskStreamingRequest { stdin: Some(data), ..Default::default() }).await.unwrap();
     let close = ExecTaskStreamingIoOperation { data: Vec::new(), close: true };
     tx.send(ExecTaskStreamingRequest { stdin: Some(close), ..Default::default() }).await.unwrap();
-    let (mut got, mut exited) = (Vec::new(), None);
-    while let Some(m) = tokio::time::timeout(Duration::from_secs(20), resp.message()).await.unwrap().unwrap() {
-        if let Some(o) = m.stdout {
-            got.extend(o.data);
-        }
-        if m.exited {
-            exited = m.result;
-        }
-    }
+    let (got, exited) = drain_exec(&mut resp).await;
     assert_eq!(String::from_utf8_lossy(&got), "hello exec\n");
     assert_eq!(exited.expect("an exited message").exit_code, 0);
 
@@ -323,15 +331,7 @@ async fn signal_exec_and_stats() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let data = ExecTaskStreamingIoOperation { data: b"go\n".to_vec(), close: false };
     tx.send(ExecTaskStreamingRequest { stdin: Some(data), ..Default::default() }).await.unwrap();
-    let (mut got, mut exited) = (Vec::new(), None);
-    while let Some(m) = tokio::time::timeout(Duration::from_secs(20), resp.message()).await.unwrap().unwrap() {
-        if let Some(o) = m.stdout {
-            got.extend(o.data);
-        }
-        if m.exited {
-            exited = m.result;
-        }
-    }
+    let (got, exited) = drain_exec(&mut resp).await;
     let text = String::from_utf8_lossy(&got);
     assert!(text.contains("33 101"), "{text:?}");
     assert_eq!(exited.expect("an exited message").exit_code, 3);

@@ -407,18 +407,21 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     tokio::spawn(serve_http(listener, cfg.clone(), shared.clone()));
 
     let (tx, mut rx) = watch::channel(BTreeSet::new());
-    if let Some(n) = cfg.nomad.clone() {
-        let status = Arc::new(Mutex::new(NomadStatus::default()));
-        lock(&shared).nomad = Some(status.clone());
-        tokio::spawn(crate::nomad::watch(n, tx, status));
-    } else {
-        drop(tx);
-    }
+    // Without a Nomad source the sender is kept, silent: `rx.changed()` then never fires.
+    let _silent = match cfg.nomad.clone() {
+        Some(n) => {
+            let status = Arc::new(Mutex::new(NomadStatus::default()));
+            lock(&shared).nomad = Some(status.clone());
+            tokio::spawn(crate::nomad::watch(n, tx, status));
+            None
+        }
+        None => Some(tx),
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let pass = async {
         // Each model is its own task: a 100 GB download never delays a model a
         // new job wants, nor gc. At most `models_at_once` run at a time.
-        let mut running: tokio::task::JoinSet<(String, String)> = tokio::task::JoinSet::new();
+        let mut running: tokio::task::JoinSet<()> = tokio::task::JoinSet::new();
         let mut in_flight: BTreeMap<(String, String), tokio::task::AbortHandle> = BTreeMap::new();
         let mut gc_task: Option<tokio::task::JoinHandle<()>> = None;
         let mut gc_due = true;
@@ -463,11 +466,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             };
             for spec in due.into_iter().take(cfg.models_at_once.saturating_sub(in_flight.len())) {
                 let key = (spec.repo.clone(), spec.revision.clone());
-                let (c, h, sh, k) = (cfg.clone(), hub.clone(), shared.clone(), key.clone());
-                let handle = running.spawn(async move {
-                    keep_warm(c, h, spec, sh).await;
-                    k
-                });
+                let handle = running.spawn(keep_warm(cfg.clone(), hub.clone(), spec, shared.clone()));
                 in_flight.insert(key, handle);
             }
             if gc_task.as_ref().is_none_or(|t| t.is_finished()) && (gc_due || gc_last.elapsed() >= cfg.interval.0) {
@@ -491,27 +490,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             };
             tokio::select! {
                 _ = tokio::time::sleep(next) => {}
-                changed = rx.changed() => {
-                    // What is wanted changed: what is protected from gc changed with it.
-                    gc_due |= changed.is_ok();
-                    if changed.is_err() {
-                        // No Nomad source: the timer and finished prewarms wake us.
-                        tokio::select! {
-                            _ = tokio::time::sleep(next) => {}
-                            Some(done) = running.join_next(), if !running.is_empty() => {
-                                if let Ok(k) = done {
-                                    in_flight.remove(&k);
-                                }
-                                in_flight.retain(|_, h| !h.is_finished());
-                                gc_due = true;
-                            }
-                        }
-                    }
-                }
-                Some(done) = running.join_next(), if !running.is_empty() => {
-                    if let Ok(k) = done {
-                        in_flight.remove(&k);
-                    }
+                // What is wanted changed: what is protected from gc changed with it.
+                Ok(()) = rx.changed() => gc_due = true,
+                Some(_) = running.join_next(), if !running.is_empty() => {
                     in_flight.retain(|_, h| !h.is_finished());
                     gc_due = true;
                 }

@@ -195,15 +195,7 @@ impl Hub {
 }
 
 fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
+    hf_cache::layout::percent_encode(s, b"-_.~")
 }
 
 /// `<url>; rel="next"` from a Link header.

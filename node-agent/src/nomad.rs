@@ -104,16 +104,9 @@ impl Client {
     }
 }
 
+/// A query or path value (`*` stays: it is the all-namespaces wildcard).
 fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~*".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
+    hf_cache::layout::percent_encode(s, b"-_.~*")
 }
 
 /// Watches the job list and sends the set of wanted models whenever it changes.
