@@ -87,6 +87,8 @@ pub struct Driver {
     gpu: Arc<tokio::sync::Mutex<Option<Arc<GpuMonitor>>>>,
     /// When the in-use markers of running tasks were last rewritten.
     in_use_refreshed: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    /// Tasks (starting, running or recovered) per image, for `gc.image`.
+    image_refs: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
 }
 
 impl Driver {
@@ -113,7 +115,51 @@ impl Driver {
             orphans: Arc::default(),
             gpu: Arc::default(),
             in_use_refreshed: Arc::default(),
+            image_refs: Arc::default(),
         }
+    }
+
+    /// Counts a task using `image` (from its plan until DestroyTask).
+    pub(crate) fn image_ref(&self, image: &str) {
+        *self.image_refs.lock().unwrap_or_else(|p| p.into_inner()).entry(image.to_string()).or_default() += 1;
+    }
+
+    /// A task stopped using `image`; with `gc.image` the image is removed once no
+    /// task has used it for `gc.image_delay` (as the docker driver's image coordinator does).
+    pub(crate) fn image_unref(&self, image: &str) {
+        {
+            let mut refs = self.image_refs.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = refs.get_mut(image) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        let gc = self.config().gc.clone();
+        if !gc.image {
+            return;
+        }
+        let (me, image) = (self.clone(), image.to_string());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(gc.image_delay.0) => {}
+                _ = me.shutdown.cancelled() => return,
+            }
+            let unused = {
+                let mut refs = me.image_refs.lock().unwrap_or_else(|p| p.into_inner());
+                let unused = refs.get(&image).is_none_or(|n| *n == 0);
+                if unused {
+                    refs.remove(&image);
+                }
+                unused
+            };
+            if !unused {
+                return;
+            }
+            match me.runtime().remove_image(&image).await {
+                Ok(true) => tracing::info!(image = %image, "removed the unused image (gc.image)"),
+                Ok(false) => tracing::debug!(image = %image, "image kept: gone already or used by another container"),
+                Err(e) => tracing::warn!(image = %image, error = %e, "cannot remove the unused image"),
+            }
+        });
     }
 
     /// The token cancelled when the plugin shuts down; long-lived streams end on it.
@@ -203,10 +249,7 @@ impl Driver {
         tracing::error!(gpu = %ev.uuid, what = %ev.what, "GPU fault");
         for id in self.tasks.ids() {
             let Some(task) = self.tasks.task(&id) else { continue };
-            let uses = task
-                .device_env
-                .get("NVIDIA_VISIBLE_DEVICES")
-                .is_some_and(|v| v.split(',').any(|u| u.trim() == ev.uuid));
+            let uses = crate::engine::assigned_gpus(&task).contains(&ev.uuid);
             if uses {
                 self.emit(TaskEvent {
                     task_id: task.id.clone(),

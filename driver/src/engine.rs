@@ -75,23 +75,109 @@ pub fn image_for(cfg: &TaskConfig, plugin: &PluginConfig) -> Result<String, Conf
     })
 }
 
-/// Which GPUs the container gets, from Nomad's device env or the task's `gpus`.
-pub fn gpu_request(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig) -> Option<GpuRequest> {
-    let from_nomad = task
-        .device_env
+/// The GPUs Nomad assigned to the task (`NVIDIA_VISIBLE_DEVICES` of its device
+/// reservation, `client/allocrunner/taskrunner/device_hook.go`), in order.
+pub fn assigned_gpus(task: &NomadTask) -> Vec<String> {
+    task.device_env
         .get("NVIDIA_VISIBLE_DEVICES")
-        .map(|v| v.split(',').map(str::trim).filter(|s| !s.is_empty() && *s != "none").map(String::from).collect())
-        .filter(|v: &Vec<String>| !v.is_empty());
-    if let (Some(uuids), VisibleDevicesFrom::Nomad) = (from_nomad, plugin.gpu.visible_devices_from) {
-        return Some(match plugin.gpu.device_request {
+        .map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty() && *s != "none" && *s != "void")
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Which GPUs the container gets: the ones Nomad assigned, or, only when the
+/// operator allows GPUs outside Nomad's scheduling (`gpu.allow_unscheduled`),
+/// the task's own `gpus`.
+pub fn gpu_request(
+    cfg: &TaskConfig,
+    task: &NomadTask,
+    plugin: &PluginConfig,
+) -> Result<Option<GpuRequest>, ConfigError> {
+    let uuids = assigned_gpus(task);
+    if !uuids.is_empty() && plugin.gpu.visible_devices_from == VisibleDevicesFrom::Nomad {
+        return Ok(Some(match plugin.gpu.device_request {
             DeviceRequestKind::Docker => GpuRequest::Uuids(uuids),
             DeviceRequestKind::Cdi => GpuRequest::Cdi(uuids.iter().map(|u| format!("nvidia.com/gpu={u}")).collect()),
-        });
+        }));
     }
-    match cfg.gpu_count()? {
-        GpuCount::All => Some(GpuRequest::Count(-1)),
-        GpuCount::Count(n) => Some(GpuRequest::Count(i64::from(n))),
+    let Some(count) = cfg.gpu_count() else { return Ok(None) };
+    if !plugin.gpu.allow_unscheduled {
+        return Err(err(
+            "gpus",
+            "takes GPUs Nomad did not assign; ask for them with a `device \"nvidia/gpu\"` block in the task's resources \
+             (or let the operator set gpu.allow_unscheduled = true in the plugin configuration)"
+                .into(),
+        ));
     }
+    Ok(Some(match count {
+        GpuCount::All => GpuRequest::Count(-1),
+        GpuCount::Count(n) => GpuRequest::Count(i64::from(n)),
+    }))
+}
+
+/// Splits `host:container[:mode]` and places the host side: a relative path
+/// under the task directory, `.`/`..` resolved. Without `volumes.enabled` the
+/// host path must stay inside the allocation directory, also after following
+/// symlinks that exist now (`drivers/docker/driver.go` `containerBinds`, plus
+/// the symlink check the docker driver lacks).
+pub fn task_volume(spec: &str, task: &NomadTask, plugin: &PluginConfig) -> Result<String, ConfigError> {
+    use std::path::{Component, Path, PathBuf};
+    let parts: Vec<&str> = spec.split(':').collect();
+    let (src, dst, mode) = match parts.as_slice() {
+        [s, d] => (*s, *d, None),
+        [s, d, m] => (*s, *d, Some(*m)),
+        _ => return Err(err("volumes", format!("{spec:?} is not host:container[:ro|rw]"))),
+    };
+    let task_dir = Path::new(&task.alloc_dir).join(&task.name);
+    if !src.starts_with('/') && task.alloc_dir.is_empty() {
+        return Err(err(
+            "volumes",
+            format!("{spec:?}: a relative host path needs the task directory, and Nomad gave none"),
+        ));
+    }
+    let joined = if src.starts_with('/') { PathBuf::from(src) } else { task_dir.join(src) };
+    let mut clean = PathBuf::from("/");
+    for c in joined.components() {
+        match c {
+            Component::ParentDir => {
+                clean.pop();
+            }
+            Component::Normal(n) => clean.push(n),
+            _ => {}
+        }
+    }
+    if !plugin.volumes.enabled {
+        let alloc = Path::new(&task.alloc_dir);
+        let refuse = || {
+            err(
+                "volumes",
+                format!(
+                    "{spec:?}: host paths outside the allocation directory are not allowed \
+                     (the plugin's volumes.enabled is false); use a Nomad host volume with volume_mount instead"
+                ),
+            )
+        };
+        if task.alloc_dir.is_empty() || !clean.starts_with(alloc) {
+            return Err(refuse());
+        }
+        // A symlink the task made inside its own directory must not lead out of it.
+        if let (Ok(real), Ok(real_alloc)) = (std::fs::canonicalize(&clean), std::fs::canonicalize(alloc)) {
+            if !real.starts_with(real_alloc) {
+                return Err(refuse());
+            }
+        }
+    }
+    let mut bind = format!("{}:{dst}", clean.display());
+    if let Some(m) = mode {
+        bind.push(':');
+        bind.push_str(m);
+    }
+    Ok(bind)
 }
 
 fn gpu_count(req: &Option<GpuRequest>) -> Option<usize> {
@@ -183,7 +269,7 @@ pub fn plan(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, facts: &N
     let image = image_for(cfg, plugin)?;
     let (default_port, health_path) = engine_defaults(cfg.engine);
     let Net { mode: network_mode, bindings: ports, inside: port, host, port_map } = network(cfg, task, default_port)?;
-    let gpus = gpu_request(cfg, task, plugin);
+    let gpus = gpu_request(cfg, task, plugin)?;
     let flags = load_flags(cfg, facts);
     let revision = facts.resolved_revision.clone().unwrap_or_else(|| cfg.revision.clone());
     let model = cfg.model.clone().unwrap_or_default();
@@ -245,9 +331,52 @@ pub fn plan(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, facts: &N
     }
 
     let mut env: BTreeMap<String, String> = task.env.clone();
+    // The GPUs Nomad assigned, or none: a task's own NVIDIA_VISIBLE_DEVICES
+    // (e.g. "all", read by the NVIDIA runtime hook) would reach unscheduled GPUs.
+    let task_gpu_env = env.remove("NVIDIA_VISIBLE_DEVICES");
+    match (&gpus, task_gpu_env) {
+        (Some(GpuRequest::Uuids(ids)), _) => {
+            env.insert("NVIDIA_VISIBLE_DEVICES".into(), ids.join(","));
+        }
+        (Some(GpuRequest::Cdi(_)), _) => {
+            env.insert("NVIDIA_VISIBLE_DEVICES".into(), assigned_gpus(task).join(","));
+        }
+        (Some(GpuRequest::Count(_)), _) => {}
+        (None, Some(v)) if plugin.gpu.allow_unscheduled => {
+            env.insert("NVIDIA_VISIBLE_DEVICES".into(), v);
+        }
+        (None, Some(v)) if matches!(v.trim(), "" | "void" | "none") => {
+            env.insert("NVIDIA_VISIBLE_DEVICES".into(), "void".into());
+        }
+        (None, Some(_)) => {
+            return Err(err(
+                "env",
+                "NVIDIA_VISIBLE_DEVICES takes GPUs Nomad did not assign; use a `device \"nvidia/gpu\"` block \
+                 (or let the operator set gpu.allow_unscheduled = true in the plugin configuration)"
+                    .into(),
+            ))
+        }
+        (None, None) => {
+            env.insert("NVIDIA_VISIBLE_DEVICES".into(), "void".into());
+        }
+    }
     let hf = &plugin.hf_cache;
+    let cache_writable = !cfg.offline && hf.allow_write;
     env.insert("HF_HOME".into(), hf.container_path.clone());
     env.insert("HF_HUB_CACHE".into(), format!("{}/hub", hf.container_path.trim_end_matches('/')));
+    if !cache_writable {
+        // What libraries write under HF_HOME goes to the task's own directory:
+        // the shared cache is read-only for tasks.
+        let scratch = if task.alloc_dir.is_empty() { "/tmp/aimodel-hf" } else { "/local/.hf" };
+        for (k, sub) in [
+            ("HF_MODULES_CACHE", "modules"),
+            ("HF_ASSETS_CACHE", "assets"),
+            ("HF_XET_CACHE", "xet"),
+            ("HF_DATASETS_CACHE", "datasets"),
+        ] {
+            env.insert(k.into(), format!("{scratch}/{sub}"));
+        }
+    }
     if cfg.offline {
         env.insert("HF_HUB_OFFLINE".into(), "1".into());
         env.insert("TRANSFORMERS_OFFLINE".into(), "1".into());
@@ -283,11 +412,13 @@ pub fn plan(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, facts: &N
         binds.push(format!("{a}/{}/local:/local", task.name));
         binds.push(format!("{a}/{}/secrets:/secrets", task.name));
     }
-    binds.push(format!("{}:{}", hf.host_path, hf.container_path));
+    binds.push(format!("{}:{}{}", hf.host_path, hf.container_path, if cache_writable { "" } else { ":ro" }));
     for m in &task.mounts {
         binds.push(format!("{}:{}{}", m.host_path, m.task_path, if m.readonly { ":ro" } else { "" }));
     }
-    binds.extend(cfg.volumes.iter().cloned());
+    for v in &cfg.volumes {
+        binds.push(task_volume(v, task, plugin)?);
+    }
 
     let mib = 1024 * 1024;
     let (memory_bytes, memory_reservation_bytes) = match (task.memory_mb, task.memory_max_mb) {

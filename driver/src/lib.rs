@@ -19,6 +19,7 @@ pub mod lifecycle;
 pub mod logging;
 pub mod logrelay;
 pub mod readiness;
+pub mod registry;
 pub mod runtime;
 pub mod schema;
 pub mod server;

@@ -27,6 +27,8 @@ const KILL_WAIT: Duration = Duration::from_secs(30);
 const RELAY_CHECK: Duration = Duration::from_secs(1);
 /// Log lines quoted in the event when a server dies while starting.
 const LAST_LINES: usize = 10;
+/// Bytes of those lines kept at most.
+const LAST_BYTES: usize = 8 << 10;
 
 /// How a task ended.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -166,6 +168,22 @@ impl Driver {
         let plugin = self.config();
         let facts = self.cache_gate(&task, &cfg).await?;
         let plan = engine::plan(&cfg, &task, &plugin, &facts).map_err(DriverError::TaskConfig)?;
+        self.image_ref(&plan.spec.image);
+        let image = plan.spec.image.clone();
+        let r = self.launch(task, cfg, plan, facts).await;
+        if r.is_err() {
+            self.image_unref(&image);
+        }
+        r
+    }
+
+    async fn launch(
+        &self,
+        task: NomadTask,
+        cfg: TaskConfig,
+        plan: Plan,
+        facts: NodeFacts,
+    ) -> Result<Started, DriverError> {
         self.check_gpus(&task, &plan, &facts).await?;
         let rt = self.runtime();
         self.ensure_image(&task, &cfg, &plan, rt.as_ref()).await?;
@@ -359,7 +377,16 @@ impl Driver {
                 );
             }
         };
-        let auth = cfg.auth.as_ref().or(plugin.auth.as_ref());
+        // The task's own credentials go with its image; the plugin's only to the
+        // registry they name (never to whatever host a job author picks).
+        let plugin_auth = plugin
+            .auth
+            .as_ref()
+            .filter(|a| a.server_address.as_deref().is_some_and(|s| crate::registry::credentials_apply(s, image)));
+        if cfg.auth.is_none() && plugin.auth.is_some() && plugin_auth.is_none() {
+            tracing::debug!(image = %image, "the plugin's registry credentials are for another registry: pulling without");
+        }
+        let auth = cfg.auth.as_ref().or(plugin_auth);
         rt.pull(image, auth, plugin.pull_activity_timeout.0, &report).await?;
         self.event(task, format!("Downloaded image {image}"), &[]);
         Ok(())
@@ -573,7 +600,9 @@ impl Driver {
             let _ = tokio::task::spawn_blocking(move || crate::cache::clear_in_use(&cache, &tid)).await;
         }
         let _ = std::fs::remove_file(&entry.state.relay_state);
-        self.tasks().remove(id);
+        if self.tasks().remove(id).is_some() {
+            self.image_unref(&entry.state.image);
+        }
         tracing::info!(task_id = %id, "task destroyed");
         Ok(())
     }
@@ -592,6 +621,20 @@ impl Driver {
             (state.started_at_ns / 1_000_000_000) as i64,
             (state.started_at_ns % 1_000_000_000) as u32,
         );
+        self.image_ref(&state.image);
+        if let Some(model) = state.model.clone().filter(|_| state.engine != "ollama") {
+            // The marker may have aged while the plugin was down: renew it now,
+            // not at the next refresh round.
+            let (c, id, node, commit) = (
+                self.config().hf_cache.clone(),
+                task.id.clone(),
+                task.node_name.clone(),
+                state.revision.clone().unwrap_or_default(),
+            );
+            let _ =
+                tokio::task::spawn_blocking(move || crate::cache::mark_in_use(&c, &id, &node, &model, &commit, false))
+                    .await;
+        }
         let entry = self.track(task, state, started_at, false).await;
         tracing::info!(task_id = %entry.task.id, container = %entry.state.container_id, "task recovered");
         Ok(())
@@ -652,12 +695,7 @@ impl Driver {
         }
         u.total_ticks = u.cpu_percent / 100.0 * cpu_mhz();
         if let Some(monitor) = self.gpus().await {
-            let assigned: Vec<String> = entry
-                .task
-                .device_env
-                .get("NVIDIA_VISIBLE_DEVICES")
-                .map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
-                .unwrap_or_default();
+            let assigned = engine::assigned_gpus(&entry.task);
             if !assigned.is_empty() {
                 let pids = container_pids(&entry.state.container_id);
                 u.gpus = monitor.usage_of(&assigned, &pids).await;
@@ -850,12 +888,20 @@ async fn run_readiness(driver: Driver, entry: Arc<TaskEntry>, url: String, inter
     }
 }
 
+/// The last lines of a container's log: Docker is asked for the tail only, and
+/// at most `LAST_BYTES` are kept (a server may print one endless line).
 async fn last_log_lines(driver: &Driver, container: &str) -> String {
     use futures::StreamExt;
-    let Ok(mut s) = driver.runtime().logs(container, 0, false).await else { return String::new() };
+    let Ok(mut s) = driver.runtime().log_tail(container, LAST_LINES).await else { return String::new() };
     let mut text = Vec::new();
     while let Some(Ok(rec)) = s.next().await {
         text.extend(rec.bytes);
+        if text.len() > 2 * LAST_BYTES {
+            text.drain(..text.len() - LAST_BYTES);
+        }
+    }
+    if text.len() > LAST_BYTES {
+        text.drain(..text.len() - LAST_BYTES);
     }
     let text = String::from_utf8_lossy(&text);
     let lines: Vec<&str> = text.lines().collect();

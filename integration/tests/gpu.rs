@@ -215,7 +215,8 @@ async fn fatal_xid_marks_the_gpu_and_its_tasks_then_recovers() {
     let mut config = json!({"driver_version": "550.54.15", "cuda_version": 12040, "gpus": [gpu(0, "NVIDIA L4", 23034), gpu(1, "NVIDIA L4", 23034)]});
     // visible_devices_from = "config": Nomad's device env names the GPU (so the task is
     // affected) but no DeviceRequest is made, since this Docker has no NVIDIA runtime.
-    let sim = GpuSim::start(config.clone(), None, "visible_devices_from = \"config\"").await;
+    let sim =
+        GpuSim::start(config.clone(), None, "visible_devices_from = \"config\"\n      allow_unscheduled = true").await;
     sim.fingerprint_where(Duration::from_secs(3), |f| attr(f, "driver.aimodel.gpu.count") == Some(A::IntVal(2))).await;
     let data = tempfile::tempdir().unwrap();
     let mut b = TaskBuilder::new(

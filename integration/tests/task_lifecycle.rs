@@ -787,6 +787,112 @@ async fn images_are_pulled_from_a_registry() {
     assert!(!logged.is_empty());
     assert!(logged.iter().all(|l| !l.contains(&password)), "the registry password was logged");
 
+    // The plugin's own credentials go to the registry they name, and to no other
+    // (the same registry spelled `localhost` is another host to Docker's auth).
     let _ = std::process::Command::new("docker").args(["rmi", "-f", &tag]).output();
+    let plugin_auth = format!(
+        "auth {{\n  username = \"puller\"\n  password = \"{password}\"\n  server_address = \"127.0.0.1:{port}\"\n}}"
+    );
+    let mut psim = Sim::start_with(&plugin_auth, &[]).await.unwrap();
+    let (t, _) =
+        psim.start_task(&TaskBuilder::new("plugin-auth", &format!("engine = \"custom\"\nimage = \"{tag}\"\n"))).await;
+    psim.destroy(&t.config.id).await;
+    let other = tag.replacen("127.0.0.1", "localhost", 1);
+    let t = psim.prepare(&TaskBuilder::new("other-registry", &format!("engine = \"custom\"\nimage = \"{other}\"\n")));
+    let err =
+        psim.live.process.driver().start_task(StartTaskRequest { task: Some(t.config.clone()) }).await.unwrap_err();
+    assert!(
+        err.message().contains("no basic auth credentials") || err.message().contains("unauthorized"),
+        "the plugin's credentials reached another registry: {}",
+        err.message()
+    );
+    let logged = psim.live.process.stderr.lock().unwrap().clone();
+    assert!(logged.iter().all(|l| !l.contains(&password)), "the registry password was logged");
+
+    let _ = std::process::Command::new("docker").args(["rmi", "-f", &tag, &other]).output();
     let _ = registry.kill().await;
+}
+
+/// What a job author may not do to the node, through the real plugin and
+/// Docker: host-path volumes, GPUs Nomad did not assign (by `gpus` or by the
+/// task's own `NVIDIA_VISIBLE_DEVICES`) are refused with the option that would
+/// allow each; a task that starts sees no GPU and cannot write the shared cache.
+#[tokio::test]
+async fn job_authors_get_no_host_paths_no_unassigned_gpus_and_a_read_only_cache() {
+    let Some(mut sim) = Sim::start().await else { return };
+    let refused = [
+        ("host-root", custom("volumes = [\"/:/host\"]"), "volumes.enabled"),
+        ("docker-sock", custom("volumes = [\"/var/run/docker.sock:/var/run/docker.sock\"]"), "volumes.enabled"),
+        ("escape", custom("volumes = [\"../../../../../etc:/x\"]"), "volumes.enabled"),
+        ("all-gpus", custom("gpus = \"all\""), "gpu.allow_unscheduled"),
+    ];
+    for (name, cfg, option) in refused {
+        let t = sim.prepare(&TaskBuilder::new(name, &cfg));
+        let err =
+            sim.live.process.driver().start_task(StartTaskRequest { task: Some(t.config.clone()) }).await.unwrap_err();
+        assert!(err.message().contains(option), "{name}: {}", err.message());
+        assert_ne!(aimodel_driver::error::recoverable_detail(&err), Some(true), "{name}: a refusal is final");
+    }
+    let t = sim.prepare(&TaskBuilder::new("env-gpus", &custom("")).env("NVIDIA_VISIBLE_DEVICES", "all"));
+    let err =
+        sim.live.process.driver().start_task(StartTaskRequest { task: Some(t.config.clone()) }).await.unwrap_err();
+    assert!(err.message().contains("gpu.allow_unscheduled"), "{}", err.message());
+
+    // Inside the allocation is fine; the cache is there but read-only.
+    let cfg = custom("entrypoint = [\"/bin/sleep\"]\nargs = [\"600\"]\nvolumes = [\"scratch:/scratch\"]");
+    let (t, _) = sim.start_task(&TaskBuilder::new("tenant", &cfg)).await;
+    let id = t.config.id.clone();
+    let d = sim.live.process.driver();
+    let run = |cmd: &str| ExecTaskRequest {
+        task_id: id.clone(),
+        command: vec!["/bin/sh".into(), "-c".into(), cmd.into()],
+        timeout: None,
+    };
+    let r = d.clone().exec_task(run("echo poison > /root/.cache/huggingface/poison")).await.unwrap().into_inner();
+    assert_ne!(r.result.unwrap().exit_code, 0, "a task wrote the shared cache");
+    assert!(!sim._cache.path().join("poison").exists());
+    let r = d.clone().exec_task(run("echo $NVIDIA_VISIBLE_DEVICES; touch /scratch/ok")).await.unwrap().into_inner();
+    assert_eq!(String::from_utf8_lossy(&r.stdout).trim(), "void");
+    assert_eq!(r.result.unwrap().exit_code, 0);
+    sim.destroy(&id).await;
+}
+
+/// `gc { image = true }`: an image no task uses any more is removed after
+/// `image_delay`; one a running task still uses is kept.
+#[tokio::test]
+async fn unused_images_are_removed_after_the_delay() {
+    let Some(mut sim) = Sim::start_with("gc {\n  image = true\n  image_delay = \"1s\"\n}", &[]).await else {
+        return;
+    };
+    let tag = |n: &str| format!("aimodel-gc-test:{n}-{}", aimodel_integration::task::random_hex(4));
+    let (gone, kept) = (tag("gone"), tag("kept"));
+    for t in [&gone, &kept] {
+        let out = std::process::Command::new("docker").args(["tag", &standin_image().unwrap(), t]).output().unwrap();
+        assert!(out.status.success());
+    }
+    let present =
+        |t: &str| std::process::Command::new("docker").args(["image", "inspect", t]).output().unwrap().status.success();
+    let sleeper = |image: &str| {
+        format!("engine = \"custom\"\nimage = \"{image}\"\nentrypoint = [\"/bin/sleep\"]\nargs = [\"600\"]\n")
+    };
+    let (a, _) = sim.start_task(&TaskBuilder::new("a", &sleeper(&gone))).await;
+    let (b1, _) = sim.start_task(&TaskBuilder::new("b1", &sleeper(&kept))).await;
+    let (b2, _) = sim.start_task(&TaskBuilder::new("b2", &sleeper(&kept))).await;
+    sim.destroy(&a.config.id).await;
+    sim.destroy(&b1.config.id).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while present(&gone) {
+        assert!(Instant::now() < deadline, "the unused image {gone} was not removed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // b2 still runs on `kept`: well past the delay it is still there.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(present(&kept), "an image a running task uses was removed");
+    assert!(present(&standin_image().unwrap()), "another tag of the same image was removed");
+    sim.destroy(&b2.config.id).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while present(&kept) {
+        assert!(Instant::now() < deadline, "the image {kept} was not removed once unused");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -33,6 +33,12 @@ pub const PLUGIN_SCHEMA: &[Field] = &[
     attr("pull_progress_interval", "string", Some(r#""10s""#), "How often pull progress is reported as a task event."),
     attr("allow_privileged", "bool", Some("false"), "Allow tasks to set `privileged = true`."),
     attr(
+        "allow_host_network",
+        "bool",
+        Some("false"),
+        "Allow a task without a group `network` block to run on the host's network (otherwise it is refused).",
+    ),
+    attr(
         "disable_log_collection",
         "bool",
         Some("false"),
@@ -42,7 +48,12 @@ pub const PLUGIN_SCHEMA: &[Field] = &[
     block("hf_cache", HF_CACHE_SCHEMA, "The shared HuggingFace cache."),
     block("gpu", GPU_SCHEMA, "GPU discovery and assignment."),
     block("images", IMAGES_SCHEMA, "Default image per engine, used when a task sets no `image`."),
-    block("auth", AUTH_SCHEMA, "Registry credentials used for every pull unless the task has its own `auth`."),
+    block(
+        "auth",
+        AUTH_SCHEMA,
+        "Registry credentials, sent only to `server_address` when a task without its own `auth` pulls from it.",
+    ),
+    block("volumes", VOLUMES_SCHEMA, "Host paths in a task's `volumes`."),
     block("gc", GC_SCHEMA, "What is removed when a task is destroyed."),
 ];
 
@@ -72,7 +83,20 @@ const HF_CACHE_SCHEMA: &[Field] = &[
         Some(r#""5s""#),
         "Time limit of every filesystem probe, so a hung NFS server cannot wedge the plugin.",
     ),
+    attr(
+        "allow_write",
+        "bool",
+        Some("false"),
+        "Mount the cache read-write into tasks with `offline = false` (engines that download); otherwise every task sees it read-only.",
+    ),
 ];
+
+const VOLUMES_SCHEMA: &[Field] = &[attr(
+    "enabled",
+    "bool",
+    Some("false"),
+    "Allow `volumes` with host paths outside the allocation directory (as the docker driver's `volumes.enabled`).",
+)];
 
 const GPU_SCHEMA: &[Field] = &[
     attr("enabled", "bool", Some("true"), "Fingerprint GPUs through NVML and pass them to tasks."),
@@ -89,6 +113,12 @@ const GPU_SCHEMA: &[Field] = &[
         "string",
         Some(r#""docker""#),
         "`docker`: a DeviceRequest by UUID; `cdi`: CDI device names `nvidia.com/gpu=<uuid>`.",
+    ),
+    attr(
+        "allow_unscheduled",
+        "bool",
+        Some("false"),
+        "Allow tasks to take GPUs Nomad did not assign: the task's `gpus` and an `NVIDIA_VISIBLE_DEVICES` in its `env`.",
     ),
 ];
 
@@ -115,7 +145,12 @@ const IMAGES_SCHEMA: &[Field] = &[
 pub const AUTH_SCHEMA: &[Field] = &[
     attr("username", "string", None, "Registry user name."),
     attr("password", "string", None, "Registry password or token. Never logged."),
-    attr("server_address", "string", None, "Registry host the credentials are for."),
+    attr(
+        "server_address",
+        "string",
+        None,
+        "Registry host the credentials are for (`docker.io`, `ghcr.io`, `registry.example:5000`); required in the plugin's `auth`.",
+    ),
 ];
 
 const GC_SCHEMA: &[Field] = &[
@@ -133,12 +168,14 @@ pub struct PluginConfig {
     pub pull_activity_timeout: Dur,
     pub pull_progress_interval: Dur,
     pub allow_privileged: bool,
+    pub allow_host_network: bool,
     pub disable_log_collection: bool,
     pub extra_labels: BTreeMap<String, String>,
     pub hf_cache: HfCacheConfig,
     pub gpu: GpuConfig,
     pub images: ImagesConfig,
     pub auth: Option<RegistryAuth>,
+    pub volumes: VolumesConfig,
     pub gc: GcConfig,
 }
 
@@ -150,12 +187,14 @@ impl Default for PluginConfig {
             pull_activity_timeout: Dur(Duration::from_secs(300)),
             pull_progress_interval: Dur(Duration::from_secs(10)),
             allow_privileged: false,
+            allow_host_network: false,
             disable_log_collection: false,
             extra_labels: BTreeMap::new(),
             hf_cache: HfCacheConfig::default(),
             gpu: GpuConfig::default(),
             images: ImagesConfig::default(),
             auth: None,
+            volumes: VolumesConfig::default(),
             gc: GcConfig::default(),
         }
     }
@@ -170,6 +209,7 @@ pub struct HfCacheConfig {
     pub require_nfs: bool,
     pub min_free: Bytes,
     pub probe_timeout: Dur,
+    pub allow_write: bool,
 }
 
 impl Default for HfCacheConfig {
@@ -180,6 +220,7 @@ impl Default for HfCacheConfig {
             require_nfs: false,
             min_free: Bytes(10 << 30),
             probe_timeout: Dur(Duration::from_secs(5)),
+            allow_write: false,
         }
     }
 }
@@ -211,6 +252,7 @@ pub struct GpuConfig {
     pub nvml_library: String,
     pub visible_devices_from: VisibleDevicesFrom,
     pub device_request: DeviceRequestKind,
+    pub allow_unscheduled: bool,
 }
 
 impl Default for GpuConfig {
@@ -221,6 +263,7 @@ impl Default for GpuConfig {
             nvml_library: "libnvidia-ml.so.1".into(),
             visible_devices_from: VisibleDevicesFrom::Nomad,
             device_request: DeviceRequestKind::Docker,
+            allow_unscheduled: false,
         }
     }
 }
@@ -276,6 +319,13 @@ impl std::fmt::Debug for RegistryAuth {
     }
 }
 
+/// `volumes { ... }`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct VolumesConfig {
+    pub enabled: bool,
+}
+
 /// `gc { ... }`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -319,6 +369,20 @@ impl PluginConfig {
         ] {
             if !path.starts_with('/') {
                 return invalid(field, format!("{path:?} must be an absolute path"));
+            }
+        }
+        if self.gpu.visible_devices_from == VisibleDevicesFrom::Config && !self.gpu.allow_unscheduled {
+            return invalid(
+                "gpu.visible_devices_from",
+                "\"config\" hands tasks GPUs Nomad did not schedule: it needs gpu.allow_unscheduled = true".into(),
+            );
+        }
+        if let Some(a) = &self.auth {
+            if a.server_address.as_deref().is_none_or(|s| s.trim().is_empty()) {
+                return invalid(
+                    "auth.server_address",
+                    "is required: the plugin's credentials are sent only to that registry".into(),
+                );
             }
         }
         if self.gpu.enabled && self.gpu.nvml_library.is_empty() {

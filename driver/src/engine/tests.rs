@@ -63,7 +63,9 @@ fn vllm_command_line_and_host_network() {
     assert!(p.spec.env.contains(&"HF_HUB_CACHE=/root/.cache/huggingface/hub".to_string()));
     assert!(p.spec.binds.contains(&"/nomad/alloc/a1/alloc:/alloc".to_string()));
     assert!(p.spec.binds.contains(&"/nomad/alloc/a1/llm/secrets:/secrets".to_string()));
-    assert!(p.spec.binds.contains(&"/mnt/hf-cache:/root/.cache/huggingface".to_string()));
+    assert!(p.spec.binds.contains(&"/mnt/hf-cache:/root/.cache/huggingface:ro".to_string()));
+    assert!(p.spec.env.contains(&"HF_MODULES_CACHE=/local/.hf/modules".to_string()));
+    assert!(p.spec.env.contains(&"NVIDIA_VISIBLE_DEVICES=void".to_string()), "no GPU assigned: none visible");
     assert_eq!(p.spec.labels[LABEL_TASK_ID], "a1/llm/1234abcd");
     assert_eq!(p.spec.labels[LABEL_MANAGED], "true");
     assert_eq!(p.spec.name, "llm-a1-1234abcd");
@@ -98,10 +100,94 @@ fn tensor_parallel_follows_the_assigned_gpus() {
     plugin.gpu.device_request = DeviceRequestKind::Cdi;
     let p = plan(&cfg(&vllm()), &t, &plugin, &NodeFacts::default()).unwrap();
     assert_eq!(p.spec.gpus, Some(GpuRequest::Cdi(vec!["nvidia.com/gpu=GPU-a".into(), "nvidia.com/gpu=GPU-b".into()])));
+    assert!(p.spec.env.contains(&"NVIDIA_VISIBLE_DEVICES=GPU-a,GPU-b".to_string()));
     let mut with_count = vllm();
     with_count.push(("gpus", Value::str("all")));
-    let p = plan(&cfg(&with_count), &task(), &PluginConfig::default(), &NodeFacts::default()).unwrap();
+    let mut allowed = PluginConfig::default();
+    allowed.gpu.allow_unscheduled = true;
+    let p = plan(&cfg(&with_count), &task(), &allowed, &NodeFacts::default()).unwrap();
     assert_eq!(p.spec.gpus, Some(GpuRequest::Count(-1)));
+}
+
+#[test]
+fn gpus_nomad_did_not_assign_need_the_operator() {
+    let mut with_count = vllm();
+    with_count.push(("gpus", Value::str("all")));
+    let e = plan(&cfg(&with_count), &task(), &PluginConfig::default(), &NodeFacts::default()).unwrap_err();
+    assert_eq!(e.field(), Some("gpus"));
+    assert!(e.to_string().contains("gpu.allow_unscheduled"), "{e}");
+
+    // The task's own env cannot widen what Nomad assigned, nor add GPUs when none were.
+    let mut t = task();
+    t.env.insert("NVIDIA_VISIBLE_DEVICES".into(), "all".into());
+    let e = plan(&cfg(&vllm()), &t, &PluginConfig::default(), &NodeFacts::default()).unwrap_err();
+    assert_eq!(e.field(), Some("env"));
+    assert!(e.to_string().contains("gpu.allow_unscheduled"), "{e}");
+    t.device_env.insert("NVIDIA_VISIBLE_DEVICES".into(), "GPU-a".into());
+    let p = plan(&cfg(&vllm()), &t, &PluginConfig::default(), &NodeFacts::default()).unwrap();
+    assert!(p.spec.env.contains(&"NVIDIA_VISIBLE_DEVICES=GPU-a".to_string()), "{:?}", p.spec.env);
+    assert!(!p.spec.env.iter().any(|e| e == "NVIDIA_VISIBLE_DEVICES=all"));
+    let mut allowed = PluginConfig::default();
+    allowed.gpu.allow_unscheduled = true;
+    t.device_env.clear();
+    let p = plan(&cfg(&vllm()), &t, &allowed, &NodeFacts::default()).unwrap();
+    assert!(p.spec.env.contains(&"NVIDIA_VISIBLE_DEVICES=all".to_string()));
+    t.env.insert("NVIDIA_VISIBLE_DEVICES".into(), "none".into());
+    let p = plan(&cfg(&vllm()), &t, &PluginConfig::default(), &NodeFacts::default()).unwrap();
+    assert!(p.spec.env.contains(&"NVIDIA_VISIBLE_DEVICES=void".to_string()));
+}
+
+#[test]
+fn volumes_stay_in_the_allocation_unless_the_operator_allows_host_paths() {
+    let t = task();
+    let plugin = PluginConfig::default();
+    for bad in ["/:/host", "/var/run/docker.sock:/var/run/docker.sock", "../../other-alloc:/x", "/nomad/alloc/a2:/x"] {
+        let e = task_volume(bad, &t, &plugin).unwrap_err();
+        assert_eq!(e.field(), Some("volumes"), "{bad}");
+        assert!(e.to_string().contains("volumes.enabled"), "{e}");
+    }
+    // Relative paths are under the task directory (never a Docker named volume).
+    assert_eq!(task_volume("data:/data", &t, &plugin).unwrap(), "/nomad/alloc/a1/llm/data:/data");
+    assert_eq!(task_volume("../alloc/x:/x:ro", &t, &plugin).unwrap(), "/nomad/alloc/a1/alloc/x:/x:ro");
+    assert_eq!(task_volume("/nomad/alloc/a1/alloc/y:/y", &t, &plugin).unwrap(), "/nomad/alloc/a1/alloc/y:/y");
+    let mut open = PluginConfig::default();
+    open.volumes.enabled = true;
+    assert_eq!(task_volume("/srv/models/:/models:ro", &t, &open).unwrap(), "/srv/models:/models:ro");
+    assert_eq!(task_volume("data:/data", &t, &open).unwrap(), "/nomad/alloc/a1/llm/data:/data");
+    // Through plan: a refused volume refuses the task.
+    let mut c = vllm();
+    c.push(("volumes", Value::List(vec![Value::str("/:/host")])));
+    assert_eq!(plan(&cfg(&c), &t, &plugin, &NodeFacts::default()).unwrap_err().field(), Some("volumes"));
+}
+
+#[test]
+fn a_symlink_in_the_task_directory_does_not_lead_out() {
+    let d = tempfile::tempdir().unwrap();
+    let alloc = d.path().join("alloc-1");
+    std::fs::create_dir_all(alloc.join("llm")).unwrap();
+    std::os::unix::fs::symlink("/etc", alloc.join("llm/escape")).unwrap();
+    std::fs::create_dir(alloc.join("llm/inside")).unwrap();
+    let t = NomadTask { alloc_dir: alloc.display().to_string(), name: "llm".into(), ..task() };
+    let e = task_volume("escape:/x", &t, &PluginConfig::default()).unwrap_err();
+    assert!(e.to_string().contains("volumes.enabled"), "{e}");
+    assert!(task_volume("inside:/x", &t, &PluginConfig::default()).is_ok());
+}
+
+#[test]
+fn the_cache_is_read_only_unless_an_online_task_is_allowed_to_write() {
+    let t = task();
+    let bind = |p: &Plan| p.spec.binds.iter().find(|b| b.starts_with("/mnt/hf-cache:")).cloned().unwrap();
+    let mut online = vllm();
+    online.push(("offline", Value::Bool(false)));
+    let p = plan(&cfg(&online), &t, &PluginConfig::default(), &NodeFacts::default()).unwrap();
+    assert_eq!(bind(&p), "/mnt/hf-cache:/root/.cache/huggingface:ro");
+    let mut writable = PluginConfig::default();
+    writable.hf_cache.allow_write = true;
+    let p = plan(&cfg(&online), &t, &writable, &NodeFacts::default()).unwrap();
+    assert_eq!(bind(&p), "/mnt/hf-cache:/root/.cache/huggingface");
+    assert!(!p.spec.env.iter().any(|e| e.starts_with("HF_MODULES_CACHE=")));
+    let p = plan(&cfg(&vllm()), &t, &writable, &NodeFacts::default()).unwrap();
+    assert_eq!(bind(&p), "/mnt/hf-cache:/root/.cache/huggingface:ro", "offline tasks never write");
 }
 
 #[test]

@@ -10,7 +10,7 @@ use bollard::exec::{StartExecOptions, StartExecResults};
 use bollard::models::{ContainerCreateBody, DeviceRequest, ExecConfig, HostConfig, PortBinding as DockerPortBinding};
 use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, KillContainerOptions, ListContainersOptions, LogsOptions,
-    RemoveContainerOptions, ResizeExecOptions, StatsOptions, WaitContainerOptions,
+    RemoveContainerOptions, RemoveImageOptions, ResizeExecOptions, StatsOptions, WaitContainerOptions,
 };
 use bollard::{Docker, API_DEFAULT_VERSION};
 use futures::stream::BoxStream;
@@ -240,6 +240,15 @@ impl ContainerRuntime for DockerRuntime {
         }
     }
 
+    async fn remove_image(&self, image: &str) -> Result<bool, RuntimeError> {
+        let options = RemoveImageOptions { force: false, noprune: false, ..Default::default() };
+        match self.client().await?.remove_image(image, Some(options), None).await {
+            Ok(_) => Ok(true),
+            Err(BollardError::DockerResponseServerError { status_code: 404 | 409, .. }) => Ok(false),
+            Err(e) => Err(self.api("remove image")(e)),
+        }
+    }
+
     async fn create(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
         let docker = self.client().await?;
         let body = ContainerCreateBody {
@@ -356,6 +365,36 @@ impl ContainerRuntime for DockerRuntime {
             })
             .boxed();
         Ok(stream)
+    }
+
+    async fn log_tail(
+        &self,
+        id: &str,
+        lines: usize,
+    ) -> Result<BoxStream<'static, Result<LogRecord, RuntimeError>>, RuntimeError> {
+        let docker = self.client().await?;
+        let endpoint = self.endpoint.clone();
+        let options = LogsOptions {
+            follow: false,
+            stdout: true,
+            stderr: true,
+            timestamps: false,
+            tail: lines.to_string(),
+            ..Default::default()
+        };
+        Ok(docker
+            .logs(id, Some(options))
+            .map(move |item| {
+                let out = item.map_err(|e| RuntimeError::Api { op: "logs", reason: format!("{e} ({endpoint})") })?;
+                let (stream, bytes) = match out {
+                    LogOutput::StdErr { message } => (LogStream::Stderr, message),
+                    LogOutput::StdOut { message } | LogOutput::Console { message } | LogOutput::StdIn { message } => {
+                        (LogStream::Stdout, message)
+                    }
+                };
+                Ok(LogRecord { stream, ts: (0, 0), bytes: bytes.to_vec() })
+            })
+            .boxed())
     }
 
     async fn stats(&self, id: &str) -> Result<Stats, RuntimeError> {

@@ -185,6 +185,8 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         activity_timeout: Duration,
         progress: &(dyn Fn(PullProgress) + Send + Sync),
     ) -> Result<(), RuntimeError>;
+    /// Removes an image (not forced); `Ok(false)` when it is absent or a container still uses it.
+    async fn remove_image(&self, image: &str) -> Result<bool, RuntimeError>;
     /// Creates a container and returns its id.
     async fn create(&self, spec: &ContainerSpec) -> Result<String, RuntimeError>;
     /// Starts a created container.
@@ -203,6 +205,12 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         id: &str,
         since_secs: i64,
         follow: bool,
+    ) -> Result<BoxStream<'static, Result<LogRecord, RuntimeError>>, RuntimeError>;
+    /// The last `lines` lines of a finished or running container's log (Docker's `tail`).
+    async fn log_tail(
+        &self,
+        id: &str,
+        lines: usize,
     ) -> Result<BoxStream<'static, Result<LogRecord, RuntimeError>>, RuntimeError>;
     /// One resource sample.
     async fn stats(&self, id: &str) -> Result<Stats, RuntimeError>;
