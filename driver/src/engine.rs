@@ -222,7 +222,7 @@ struct Net {
 
 /// Resolves the network: which ports to publish, which port the server listens
 /// on inside the container, and the host port Nomad assigned to it.
-fn network(cfg: &TaskConfig, task: &NomadTask, default_port: u16) -> Result<Net, ConfigError> {
+fn network(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, default_port: u16) -> Result<Net, ConfigError> {
     let port_map: BTreeMap<String, u16> = task.ports.iter().map(|p| (p.label.clone(), p.value)).collect();
     let chosen = match &cfg.port {
         Some(label) => Some(task.ports.iter().find(|p| &p.label == label).ok_or_else(|| {
@@ -231,34 +231,48 @@ fn network(cfg: &TaskConfig, task: &NomadTask, default_port: u16) -> Result<Net,
         })?),
         None => None,
     };
-    match task.network_mode {
-        NetworkMode::Group => {
-            let bindings = task
-                .ports
-                .iter()
-                .map(|p| PortBinding {
-                    container_port: if p.to > 0 { p.to } else { p.value },
-                    host_ip: p.host_ip.clone(),
-                    host_port: p.value,
-                })
-                .collect();
-            let (inside, host) = match chosen {
-                Some(p) => {
-                    let ip = if p.host_ip.is_empty() || p.host_ip == "0.0.0.0" { "127.0.0.1" } else { &p.host_ip };
-                    (if p.to > 0 { p.to } else { p.value }, Some((ip.to_string(), p.value)))
-                }
-                None => (default_port, None),
-            };
-            Ok(Net { mode: "bridge".into(), bindings, inside, host, port_map })
+    let host_network = match cfg.network_mode.as_deref() {
+        Some("host") if task.network_mode == NetworkMode::Group => {
+            return Err(err("network_mode", "\"host\" cannot be used in a group with a network block".into()))
         }
-        NetworkMode::Host => {
-            let (inside, host) = match chosen {
-                Some(p) => (p.value, Some(("127.0.0.1".to_string(), p.value))),
-                None => (default_port, Some(("127.0.0.1".to_string(), default_port))),
-            };
-            Ok(Net { mode: "host".into(), bindings: Vec::new(), inside, host, port_map })
-        }
+        Some("host") if !plugin.allow_host_network => return Err(err(
+            "network_mode",
+            "\"host\" puts the server on every interface of the node; it needs the plugin's allow_host_network = true"
+                .into(),
+        )),
+        Some("host") => true,
+        _ => false,
+    };
+    if host_network {
+        let (inside, host) = match chosen {
+            Some(p) => (p.value, Some(("127.0.0.1".to_string(), p.value))),
+            None => (default_port, Some(("127.0.0.1".to_string(), default_port))),
+        };
+        return Ok(Net { mode: "host".into(), bindings: Vec::new(), inside, host, port_map });
     }
+    if cfg.network_mode.as_deref() == Some("none") {
+        return Ok(Net { mode: "none".into(), bindings: Vec::new(), inside: default_port, host: None, port_map });
+    }
+    // As the docker driver does (`drivers/docker/driver.go` createContainerConfig):
+    // Docker's bridge, each port published on the address Nomad picked,
+    // `host_ip:value → to` (`to` defaults to the value); the server listens on `to`.
+    let bindings = task
+        .ports
+        .iter()
+        .map(|p| PortBinding {
+            container_port: if p.to > 0 { p.to } else { p.value },
+            host_ip: p.host_ip.clone(),
+            host_port: p.value,
+        })
+        .collect();
+    let (inside, host) = match chosen {
+        Some(p) => {
+            let ip = if p.host_ip.is_empty() || p.host_ip == "0.0.0.0" { "127.0.0.1" } else { &p.host_ip };
+            (if p.to > 0 { p.to } else { p.value }, Some((ip.to_string(), p.value)))
+        }
+        None => (default_port, None),
+    };
+    Ok(Net { mode: "bridge".into(), bindings, inside, host, port_map })
 }
 
 /// Builds the container for a task.
@@ -268,7 +282,8 @@ pub fn plan(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, facts: &N
     }
     let image = image_for(cfg, plugin)?;
     let (default_port, health_path) = engine_defaults(cfg.engine);
-    let Net { mode: network_mode, bindings: ports, inside: port, host, port_map } = network(cfg, task, default_port)?;
+    let Net { mode: network_mode, bindings: ports, inside: port, host, port_map } =
+        network(cfg, task, plugin, default_port)?;
     let gpus = gpu_request(cfg, task, plugin)?;
     let flags = load_flags(cfg, facts);
     let revision = facts.resolved_revision.clone().unwrap_or_else(|| cfg.revision.clone());

@@ -48,7 +48,18 @@ pub const TASK_SCHEMA: &[Field] = &[
         "Fetch a missing model before starting, with `aimodel-agent prewarm` (beside the plugin or on PATH) from the client's `HF_ENDPOINT`, with the task's `HF_TOKEN`.",
     ),
     attr("privileged", "bool", Some("false"), "Run privileged (needs the plugin's `allow_privileged`)."),
-    attr("volumes", "list(string)", None, "Extra bind mounts, `host:container[:ro]`."),
+    attr(
+        "volumes",
+        "list(string)",
+        None,
+        "Extra bind mounts, `host:container[:ro]`; a relative host path is under the task directory, and host paths outside the allocation need the plugin's `volumes.enabled`.",
+    ),
+    attr(
+        "network_mode",
+        "string",
+        None,
+        "`bridge` (the default: Docker's bridge, Nomad's ports published), `none`, or `host` (needs the plugin's `allow_host_network`).",
+    ),
     attr("labels", "map(string)", None, "Extra container labels."),
     block("readiness", READINESS_SCHEMA, "Readiness probe of the model server."),
     block("auth", AUTH_SCHEMA, "Registry credentials for this task's image."),
@@ -156,6 +167,8 @@ pub struct TaskConfig {
     #[serde(default)]
     pub volumes: Vec<String>,
     #[serde(default)]
+    pub network_mode: Option<String>,
+    #[serde(default)]
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub readiness: Readiness,
@@ -231,6 +244,11 @@ impl TaskConfig {
                     "volumes",
                     format!("{v:?} is not host:container[:ro|rw] with an absolute container path"),
                 );
+            }
+        }
+        if let Some(m) = &self.network_mode {
+            if !matches!(m.as_str(), "bridge" | "host" | "none") {
+                return invalid("network_mode", format!("{m:?} is not bridge, host or none"));
             }
         }
         if self.readiness.interval.0.is_zero() {

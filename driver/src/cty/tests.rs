@@ -207,8 +207,27 @@ fn arb_value() -> impl Strategy<Value = Value> {
     })
 }
 
+/// Cases per property: 512 in the test command (seconds); a longer run is
+/// `PROPTEST_CASES=200000 cargo test -p nomad-driver-aimodel cty::` (docs/security.md).
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(512)
+}
+
+#[test]
+fn hostile_shapes_are_errors_not_crashes() {
+    // 100 000 nested one-element arrays: a depth error, not a stack overflow.
+    let mut deep = vec![0x91u8; 100_000];
+    deep.push(0xc0);
+    assert!(decode(&deep).is_err());
+    // An array32 claiming 4 billion elements in a 5-byte input: no allocation of that size.
+    assert!(decode(&[0xdd, 0xff, 0xff, 0xff, 0xff]).is_err());
+    assert!(decode(&[0xdf, 0xff, 0xff, 0xff, 0xff]).is_err());
+    // A str32 longer than the input.
+    assert!(decode(&[0xdb, 0x7f, 0xff, 0xff, 0xff, b'a']).is_err());
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(512))]
+    #![proptest_config(ProptestConfig::with_cases(cases()))]
 
     #[test]
     fn round_trip(v in arb_value()) {

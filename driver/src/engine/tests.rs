@@ -33,7 +33,7 @@ fn vllm() -> Vec<(&'static str, Value)> {
 }
 
 #[test]
-fn vllm_command_line_and_host_network() {
+fn vllm_command_line_and_docker_bridge_like_the_docker_driver() {
     let p = plan(&cfg(&vllm()), &task(), &PluginConfig::default(), &NodeFacts::default()).unwrap();
     let cmd = p.spec.cmd.clone().unwrap();
     assert_eq!(
@@ -46,15 +46,18 @@ fn vllm_command_line_and_host_network() {
             "--host",
             "0.0.0.0",
             "--port",
-            "23456",
+            "8000",
             "--served-model-name",
             "org/m"
         ]
     );
     assert_eq!(p.spec.entrypoint, None);
     assert_eq!(p.spec.image, "vllm/vllm-openai:latest");
-    assert_eq!(p.spec.network_mode, "host");
-    assert_eq!(p.readiness_url.as_deref(), Some("http://127.0.0.1:23456/health"));
+    // No group network: Docker's bridge, the port published only on the address
+    // Nomad picked, host port → `to`, and the server listening on `to`.
+    assert_eq!(p.spec.network_mode, "bridge");
+    assert_eq!(p.spec.ports, [PortBinding { container_port: 8000, host_ip: "10.0.0.5".into(), host_port: 23456 }]);
+    assert_eq!(p.readiness_url.as_deref(), Some("http://10.0.0.5:23456/health"));
     assert_eq!(p.port_map["http"], 23456);
     assert_eq!(p.spec.memory_bytes, Some(1024 << 20));
     assert_eq!(p.spec.cpu_shares, Some(500));
@@ -69,6 +72,27 @@ fn vllm_command_line_and_host_network() {
     assert_eq!(p.spec.labels[LABEL_TASK_ID], "a1/llm/1234abcd");
     assert_eq!(p.spec.labels[LABEL_MANAGED], "true");
     assert_eq!(p.spec.name, "llm-a1-1234abcd");
+}
+
+#[test]
+fn host_network_is_an_operator_opt_in() {
+    let mut c = vllm();
+    c.push(("network_mode", Value::str("host")));
+    let e = plan(&cfg(&c), &task(), &PluginConfig::default(), &NodeFacts::default()).unwrap_err();
+    assert_eq!(e.field(), Some("network_mode"));
+    assert!(e.to_string().contains("allow_host_network"), "{e}");
+    let plugin = PluginConfig { allow_host_network: true, ..PluginConfig::default() };
+    let p = plan(&cfg(&c), &task(), &plugin, &NodeFacts::default()).unwrap();
+    assert_eq!(p.spec.network_mode, "host");
+    assert!(p.spec.ports.is_empty());
+    assert!(p.spec.cmd.unwrap().windows(2).any(|w| w == ["--port", "23456"]));
+    let mut grouped = task();
+    grouped.network_mode = NetworkMode::Group;
+    assert_eq!(plan(&cfg(&c), &grouped, &plugin, &NodeFacts::default()).unwrap_err().field(), Some("network_mode"));
+    let mut none = vllm();
+    none.push(("network_mode", Value::str("none")));
+    let p = plan(&cfg(&none), &task(), &PluginConfig::default(), &NodeFacts::default()).unwrap();
+    assert_eq!((p.spec.network_mode.as_str(), p.spec.ports.len(), p.readiness_url), ("none", 0, None));
 }
 
 #[test]
@@ -253,9 +277,12 @@ fn every_engine_builds_its_command() {
             Some("/ready"),
         ),
     ];
+    let mut t = task();
+    t.ports[0].to = 0;
+    t.ports[0].host_ip = String::new();
     for (pairs, entry, cmd, ready) in cases {
         let c = cfg(&pairs);
-        let p = plan(&c, &task(), &PluginConfig::default(), &NodeFacts::default()).unwrap();
+        let p = plan(&c, &t, &PluginConfig::default(), &NodeFacts::default()).unwrap();
         let name = c.engine.as_str();
         assert_eq!(p.spec.entrypoint, entry.map(|e| e.iter().map(|s| s.to_string()).collect()), "{name}");
         assert_eq!(p.spec.cmd.unwrap(), cmd, "{name}");
