@@ -3,8 +3,11 @@
 # shared HF cache, fetching every byte once across all nodes; it records warm
 # models for the driver's fingerprint (`driver.aimodel.warm.<org>/<name>`) and
 # evicts cold ones above the watermark.
-#   nomad var put nomad/jobs/aimodel-agent hf_token=hf_xxx nomad_token=<read-job token>
+#   nomad var put nomad/jobs/aimodel-agent hf_token=hf_xxx status_token=<random>
+#   nomad acl policy apply -namespace default -job aimodel-agent aimodel-agent-read docs/aimodel-agent-policy.hcl
 #   nomad job run jobs/aimodel-agent.nomad.hcl
+# Nomad is reached through the task API socket (${NOMAD_SECRETS_DIR}/api.sock, Nomad >= 1.5)
+# with the task's workload identity: no token is stored and none crosses the network.
 # The binary is installed beside the plugin (docs/install.md): /usr/local/bin/aimodel-agent.
 
 variable "region" {
@@ -104,7 +107,6 @@ job "aimodel-agent" {
           ]
 
           nomad {
-            address   = "http://{{ env "attr.unique.network.ip-address" }}:4646"
             namespace = "*"
           }
 
@@ -114,6 +116,11 @@ job "aimodel-agent" {
         EOT
       }
 
+      # The workload identity in NOMAD_TOKEN authenticates the agent on the task API socket.
+      identity {
+        env = true
+      }
+
       # Secrets come from Nomad Variables, into the environment only (never the config file).
       template {
         destination = "secrets/agent.env"
@@ -121,7 +128,7 @@ job "aimodel-agent" {
         data        = <<-EOT
           {{ with nomadVar "nomad/jobs/aimodel-agent" }}
           HF_TOKEN={{ .hf_token }}
-          NOMAD_TOKEN={{ .nomad_token }}
+          AIMODEL_STATUS_TOKEN={{ .status_token }}
           {{ end }}
         EOT
       }

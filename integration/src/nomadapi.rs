@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
 /// One request the server saw.
@@ -56,6 +56,24 @@ impl NomadApi {
         Ok(NomadApi { port, state, bump })
     }
 
+    /// Starts on a unix socket at `path`, as Nomad's task API
+    /// (`${NOMAD_SECRETS_DIR}/api.sock`); `port` is 0.
+    pub async fn start_unix(path: &std::path::Path) -> std::io::Result<NomadApi> {
+        let l = UnixListener::bind(path)?;
+        let state = Arc::new(Mutex::new(State { index: 10, ..State::default() }));
+        let (bump, _) = watch::channel(10u64);
+        let (st, b) = (state.clone(), bump.clone());
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let (st, rx) = (st.clone(), b.subscribe());
+                tokio::spawn(async move {
+                    let _ = serve(s, st, rx).await;
+                });
+            }
+        });
+        Ok(NomadApi { port: 0, state, bump })
+    }
+
     /// `NOMAD_ADDR` for it.
     pub fn address(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
@@ -96,7 +114,11 @@ impl NomadApi {
     }
 }
 
-async fn serve(mut s: TcpStream, st: Arc<Mutex<State>>, mut bumped: watch::Receiver<u64>) -> std::io::Result<()> {
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    st: Arc<Mutex<State>>,
+    mut bumped: watch::Receiver<u64>,
+) -> std::io::Result<()> {
     let mut r = BufReader::new(&mut s);
     let mut line = String::new();
     r.read_line(&mut line).await?;

@@ -300,3 +300,88 @@ async fn four_daemons_with_one_manifest_fetch_each_blob_once() {
         let _ = a.kill().await;
     }
 }
+
+/// Inside a Nomad task the agent reaches Nomad through the task API socket
+/// (`${NOMAD_SECRETS_DIR}/api.sock`) with the task's workload identity, so no
+/// token crosses the network; a token bound for plain http on another host is
+/// refused at start. `/status` (every job and model) needs the status token
+/// when one is set, and idle connections do not keep `/health` from answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nomad_through_the_task_socket_a_guarded_status_and_health_under_pressure() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let home = tempfile::tempdir().unwrap();
+    let secrets = home.path().join("secrets");
+    std::fs::create_dir(&secrets).unwrap();
+    let nomad = NomadApi::start_unix(&secrets.join("api.sock")).await.unwrap();
+    nomad.register("default", aimodel_job("chat", "org/over-socket"));
+    let port = free_port();
+    let cfg_path = home.path().join("agent.hcl");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "hf_home = \"{}\"\nlisten = \"127.0.0.1:{port}\"\ninterval = \"1h\"\nstatus_token = \"status-s3cret\"\nnomad {{\n  wait = \"20s\"\n}}\n",
+            home.path().display()
+        ),
+    )
+    .unwrap();
+    let log = home.path().join("agent.log");
+    let mut agent = tokio::process::Command::new(binary("aimodel-agent").unwrap())
+        .args(["run", "--config"])
+        .arg(&cfg_path)
+        .env_remove("NOMAD_ADDR")
+        .env("NOMAD_SECRETS_DIR", &secrets)
+        .env("NOMAD_TOKEN", "workload-identity-jwt")
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let get = |path: &'static str, auth: Option<&'static str>| async move {
+        let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { return String::new() };
+        let auth = auth.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+        let _ = s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}\r\n").as_bytes()).await;
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out).await;
+        out
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = get("/status", Some("status-s3cret")).await;
+        if st.contains("org/over-socket") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the job behind the task socket was not seen: {st}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(nomad.seen().iter().all(|s| s.token.as_deref() == Some("workload-identity-jwt")));
+    let anonymous = get("/status", None).await;
+    assert!(anonymous.starts_with("HTTP/1.1 401") && !anonymous.contains("org/over-socket"), "{anonymous}");
+    let wrong = get("/status", Some("status-s3cre")).await;
+    assert!(wrong.starts_with("HTTP/1.1 401"), "{wrong}");
+
+    // Idle clients that never send a request hold no slot /health needs.
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        idle.push(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    }
+    let health = tokio::time::timeout(Duration::from_secs(10), get("/health", None)).await.expect("/health hung");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    drop(idle);
+    let _ = agent.kill().await;
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(!logged.contains("status-s3cret") && !logged.contains("workload-identity-jwt"), "a secret was logged");
+
+    // A token for another host over plain http is refused before anything is sent.
+    let insecure = home.path().join("insecure.hcl");
+    std::fs::write(&insecure, "hf_home = \"/x\"\nnomad {\n  address = \"http://10.1.2.3:4646\"\n  token = \"t\"\n}\n")
+        .unwrap();
+    let out = std::process::Command::new(binary("aimodel-agent").unwrap())
+        .args(["run", "--check", "--config"])
+        .arg(&insecure)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("clear text") && err.contains("insecure_http"), "{err}");
+}

@@ -238,12 +238,16 @@ async fn the_node_agent_job_renders_a_manifest_the_agent_runs() {
 
     // Render: HCL interpolation (variables) first, then the consul-template `env` lookups.
     let hub_server = aimodel_integration::faulthub::FaultHub::start(vec![7u8; 300_000]).await.unwrap();
-    let nomad = aimodel_integration::nomadapi::NomadApi::start().await.unwrap();
+    // Nomad through the task API socket with the workload identity: no token in the job.
+    assert!(block(task, "identity").iter().any(|i| attr_str(&i.body, "env", &ctx).as_deref() == Some("true")));
+    let secrets_data = attr_str(&secrets.body, "data", &ctx).unwrap();
+    assert!(!secrets_data.contains("NOMAD_TOKEN"), "no stored Nomad token: {secrets_data}");
     let home = tempfile::tempdir().unwrap();
-    let rendered = attr_str(&manifest.body, "data", &ctx)
-        .unwrap()
-        .replace("{{ env \"NOMAD_PORT_metrics\" }}", &static_port)
-        .replace("http://{{ env \"attr.unique.network.ip-address\" }}:4646", &nomad.address());
+    let secrets_dir = home.path().join("secrets");
+    std::fs::create_dir(&secrets_dir).unwrap();
+    let nomad = aimodel_integration::nomadapi::NomadApi::start_unix(&secrets_dir.join("api.sock")).await.unwrap();
+    let rendered =
+        attr_str(&manifest.body, "data", &ctx).unwrap().replace("{{ env \"NOMAD_PORT_metrics\" }}", &static_port);
     assert!(!rendered.contains("{{") && !rendered.contains("${"), "unrendered: {rendered}");
     assert!(rendered.contains(&format!("hf_home  = \"{cache_mount}\"")), "the cache is the volume mount: {rendered}");
     // The test's stand-in for the mount and for the wildcard listener.
@@ -262,6 +266,9 @@ async fn the_node_agent_job_renders_a_manifest_the_agent_runs() {
         .args(["run", "--config"])
         .arg(&cfg)
         .env("HF_ENDPOINT", hub_server.endpoint())
+        .env_remove("NOMAD_ADDR")
+        .env("NOMAD_SECRETS_DIR", &secrets_dir)
+        .env("NOMAD_TOKEN", "workload-identity")
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
@@ -280,6 +287,7 @@ async fn the_node_agent_job_renders_a_manifest_the_agent_runs() {
     }
     assert!(http_body(port, "/metrics").await.contains("aimodel_agent_model_warm"));
     assert!(nomad.seen().iter().any(|s| s.path.starts_with("/v1/jobs")), "the agent watches the Nomad API");
+    assert!(nomad.seen().iter().all(|s| s.token.as_deref() == Some("workload-identity")));
     let _ = child.kill().await;
 }
 

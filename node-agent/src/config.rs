@@ -38,6 +38,10 @@ pub struct AgentConfig {
     /// Address of the HTTP endpoints (`/health`, `/status`, `/metrics`).
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// When set, `/status` (which names every job and model) answers only
+    /// requests with `Authorization: Bearer <status_token>`. Never logged.
+    #[serde(default)]
+    pub status_token: Option<Secret>,
     /// How often every wanted model is re-checked against the hub and the disk.
     #[serde(default = "default_interval")]
     pub interval: Dur,
@@ -102,6 +106,20 @@ pub struct NomadConfig {
     /// Longest wait of one blocking query.
     #[serde(default = "default_wait")]
     pub wait: Dur,
+    /// Send the token over plain http to a host other than this one.
+    #[serde(default)]
+    pub insecure_http: bool,
+}
+
+/// A secret from the configuration: `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 impl std::fmt::Debug for NomadConfig {
@@ -111,6 +129,7 @@ impl std::fmt::Debug for NomadConfig {
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("namespace", &self.namespace)
             .field("wait", &self.wait)
+            .field("insecure_http", &self.insecure_http)
             .finish()
     }
 }
@@ -218,14 +237,55 @@ impl AgentConfig {
             }
         }
         cfg.listen.parse::<std::net::SocketAddr>().map_err(|e| err(format!("listen {:?}: {e}", cfg.listen)))?;
+        if cfg.status_token.as_ref().is_some_and(|t| t.0.trim().is_empty()) {
+            return Err(err("status_token: must not be empty (remove it to leave /status open)".into()));
+        }
+        for (key, n, max) in [
+            ("concurrency", cfg.concurrency, 64),
+            ("ranges", cfg.ranges, 64),
+            ("models_at_once", cfg.models_at_once, 16),
+        ] {
+            if n > max {
+                return Err(err(format!("{key} = {n} is more than {max}")));
+            }
+        }
+        for (key, d) in [
+            ("interval", cfg.interval),
+            ("stall_timeout", cfg.stall_timeout),
+            ("heartbeat", cfg.heartbeat),
+            ("stale_after", cfg.stale_after),
+        ] {
+            if d.0 > Duration::from_secs(7 * 24 * 3600) {
+                return Err(err(format!("{key} = {:?} is more than a week", d.0)));
+            }
+        }
+        if let Some(n) = &cfg.nomad {
+            let address = crate::nomad::resolve_address(n.address.as_deref());
+            if !["http://", "https://", "unix://"].iter().any(|p| address.starts_with(p)) {
+                return Err(err(format!("nomad.address {address:?}: use http://, https:// or unix://")));
+            }
+            let token = n.token.is_some() || std::env::var("NOMAD_TOKEN").is_ok_and(|t| !t.is_empty());
+            if token && !n.insecure_http && !crate::nomad::token_safe_over(&address) {
+                return Err(err(format!(
+                    "nomad.address {address:?}: the Nomad token would cross the network in clear text; use https://, \
+                     the task API socket (unix://${{NOMAD_SECRETS_DIR}}/api.sock, the default inside a Nomad task), \
+                     or set nomad.insecure_http = true"
+                )));
+            }
+        }
         Ok(cfg)
     }
 
-    /// Reads and parses a file.
+    /// Reads and parses a file; `status_token` may also come from
+    /// `$AIMODEL_STATUS_TOKEN` (so a job keeps it out of the rendered file).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError { path: path.display().to_string(), reason: e.to_string() })?;
-        Self::parse(&text, path)
+        let mut cfg = Self::parse(&text, path)?;
+        if cfg.status_token.is_none() {
+            cfg.status_token = std::env::var("AIMODEL_STATUS_TOKEN").ok().filter(|t| !t.trim().is_empty()).map(Secret);
+        }
+        Ok(cfg)
     }
 
     /// `<hf_home>/hub`.

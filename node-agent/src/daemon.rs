@@ -165,8 +165,13 @@ pub fn metrics_text(s: &SharedRef) -> String {
     out
 }
 
-/// At most this many HTTP connections at once; more are closed at accept.
-const HTTP_SLOTS: usize = 64;
+/// Connections whose request head is still arriving, at most. Reading a head
+/// costs 4 KiB and ends after `HEAD_TIMEOUT`, so idle clients cannot hold
+/// every slot for long, and a few hundred of them do not keep `/health` from
+/// answering.
+const HTTP_SLOTS: usize = 512;
+/// Time a client has to send its request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
 
 async fn serve_http(listener: tokio::net::TcpListener, cfg: Arc<AgentConfig>, shared: SharedRef) {
     let slots = Arc::new(tokio::sync::Semaphore::new(HTTP_SLOTS));
@@ -183,17 +188,19 @@ async fn serve_http(listener: tokio::net::TcpListener, cfg: Arc<AgentConfig>, sh
         let Ok(permit) = slots.clone().try_acquire_owned() else { continue };
         let (cfg, shared) = (cfg.clone(), shared.clone());
         tokio::spawn(async move {
-            let _permit = permit;
-            // One deadline for the whole exchange, however slowly a client trickles.
-            let _ = tokio::time::timeout(Duration::from_secs(5), answer(&mut s, &cfg, &shared)).await;
+            let head = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut s)).await;
+            drop(permit);
+            let Ok(Ok(head)) = head else { return };
+            // Writing the answer has its own deadline, however slowly a client reads.
+            let _ = tokio::time::timeout(Duration::from_secs(5), answer(&mut s, &head, &cfg, &shared)).await;
         });
     }
 }
 
-async fn answer(s: &mut tokio::net::TcpStream, cfg: &AgentConfig, shared: &SharedRef) -> std::io::Result<()> {
+/// The request head (GET only; no body), at most 4 KiB.
+async fn read_head(s: &mut tokio::net::TcpStream) -> std::io::Result<String> {
     let mut buf = vec![0u8; 4096];
     let mut n = 0;
-    // Read the request head (GET only; no body).
     while n < buf.len() {
         let k = s.read(&mut buf[n..]).await?;
         if k == 0 {
@@ -204,12 +211,34 @@ async fn answer(s: &mut tokio::net::TcpStream, cfg: &AgentConfig, shared: &Share
             break;
         }
     }
-    let head = String::from_utf8_lossy(&buf[..n]);
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// Whether the request carries `Authorization: Bearer <token>` (compared in constant time).
+fn authorized(head: &str, token: &str) -> bool {
+    head.split("\r\n").skip(1).filter_map(|l| l.split_once(':')).any(|(k, v)| {
+        k.trim().eq_ignore_ascii_case("authorization")
+            && v.trim().strip_prefix("Bearer ").is_some_and(|given| {
+                let (a, b) = (given.trim().as_bytes(), token.as_bytes());
+                a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+            })
+    })
+}
+
+async fn answer(
+    s: &mut tokio::net::TcpStream,
+    head: &str,
+    cfg: &AgentConfig,
+    shared: &SharedRef,
+) -> std::io::Result<()> {
     let mut parts = head.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or("/"));
     let path = path.split('?').next().unwrap_or("/");
     let (status, ctype, body) = match (method, path) {
         ("GET", "/health") => ("200 OK", "application/json", "{\"status\":\"ok\"}\n".to_string()),
+        ("GET", "/status") if cfg.status_token.as_ref().is_some_and(|t| !authorized(head, &t.0)) => {
+            ("401 Unauthorized", "text/plain", "/status needs Authorization: Bearer <status_token>\n".into())
+        }
         ("GET", "/status") => {
             let v = status_json(cfg, shared);
             ("200 OK", "application/json", serde_json::to_string_pretty(&v).unwrap_or_default() + "\n")

@@ -77,31 +77,174 @@ pub fn models_of_job(job: &serde_json::Value) -> Vec<Wanted> {
     out.into_iter().collect()
 }
 
+/// How the Nomad API is reached.
+enum Transport {
+    /// `http://` or `https://` through reqwest.
+    Http(reqwest::Client),
+    /// Nomad's task API socket (`unix://${NOMAD_SECRETS_DIR}/api.sock`, Nomad ≥ 1.5):
+    /// no network, and the token is the task's own workload identity.
+    Unix(std::path::PathBuf),
+}
+
 struct Client {
-    http: reqwest::Client,
+    transport: Transport,
     address: String,
     token: Option<String>,
 }
 
+/// Largest Nomad answer read (a job list of a big cluster is a few MB).
+const MAX_ANSWER: usize = 64 << 20;
+
 impl Client {
+    fn new(address: &str, token: Option<String>) -> Self {
+        let transport = match address.strip_prefix("unix://") {
+            Some(path) => Transport::Unix(path.into()),
+            None => Transport::Http(reqwest::Client::new()),
+        };
+        Client { transport, address: address.to_string(), token }
+    }
+
     async fn get(&self, path: &str, timeout: Duration) -> Result<(serde_json::Value, u64), String> {
-        let mut h = HeaderMap::new();
-        if let Some(t) = &self.token {
-            if let Ok(v) = t.parse() {
-                h.insert("X-Nomad-Token", v);
-            }
-        }
         let url = format!("{}{path}", self.address);
-        let r = self.http.get(&url).headers(h).timeout(timeout).send().await.map_err(|e| format!("{url}: {e}"))?;
-        let status = r.status();
-        let index = r.headers().get("X-Nomad-Index").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
-        if !status.is_success() {
-            let body = r.text().await.unwrap_or_default();
-            return Err(format!("{url}: HTTP {status}: {}", body.trim()));
+        let (status, index, body) = match &self.transport {
+            Transport::Http(http) => {
+                let mut h = HeaderMap::new();
+                if let Some(t) = &self.token {
+                    if let Ok(v) = t.parse() {
+                        h.insert("X-Nomad-Token", v);
+                    }
+                }
+                let r = http.get(&url).headers(h).timeout(timeout).send().await.map_err(|e| format!("{url}: {e}"))?;
+                let status = r.status().as_u16();
+                let index = r.headers().get("X-Nomad-Index").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+                let body = read_capped(r).await.map_err(|e| format!("{url}: {e}"))?;
+                (status, index, body)
+            }
+            Transport::Unix(sock) => tokio::time::timeout(timeout, unix_get(sock, path, self.token.as_deref()))
+                .await
+                .map_err(|_| format!("{url}: no answer within {timeout:?}"))?
+                .map_err(|e| format!("{url}: {e}"))?,
+        };
+        if !(200..300).contains(&status) {
+            let text = String::from_utf8_lossy(&body[..body.len().min(512)]).trim().to_string();
+            return Err(format!("{url}: HTTP {status}: {text}"));
         }
-        let v = r.json().await.map_err(|e| format!("{url}: {e}"))?;
+        let v = serde_json::from_slice(&body).map_err(|e| format!("{url}: {e}"))?;
         Ok((v, index.unwrap_or(0)))
     }
+}
+
+async fn read_capped(mut r: reqwest::Response) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = r.chunk().await.map_err(|e| e.to_string())? {
+        if body.len() + chunk.len() > MAX_ANSWER {
+            return Err(format!("answer larger than {MAX_ANSWER} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// One GET over a unix socket. HTTP/1.0, so the server (Go's net/http) answers
+/// without chunking and closes: the body is everything after the head.
+async fn unix_get(
+    sock: &std::path::Path,
+    path: &str,
+    token: Option<&str>,
+) -> Result<(u16, Option<u64>, Vec<u8>), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if token.is_some_and(|t| t.contains(['\r', '\n'])) {
+        return Err("the token contains a line break".into());
+    }
+    let mut s = tokio::net::UnixStream::connect(sock).await.map_err(|e| format!("{}: {e}", sock.display()))?;
+    let mut req = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\nAccept: application/json\r\n");
+    if let Some(t) = token {
+        req.push_str(&format!("X-Nomad-Token: {t}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    (&mut s).take(MAX_ANSWER as u64 + 1).read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
+    if buf.len() > MAX_ANSWER {
+        return Err(format!("answer larger than {MAX_ANSWER} bytes"));
+    }
+    parse_response(&buf)
+}
+
+/// Status, `X-Nomad-Index` and body of a whole HTTP/1.x answer.
+fn parse_response(buf: &[u8]) -> Result<(u16, Option<u64>, Vec<u8>), String> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").ok_or("no complete HTTP head in the answer")?;
+    let head = String::from_utf8_lossy(&buf[..end]);
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.strip_prefix("HTTP/1."))
+        .and_then(|l| l.get(2..5))
+        .and_then(|c| c.parse::<u16>().ok())
+        .ok_or("not an HTTP answer")?;
+    let mut index = None;
+    let mut chunked = false;
+    for l in lines {
+        if let Some((k, v)) = l.split_once(':') {
+            if k.eq_ignore_ascii_case("x-nomad-index") {
+                index = v.trim().parse().ok();
+            } else if k.eq_ignore_ascii_case("transfer-encoding") && v.to_ascii_lowercase().contains("chunked") {
+                chunked = true;
+            }
+        }
+    }
+    let mut body = buf[end + 4..].to_vec();
+    if chunked {
+        body = dechunk(&body).ok_or("malformed chunked body")?;
+    }
+    Ok((status, index, body))
+}
+
+fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = b.windows(2).position(|w| w == b"\r\n")?;
+        let size_text = std::str::from_utf8(&b[..eol]).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        b = &b[eol + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(b.get(..size)?);
+        b = b.get(size + 2..)?;
+    }
+}
+
+/// Where the Nomad API is: the configured address, else `$NOMAD_ADDR`, else
+/// the task API socket when running as a Nomad task, else the local agent.
+pub fn resolve_address(configured: Option<&str>) -> String {
+    if let Some(a) =
+        configured.map(str::to_string).or_else(|| std::env::var("NOMAD_ADDR").ok()).filter(|a| !a.is_empty())
+    {
+        return a.trim_end_matches('/').to_string();
+    }
+    if let Some(dir) = std::env::var_os("NOMAD_SECRETS_DIR") {
+        let sock = std::path::Path::new(&dir).join("api.sock");
+        if sock.exists() {
+            return format!("unix://{}", sock.display());
+        }
+    }
+    "http://127.0.0.1:4646".into()
+}
+
+/// Whether a token may travel to `address`: over TLS, the task API socket, or
+/// plain http to this machine only.
+pub fn token_safe_over(address: &str) -> bool {
+    if address.starts_with("https://") || address.starts_with("unix://") {
+        return true;
+    }
+    let Some(rest) = address.strip_prefix("http://") else { return false };
+    let authority = rest.split('/').next().unwrap_or("");
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// A query or path value (`*` stays: it is the all-namespaces wildcard).
@@ -112,15 +255,9 @@ fn enc(s: &str) -> String {
 /// Watches the job list and sends the set of wanted models whenever it changes.
 /// Runs until `tx` has no receivers.
 pub async fn watch(cfg: NomadConfig, tx: watch::Sender<BTreeSet<Wanted>>, status: Arc<Mutex<NomadStatus>>) {
-    let address: String = cfg
-        .address
-        .clone()
-        .or_else(|| std::env::var("NOMAD_ADDR").ok())
-        .unwrap_or_else(|| "http://127.0.0.1:4646".into())
-        .trim_end_matches('/')
-        .to_string();
+    let address = resolve_address(cfg.address.as_deref());
     let token = cfg.token.clone().or_else(|| std::env::var("NOMAD_TOKEN").ok()).filter(|t| !t.is_empty());
-    let client = Client { http: reqwest::Client::new(), address: address.clone(), token };
+    let client = Client::new(&address, token);
     status.lock().unwrap_or_else(|p| p.into_inner()).address = address.clone();
     let wait = cfg.wait.0.max(Duration::from_secs(1));
     let mut index = 0u64;
@@ -230,5 +367,34 @@ mod tests {
             ]
         );
         assert!(models_of_job(&serde_json::json!({})).is_empty());
+    }
+
+    #[test]
+    fn tokens_travel_only_over_tls_the_socket_or_loopback() {
+        for ok in [
+            "https://nomad.example:4646",
+            "unix:///secrets/api.sock",
+            "http://127.0.0.1:4646",
+            "http://localhost:4646",
+            "http://[::1]:4646",
+        ] {
+            assert!(token_safe_over(ok), "{ok}");
+        }
+        for bad in ["http://10.0.0.5:4646", "http://nomad.example", "http://127.0.0.1.evil.example:4646", "ftp://x"] {
+            assert!(!token_safe_over(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn raw_answers_parse_with_and_without_chunking() {
+        let plain = b"HTTP/1.0 200 OK\r\nX-Nomad-Index: 42\r\nContent-Type: application/json\r\n\r\n[1,2]";
+        assert_eq!(parse_response(plain).unwrap(), (200, Some(42), b"[1,2]".to_vec()));
+        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nx-nomad-index: 7\r\n\r\n3\r\n[1,\r\n2\r\n2]\r\n0\r\n\r\n";
+        assert_eq!(parse_response(chunked).unwrap(), (200, Some(7), b"[1,2]".to_vec()));
+        assert_eq!(parse_response(b"HTTP/1.1 403 Forbidden\r\n\r\nPermission denied").unwrap().0, 403);
+        for bad in [&b"garbage"[..], b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", b"SSH-2.0\r\n\r\n"]
+        {
+            assert!(parse_response(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
     }
 }

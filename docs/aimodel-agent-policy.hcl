@@ -1,0 +1,6 @@
+# ACL policy for the aimodel-agent system job's workload identity: it reads the
+# job list and job specs of every namespace to find the models to prewarm.
+#   nomad acl policy apply -namespace default -job aimodel-agent aimodel-agent-read docs/aimodel-agent-policy.hcl
+namespace "*" {
+  capabilities = ["list-jobs", "read-job"]
+}
