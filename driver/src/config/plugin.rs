@@ -36,7 +36,7 @@ pub const PLUGIN_SCHEMA: &[Field] = &[
         "allow_host_network",
         "bool",
         Some("false"),
-        "Allow a task without a group `network` block to run on the host's network (otherwise it is refused).",
+        "Allow tasks to set `network_mode = \"host\"` (the node's network: the server listens on every interface).",
     ),
     attr(
         "disable_log_collection",

@@ -30,7 +30,12 @@ pub const TASK_SCHEMA: &[Field] = &[
     attr("args", "list(string)", None, "Extra arguments appended to the engine's command line."),
     attr("command", "string", None, "Command to run (engine `custom`; overrides the image's command)."),
     attr("entrypoint", "list(string)", None, "Entrypoint override."),
-    attr("gpus", "string", None, "GPUs when the job has no `device \"nvidia/gpu\"` block: a count or `\"all\"`."),
+    attr(
+        "gpus",
+        "string",
+        None,
+        "GPUs outside Nomad's scheduling, a count or `\"all\"`; needs the plugin's `gpu.allow_unscheduled` (use a `device \"nvidia/gpu\"` block instead).",
+    ),
     attr("shm_size", "string", None, "Size of `/dev/shm`, e.g. `\"16g\"`."),
     attr("ipc_mode", "string", None, "Docker IPC mode, e.g. `\"host\"`."),
     attr("load_format", "string", None, "Engine weight format (vLLM `--load-format`)."),
