@@ -9,7 +9,6 @@ use hf_cache::mount::{mount_for, parse_mountinfo, space, with_timeout, writable}
 use hf_cache::state::{InUse, StateDir};
 use hf_cache::{check, Mode, RepoId, RepoPaths};
 
-use crate::config::units::Bytes;
 use crate::config::{Engine, HfCacheConfig, TaskConfig};
 use crate::driver::AttrValue;
 
@@ -109,15 +108,13 @@ pub fn assess_with(
             if let Err(e) = &r.writable {
                 st.problems.push(format!("hf cache {} is not writable: {e}", cfg.host_path));
             }
+            // No byte counts in attributes or the health description: other nodes
+            // write this filesystem all the time, and every change re-registers
+            // the node and re-evaluates its jobs (`client/node_updater.go`).
             if let Some(free) = r.free_bytes {
-                st.attributes.insert(attr("free_bytes"), AttrValue::Int(free as i64));
                 if free < cfg.min_free.0 {
-                    st.problems.push(format!(
-                        "hf cache {} has {} free, less than min_free {}",
-                        cfg.host_path,
-                        Bytes(free),
-                        cfg.min_free
-                    ));
+                    st.problems
+                        .push(format!("hf cache {} has less free space than min_free {}", cfg.host_path, cfg.min_free));
                 }
             }
         }
@@ -278,7 +275,7 @@ mod tests {
         assert_eq!(st.attributes["driver.aimodel.hf_cache.fstype"], AttrValue::Str("nfs4".into()));
         assert_eq!(st.attributes["driver.aimodel.hf_cache.nfs.version"], AttrValue::Str("4.2".into()));
         assert_eq!(st.attributes["driver.aimodel.hf_cache.writable"], AttrValue::Bool(true));
-        assert!(matches!(st.attributes["driver.aimodel.hf_cache.free_bytes"], AttrValue::Int(n) if n > 0));
+        assert!(!st.attributes.keys().any(|k| k.contains("free")), "no volatile byte counts: {:?}", st.attributes);
     }
 
     #[test]

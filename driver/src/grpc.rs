@@ -318,6 +318,10 @@ async fn run_fingerprint(driver: Driver, tx: tokio::sync::mpsc::Sender<Result<pb
     let mut first = true;
     let mut last: Option<Fingerprint> = None;
     let mut last_sent = tokio::time::Instant::now();
+    // Nomad merges driver attributes into the node and deletes a key only when
+    // it is sent as "" (`client/node_updater.go` `applyNodeUpdatesFromDriver`):
+    // a key that went away (an evicted warm model) is sent once as "".
+    let mut sent_keys: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
     loop {
         let fp = tokio::select! {
             _ = stop.cancelled() => return,
@@ -326,9 +330,14 @@ async fn run_fingerprint(driver: Driver, tx: tokio::sync::mpsc::Sender<Result<pb
         first = false;
         let period = config.borrow_and_update().fingerprint_period.0;
         if last.as_ref() != Some(&fp) || last_sent.elapsed() >= period {
-            if tx.send(Ok(fingerprint_to_proto(fp.clone()))).await.is_err() {
+            let mut out = fp.clone();
+            for gone in sent_keys.iter().filter(|k| !fp.attributes.contains_key(*k)) {
+                out.attributes.insert(gone.clone(), crate::driver::AttrValue::Str(String::new()));
+            }
+            if tx.send(Ok(fingerprint_to_proto(out))).await.is_err() {
                 return;
             }
+            sent_keys = fp.attributes.keys().cloned().collect();
             last = Some(fp);
             last_sent = tokio::time::Instant::now();
         }

@@ -2,6 +2,7 @@
 //! fingerprint process, a validation process, then the long-lived process with
 //! its Fingerprint and TaskEvents streams.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -107,6 +108,31 @@ impl LiveDriver {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The node as the Nomad client builds it from the fingerprints so far
+    /// (`client/node_updater.go` `applyNodeUpdatesFromDriver`): every attribute sent is
+    /// written into the node, a key sent as `""` is deleted, keys not sent are
+    /// kept. Returns the attributes and how many fingerprints changed them
+    /// (each change is a node update the servers see, and re-evaluate the node's jobs for).
+    pub fn node_view(&self) -> (BTreeMap<String, aimodel_proto::structs::Attribute>, usize) {
+        use aimodel_proto::structs::attribute::Value as A;
+        let mut node = BTreeMap::new();
+        let mut updates = 0;
+        for f in &self.fingerprints.lock().unwrap().items {
+            let before = node.clone();
+            for (k, v) in &f.msg.attributes {
+                if matches!(&v.value, Some(A::StringVal(s)) if s.is_empty()) {
+                    node.remove(k);
+                } else {
+                    node.insert(k.clone(), v.clone());
+                }
+            }
+            if node != before {
+                updates += 1;
+            }
+        }
+        (node, updates)
     }
 
     /// The latest fingerprint, if any.
