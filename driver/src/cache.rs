@@ -243,7 +243,7 @@ pub fn hub_dir(cache: &HfCacheConfig) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::units::Dur;
+    use crate::config::units::{Bytes, Dur};
 
     fn cfg(path: &Path, require_nfs: bool) -> HfCacheConfig {
         HfCacheConfig {
