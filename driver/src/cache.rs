@@ -302,7 +302,7 @@ mod tests {
         let mut full = cfg(d.path(), false);
         full.min_free = Bytes(u64::MAX);
         let st = assess_with(&full, "", probe_path);
-        assert!(st.problems.iter().any(|p| p.contains("less than min_free")), "{:?}", st.problems);
+        assert!(st.problems.iter().any(|p| p.contains("less free space than min_free")), "{:?}", st.problems);
 
         let started = std::time::Instant::now();
         let st = assess_with(&cfg(d.path(), false), "", |_| {
