@@ -583,7 +583,7 @@ impl Driver {
 
     /// DestroyTask: free everything; unknown ids are fine.
     pub async fn destroy_task(&self, id: &str, force: bool) -> Result<(), DriverError> {
-        let Some(entry) = self.tasks().get(id) else { return Ok(()) };
+        let Some(entry) = self.tasks().get(id) else { return self.destroy_untracked(id).await };
         if entry.exit_result().is_none() && !force {
             return Err(DriverError::StillRunning { id: id.into() });
         }
@@ -604,6 +604,26 @@ impl Driver {
             self.image_unref(&entry.state.image);
         }
         tracing::info!(task_id = %id, "task destroyed");
+        Ok(())
+    }
+
+    /// DestroyTask of a task this process does not track. The client sends it
+    /// after a failed RecoverTask, before starting the task again
+    /// (`client/allocrunner/taskrunner/task_runner.go` `restoreHandle`): the
+    /// container the lost handle described must go, or it keeps its GPUs and
+    /// ports beside the new one. Containers are found by the task-id label.
+    async fn destroy_untracked(&self, id: &str) -> Result<(), DriverError> {
+        let rt = self.runtime();
+        let listed = rt.list_labelled(engine::LABEL_TASK_ID, id).await?;
+        for (container, labels) in listed {
+            if labels.get(engine::LABEL_MANAGED).map(String::as_str) != Some("true") {
+                continue;
+            }
+            rt.remove(&container, true).await?;
+            tracing::info!(task_id = %id, container = %container, "removed the container of an untracked task");
+        }
+        let (cache, tid) = (self.config().hf_cache.clone(), id.to_string());
+        let _ = tokio::task::spawn_blocking(move || crate::cache::clear_in_use(&cache, &tid)).await;
         Ok(())
     }
 

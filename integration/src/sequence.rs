@@ -135,6 +135,24 @@ impl LiveDriver {
         (node, updates)
     }
 
+    /// What the client does with a task's stored handle when it restarts
+    /// (`client/allocrunner/taskrunner/task_runner.go` `restoreHandle`):
+    /// RecoverTask; when that fails, DestroyTask with force, so nothing of the
+    /// old task survives, after which the task is started again. Returns
+    /// whether the task was recovered.
+    pub async fn restore_handle(&self, handle: aimodel_proto::drivers::TaskHandle) -> Result<bool> {
+        use aimodel_proto::drivers::{DestroyTaskRequest, RecoverTaskRequest};
+        let id = handle.config.as_ref().map(|c| c.id.clone()).unwrap_or_default();
+        match self.process.driver().recover_task(RecoverTaskRequest { task_id: id.clone(), handle: Some(handle) }).await
+        {
+            Ok(_) => Ok(true),
+            Err(_) => {
+                self.process.driver().destroy_task(DestroyTaskRequest { task_id: id, force: true }).await?;
+                Ok(false)
+            }
+        }
+    }
+
     /// The latest fingerprint, if any.
     pub fn last_fingerprint(&self) -> Option<FingerprintResponse> {
         self.fingerprints.lock().unwrap().items.last().map(|f| f.msg.clone())

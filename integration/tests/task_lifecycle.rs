@@ -896,3 +896,24 @@ async fn unused_images_are_removed_after_the_delay() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A handle that no longer decodes (an upgrade, a damaged state file) fails
+/// RecoverTask; the client then destroys the task with force and starts it
+/// again (`task_runner.go` `restoreHandle`). The old container must not be
+/// left holding its GPUs and ports next to the new one.
+#[tokio::test]
+async fn a_failed_recovery_leaves_no_container_behind() {
+    let Some(mut sim) = Sim::start().await else { return };
+    let b = TaskBuilder::new("unrecoverable", &custom("entrypoint = [\"/bin/sleep\"]\nargs = [\"600\"]"));
+    let (_t, handle) = sim.start_task(&b).await;
+    assert_eq!(containers_with_label(LABEL_ALLOC_ID, &b.alloc_id).len(), 1);
+    // The plugin restarts (its tracked tasks are gone) and the stored state is damaged.
+    let launch = sim.live.launch.clone();
+    let msgpack = sim.live.msgpack_config.clone();
+    let old = std::mem::replace(&mut sim.live, sequence::long_lived(&launch, msgpack, "0.1.0").await.unwrap());
+    old.crash().await.unwrap();
+    let mut stored = stored_handle(&handle);
+    stored.driver_state = b"not our state".to_vec();
+    assert!(!sim.live.restore_handle(stored).await.unwrap(), "a damaged handle cannot be recovered");
+    assert!(containers_with_label(LABEL_ALLOC_ID, &b.alloc_id).is_empty(), "the old container was left running");
+}
