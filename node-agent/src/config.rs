@@ -200,7 +200,10 @@ impl AgentConfig {
                 return Err(err(format!("{key} must be positive (and at least 1s for interval and stall_timeout)")));
             }
         }
-        if cfg.stale_after.0 < cfg.heartbeat.0 * 3 {
+        if cfg.heartbeat.0 > Duration::from_secs(600) || cfg.stale_after.0 > Duration::from_secs(24 * 3600) {
+            return Err(err("heartbeat must be at most 10m and stale_after at most 24h".into()));
+        }
+        if cfg.heartbeat.0.checked_mul(3).is_none_or(|h| cfg.stale_after.0 < h) {
             return Err(err(format!(
                 "stale_after ({:?}) must be at least three heartbeats ({:?}), or live leases get taken over",
                 cfg.stale_after.0, cfg.heartbeat.0
@@ -209,8 +212,8 @@ impl AgentConfig {
         if cfg.gc.as_ref().is_some_and(|g| g.in_use_ttl.0 < Duration::from_secs(180)) {
             return Err(err("gc.in_use_ttl must be at least 3m (the driver rewrites its markers every minute)".into()));
         }
-        if cfg.concurrency == 0 || cfg.models_at_once == 0 {
-            return Err(err("concurrency and models_at_once must be at least 1".into()));
+        if !(1..=64).contains(&cfg.concurrency) || !(1..=64).contains(&cfg.models_at_once) {
+            return Err(err("concurrency and models_at_once must be from 1 to 64".into()));
         }
         if let Some(gc) = &cfg.gc {
             if gc.target_free.is_none() && gc.max_size.is_none() {
