@@ -146,6 +146,17 @@ async fn serve(
         count_body(content.len() as u64);
         return respond(&mut s, "200 OK", &[other], &content).await;
     }
+    if repo.starts_with("slow/") {
+        // 64 KiB every 20 ms, counted as sent: slow enough to pause a downloader mid-file.
+        let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", content.len());
+        s.write_all(head.as_bytes()).await?;
+        for piece in content.chunks(64 << 10) {
+            s.write_all(piece).await?;
+            count_body(piece.len() as u64);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        return Ok(());
+    }
     match (repo.as_str(), n) {
         ("fault/ratelimit", 1) => respond(&mut s, "429 Too Many Requests", &[("Retry-After", "1".into())], b"").await,
         ("fault/flaky", 1) => respond(&mut s, "500 Internal Server Error", &[], b"oops").await,

@@ -60,6 +60,12 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        // Not ours any more (or never was): leave the new holder's file alone.
+        if self.lost.load(Ordering::SeqCst)
+            || std::fs::read_to_string(&self.path).map_or(true, |c| token_of(&c) != Some(self.token.as_str()))
+        {
+            return;
+        }
         // Move the file aside first, so what we check is what we remove.
         let aside = aside_path(&self.path);
         if std::fs::rename(&self.path, &aside).is_err() {

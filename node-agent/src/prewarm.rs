@@ -461,6 +461,9 @@ async fn download(
     let lost_err = || PrewarmError::LeaseLost { path: url.into() };
     let dir = blob.parent().unwrap_or(Path::new("."));
     let mine = mine.to_path_buf();
+    if !lease.still_mine() {
+        return Err(lost_err());
+    }
     if lfs && o.ranges > 1 && size >= o.range_min {
         match ranged(hub, repo, commit, etag, url, &mine, size, o, progress, &lost).await {
             Ok(sha) => return publish_checked(&mine, blob, etag, size, &sha, url, lease),
