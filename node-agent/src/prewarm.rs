@@ -234,15 +234,27 @@ async fn prewarm_inner(
     })?;
     std::fs::create_dir_all(paths.blobs()).map_err(|e| io(&paths.blobs(), e))?;
     progress.bytes_total.store(total, Ordering::SeqCst);
+    // Blobs with partial downloads beside them, listed once (not once per file).
+    let with_partials: Arc<std::collections::BTreeSet<String>> = Arc::new(
+        std::fs::read_dir(paths.blobs())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .filter(|n| n.ends_with(".incomplete") || n.ends_with(".incomplete.parts"))
+            .filter_map(|n| n.split('.').next().map(str::to_string))
+            .collect(),
+    );
 
     let sem = Arc::new(tokio::sync::Semaphore::new(o.concurrency.max(1)));
     let mut jobs = AbortAll(Vec::new());
     for item in items.clone() {
         let (hub, paths, o, progress, sem) = (hub.clone(), paths.clone(), o.clone(), progress.clone(), sem.clone());
-        let (repo, commit) = (repo.to_string(), commit.clone());
+        let (repo, commit, partials) = (repo.to_string(), commit.clone(), with_partials.clone());
         jobs.0.push(tokio::spawn(async move {
             let _permit = sem.acquire_owned().await;
-            fetch_blob(&hub, &repo, &commit, &item, &paths, &o, &progress, until).await
+            let partials = partials.contains(entry_of(&item).etag());
+            fetch_blob(&hub, &repo, &commit, &item, &paths, &o, &progress, until, partials).await
         }));
     }
     for j in jobs.0.iter_mut() {
@@ -349,6 +361,7 @@ async fn fetch_blob(
     o: &Options,
     progress: &Progress,
     until: Option<Instant>,
+    partials: bool,
 ) -> Result<(), PrewarmError> {
     let entry = entry_of(item);
     let (etag, size) = (entry.etag().to_string(), entry.content_size());
@@ -362,8 +375,12 @@ async fn fetch_blob(
     let mut lost = 0;
     loop {
         if present(&blob, size) {
+            // A partial of a present blob whose holder no longer holds the lease
+            // would mark the model incomplete forever.
             let (d, e, l) = (dir.clone(), etag.clone(), lease_path.clone());
-            let _ = blocking(move || Ok(remove_stale_partials(&d, &e, &l, None))).await;
+            if partials || lost > 0 {
+                let _ = blocking(move || Ok(remove_stale_partials(&d, &e, &l, None))).await;
+            }
             progress.bytes_done.fetch_add(size, Ordering::SeqCst);
             return Ok(());
         }
@@ -927,6 +944,60 @@ pub fn record_if_warm(hub_dir: &Path, repo: &str, revision: &str) -> (hf_cache::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partial_names() {
+        let e = "ab".repeat(32);
+        assert_eq!(partial_token(&format!("{e}.0a1b.incomplete"), &e), Some("0a1b"));
+        assert_eq!(partial_token(&format!("{e}.0a1b.incomplete.parts"), &e), Some("0a1b"));
+        assert_eq!(partial_token(&format!("{e}.incomplete"), &e), Some(""));
+        assert_eq!(partial_token(&e, &e), None);
+        assert_eq!(partial_token(&format!("{e}.lease"), &e), None);
+        assert_eq!(partial_token(&format!("{e}x.1.incomplete"), &e), None);
+    }
+
+    #[test]
+    fn partials_are_adopted_only_from_a_stale_takeover_and_live_ones_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let e = "cd".repeat(32);
+        let lease = d.path().join(format!("{e}.lease"));
+        let touch = |n: &str, body: &[u8]| std::fs::write(d.path().join(n), body).unwrap();
+        let names = || {
+            let mut v: Vec<String> = std::fs::read_dir(d.path())
+                .unwrap()
+                .flatten()
+                .map(|x| x.file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        // A fresh lease adopts nothing: an older partial may belong to a paused holder.
+        touch(&format!("{e}.aaaa.incomplete"), b"old");
+        touch(&format!("{e}.aaaa.incomplete.parts"), b"ranges 1 3\n");
+        std::fs::write(&lease, "aimodel-lease 1\ntoken bbbb\n").unwrap();
+        let mine = prepare_partial(d.path(), &e, "bbbb", None, &lease);
+        assert_eq!(mine, d.path().join(format!("{e}.bbbb.incomplete")));
+        assert!(!mine.exists());
+        assert_eq!(names(), vec![format!("{e}.lease")]);
+        // After a stale takeover of cccc's lease, cccc's partial and record are ours.
+        touch(&format!("{e}.cccc.incomplete"), b"prefix");
+        touch(&format!("{e}.cccc.incomplete.parts"), b"ranges 1 6\n0\n");
+        touch(&format!("{e}.dddd.incomplete"), b"other");
+        std::fs::write(&lease, "aimodel-lease 1\ntoken eeee\n").unwrap();
+        let mine = prepare_partial(d.path(), &e, "eeee", Some("cccc"), &lease);
+        assert_eq!(std::fs::read(&mine).unwrap(), b"prefix");
+        assert_eq!(
+            names(),
+            vec![format!("{e}.eeee.incomplete"), format!("{e}.eeee.incomplete.parts"), format!("{e}.lease")]
+        );
+        // Beside a present blob: the live holder's partial stays, the rest goes.
+        touch(&format!("{e}.ffff.incomplete"), b"dead");
+        assert_eq!(remove_stale_partials(d.path(), &e, &lease, None), 1);
+        assert!(mine.exists());
+        std::fs::remove_file(&lease).unwrap();
+        assert_eq!(remove_stale_partials(d.path(), &e, &lease, None), 2);
+        assert_eq!(names(), Vec::<String>::new());
+    }
 
     #[test]
     fn globs() {
