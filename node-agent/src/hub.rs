@@ -351,7 +351,7 @@ pub fn next_link(h: &str) -> Result<Option<String>, String> {
             params = params.trim_start();
             let Some(p) = params.strip_prefix(';') else { break };
             let p = p.trim_start();
-            let name_end = p.find(|c: char| c == '=' || c == ';' || c == ',').unwrap_or(p.len());
+            let name_end = p.find(['=', ';', ',']).unwrap_or(p.len());
             let name = p[..name_end].trim().to_ascii_lowercase();
             let mut after_value = &p[name_end..];
             let mut value = "";
@@ -362,7 +362,7 @@ pub fn next_link(h: &str) -> Result<Option<String>, String> {
                     value = &q[..close];
                     after_value = &q[close + 1..];
                 } else {
-                    let e = v.find(|c: char| c == ';' || c == ',').unwrap_or(v.len());
+                    let e = v.find([';', ',']).unwrap_or(v.len());
                     value = v[..e].trim();
                     after_value = &v[e..];
                 }
