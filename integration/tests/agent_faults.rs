@@ -193,6 +193,8 @@ async fn a_holder_paused_past_stale_after_yields_and_nobody_fails() {
             .args(["prewarm", repo, "--heartbeat", "100ms", "--stale-after", "1s", "--stall-timeout", "30s"])
             .env("HF_ENDPOINT", hub.endpoint())
             .env_remove("HF_TOKEN")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
         c.spawn().unwrap()
     };

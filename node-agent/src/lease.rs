@@ -18,13 +18,20 @@ use std::time::{Duration, Instant};
 /// The first line of every lease file.
 const MAGIC: &str = "aimodel-lease 1";
 
-/// A held lease; the heartbeat stops and the file goes (if still ours) when it is dropped.
+/// The line a holder that stopped early writes into its lease: the next
+/// holder takes it over at once and resumes the partial download.
+const RELEASED: &str = "released";
+
+/// A held lease. [`Lease::finish`] removes the file (if still ours); dropping it
+/// without finishing (an error, an aborted download) marks it released, so the
+/// next holder takes it over at once and adopts the partial download.
 pub struct Lease {
     path: PathBuf,
     token: String,
     stale_token: Option<String>,
     stop: Arc<AtomicBool>,
     lost: Arc<AtomicBool>,
+    finished: bool,
 }
 
 impl Lease {
@@ -57,6 +64,13 @@ impl Lease {
     }
 }
 
+impl Lease {
+    /// Done with the blob (published, or nothing worth resuming): the file goes if it is still ours.
+    pub fn finish(mut self) {
+        self.finished = true;
+    }
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
@@ -66,18 +80,48 @@ impl Drop for Lease {
         {
             return;
         }
-        // Move the file aside first, so what we check is what we remove.
-        let aside = aside_path(&self.path);
-        if std::fs::rename(&self.path, &aside).is_err() {
-            return;
+        if self.finished {
+            remove_if(&self.path, |c| token_of(c) == Some(self.token.as_str()));
+        } else {
+            // Through one descriptor, like a beat: a file moved aside meanwhile gets the write.
+            let released = format!("{}{RELEASED}\n", content(&self.token, u64::MAX));
+            if let Ok(mut f) = std::fs::OpenOptions::new().read(true).write(true).open(&self.path) {
+                let mut current = String::new();
+                if f.read_to_string(&mut current).is_ok() && token_of(&current) == Some(self.token.as_str()) {
+                    let _ = f.set_len(0);
+                    let _ = f.seek(std::io::SeekFrom::Start(0)).and_then(|_| f.write_all(released.as_bytes()));
+                    let _ = f.sync_data();
+                }
+            }
         }
-        let content = std::fs::read_to_string(&aside).unwrap_or_default();
-        if token_of(&content) != Some(self.token.as_str()) {
-            // Another holder's lease: put it back unless a newer one took the name.
-            let _ = std::fs::hard_link(&aside, &self.path);
-        }
-        let _ = std::fs::remove_file(&aside);
     }
+}
+
+/// Removes the file at `path` if its content satisfies `pred`: it is moved
+/// aside first, so what is checked is what is removed; anything else is put
+/// back (unless a newer file took the name meanwhile). Returns whether it removed.
+pub fn remove_if(path: &Path, pred: impl Fn(&str) -> bool) -> bool {
+    let aside = aside_path(path);
+    if std::fs::rename(path, &aside).is_err() {
+        return false;
+    }
+    let content = std::fs::read_to_string(&aside).unwrap_or_default();
+    let ok = pred(&content);
+    if !ok {
+        let _ = std::fs::hard_link(&aside, path);
+    }
+    let _ = std::fs::remove_file(&aside);
+    ok
+}
+
+/// Whether a lease file's holder stopped early and released it.
+pub fn is_released(content: &str) -> bool {
+    token_of(content).is_some() && content.lines().any(|l| l == RELEASED)
+}
+
+/// The token of a lease that may still have a live holder (not released).
+pub fn live_token(content: &str) -> Option<&str> {
+    token_of(content).filter(|_| !is_released(content))
 }
 
 /// `n` random bytes from /dev/urandom, hex.
@@ -160,7 +204,17 @@ pub fn acquire(
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(_) => String::new(),
         };
+        let released = is_released(&current);
         match &seen {
+            _ if released => {
+                // Released by a holder that stopped early: take it over now (and its partial).
+                let judged = current.clone();
+                if remove_if(path, |moved| moved == judged) {
+                    took_over = token_of(&judged).map(str::to_string);
+                }
+                seen = None;
+                continue;
+            }
             Some((c, since)) if *c == current && since.elapsed() >= stale_after => {
                 // Stale: move the file aside under a name of our own (rename is
                 // atomic; only one waiter wins), then check that what we moved is
@@ -225,7 +279,7 @@ fn start_heartbeat(path: &Path, token: String, stale_token: Option<String>, ever
             }
         }
     });
-    Lease { path: path.to_path_buf(), token, stale_token, stop, lost }
+    Lease { path: path.to_path_buf(), token, stale_token, stop, lost, finished: false }
 }
 
 #[cfg(test)]
@@ -260,7 +314,7 @@ mod tests {
         done.store(true, Ordering::SeqCst);
         assert!(waiter.join().unwrap(), "a waiter must not take over a live lease");
         assert!(first.still_mine());
-        drop(first);
+        first.finish();
         assert!(!p.exists());
         // A crashed holder (no heartbeat) is taken over after stale_after, and the
         // new holder knows whose lease it took.
@@ -296,6 +350,23 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&p).unwrap(), other);
         let litter: Vec<_> = std::fs::read_dir(d.path()).unwrap().flatten().map(|e| e.file_name()).collect();
         assert_eq!(litter.len(), 1, "{litter:?}");
+    }
+
+    #[test]
+    fn a_lease_dropped_unfinished_is_released_and_taken_over_at_once() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("x.lease");
+        let first = held(&p, 50, 600_000);
+        let token = first.token().to_string();
+        drop(first);
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(is_released(&text) && live_token(&text).is_none(), "{text}");
+        // No waiting for stale_after (ten minutes here): the next holder adopts.
+        let next = held(&p, 50, 600_000);
+        assert_eq!(next.took_over(), Some(token.as_str()));
+        assert_eq!(live_token(&std::fs::read_to_string(&p).unwrap()), Some(next.token()));
+        next.finish();
+        assert!(!p.exists());
     }
 
     #[test]

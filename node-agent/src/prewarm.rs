@@ -19,7 +19,7 @@ use hf_cache::layout::{is_commit, RepoId, RepoPaths, TreeEntry};
 use hf_cache::publish::{link_file, write_ref, write_tree};
 
 use crate::hub::{Hub, HubError, TreeItem, ATTEMPTS, MAX_FILE_SIZE};
-use crate::lease::{acquire, token_of, Acquired, Lease};
+use crate::lease::{acquire, is_released, live_token, remove_if, Acquired, Lease};
 
 /// Errors of a prewarm.
 #[derive(Debug, thiserror::Error)]
@@ -234,14 +234,14 @@ async fn prewarm_inner(
     })?;
     std::fs::create_dir_all(paths.blobs()).map_err(|e| io(&paths.blobs(), e))?;
     progress.bytes_total.store(total, Ordering::SeqCst);
-    // Blobs with partial downloads beside them, listed once (not once per file).
+    // Blobs with partial downloads or leases beside them, listed once (not once per file).
     let with_partials: Arc<std::collections::BTreeSet<String>> = Arc::new(
         std::fs::read_dir(paths.blobs())
             .into_iter()
             .flatten()
             .flatten()
             .filter_map(|e| e.file_name().to_str().map(str::to_string))
-            .filter(|n| n.ends_with(".incomplete") || n.ends_with(".incomplete.parts"))
+            .filter(|n| n.ends_with(".incomplete") || n.ends_with(".incomplete.parts") || n.ends_with(".lease"))
             .filter_map(|n| n.split('.').next().map(str::to_string))
             .collect(),
     );
@@ -307,11 +307,12 @@ fn remove_stale_partials(dir: &Path, etag: &str, lease_path: &Path, keep: Option
         .filter_map(|e| e.file_name().to_str().map(str::to_string))
         .filter(|n| partial_token(n, etag).is_some())
         .collect();
-    if names.is_empty() {
-        return 0;
-    }
     let lease = std::fs::read_to_string(lease_path).unwrap_or_default();
-    let live = token_of(&lease);
+    let live = live_token(&lease);
+    if keep.is_none() && is_released(&lease) {
+        // The blob is here: nobody will resume the released download.
+        remove_if(lease_path, |c| c == lease);
+    }
     let mut removed = 0;
     for n in names {
         let t = partial_token(&n, etag);
@@ -395,6 +396,7 @@ async fn fetch_blob(
             Acquired::Held(l) => l,
         };
         if present(&blob, size) {
+            lease.finish();
             continue;
         }
         let mine = {
@@ -451,7 +453,16 @@ async fn fetch_blob(
                     return Err(PrewarmError::LeaseLost { path });
                 }
             }
-            r => return r,
+            // Stalls, short bodies, I/O: the partial is a valid prefix; dropping
+            // the lease unfinished marks it released, so the next run resumes it.
+            r @ Err(PrewarmError::Stalled { .. } | PrewarmError::Size { .. } | PrewarmError::Io { .. }) => {
+                drop(lease);
+                return r;
+            }
+            r => {
+                lease.finish();
+                return r;
+            }
         }
     }
 }
