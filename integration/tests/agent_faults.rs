@@ -235,3 +235,53 @@ async fn a_holder_paused_past_stale_after_yields_and_nobody_fails() {
     assert!(published(cache.path(), repo), "not complete after both agents succeeded");
     assert_eq!(names(&dir), vec![etag], "partials or leases left behind");
 }
+
+#[tokio::test]
+async fn a_killed_download_is_resumed_by_the_next_holder() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let big: Vec<u8> = (0..4u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let hub = FaultHub::start(big.clone()).await.unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let repo = "slow/resumed";
+    let run = || {
+        let mut c = tokio::process::Command::new(binary(AGENT).unwrap());
+        c.arg("--cache")
+            .arg(cache.path())
+            .args(["prewarm", repo, "--heartbeat", "100ms", "--stale-after", "1s"])
+            .env("HF_ENDPOINT", hub.endpoint())
+            .env_remove("HF_TOKEN")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        c
+    };
+    let first = run().spawn().unwrap();
+    let dir = blobs(cache.path(), repo);
+    let kept = wait_for("a quarter of the file on disk", || {
+        let n = std::fs::read_dir(&dir)
+            .ok()?
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".incomplete"))
+            .filter_map(|e| e.metadata().ok().map(|m| m.len()))
+            .max()?;
+        (n >= big.len() as u64 / 4).then_some(n)
+    })
+    .await;
+    kill(Pid::from_raw(first.id().unwrap() as i32), Signal::SIGKILL).unwrap();
+    let _ = first.wait_with_output().await;
+    // The lease is left behind: the next run takes it over as stale and adopts the partial.
+    let out = run().output().await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let starts: Vec<usize> =
+        hub.log.lock().unwrap().starts.iter().filter(|(r, _)| r == repo).map(|(_, f)| *f).collect();
+    assert_eq!(starts.len(), 2, "one download per run: {starts:?}");
+    assert!(starts[1] as u64 >= kept, "the second run started at {}; {kept} bytes were on disk", starts[1]);
+    assert!(published(cache.path(), repo));
+    assert_eq!(names(&dir), vec![blob_etag_of(&big)]);
+}
+
+fn blob_etag_of(b: &[u8]) -> String {
+    use sha2::Digest;
+    format!("{:x}", sha2::Sha256::digest(b))
+}
