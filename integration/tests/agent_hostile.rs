@@ -56,7 +56,7 @@ async fn every_attack_ends_in_a_clear_error() {
     std::fs::create_dir_all(&sentinel).unwrap();
     let hub = HostileHub::start("../../../sentinel").await.unwrap();
     for (repo, needle) in CASES {
-        let r = agent(&cache, &hub.endpoint(), &["prewarm", repo, "--stall-timeout", "5s", "--deadline", "5m"]).await;
+        let r = agent(&cache, &hub.endpoint(), &["prewarm", repo, "--stall-timeout", "5s"]).await;
         assert!(!r.ok, "{repo} succeeded: {}\n{}", r.out, r.err);
         assert!(!r.err.contains("panicked"), "{repo} panicked: {}", r.err);
         assert!(r.err.contains(needle) && r.err.contains(repo), "{repo}: expected {needle:?} in {}", r.err);
