@@ -31,6 +31,9 @@ pub const CASES: &[(&str, &str)] = &[
     ("hostile/crosshost", "refusing the next page link"),
 ];
 
+/// The git blob id of `{}`, the benign file every listing has.
+pub const GOOD_OID: &str = "9e26dfeeb6e641a33dae4961196235bdb965b21b";
+
 /// What the servers saw.
 #[derive(Debug, Default)]
 pub struct Log {
@@ -50,7 +53,7 @@ pub struct HostileHub {
     pub second_port: u16,
     pub log: Arc<Mutex<Log>>,
     /// A relative path from a repo's `blobs/` directory to the sentinel directory
-    /// the traversal attacks aim at (`../../../sentinel`).
+    /// the traversal attacks aim at (`../../../../tmp/x/sentinel`).
     pub escape: String,
 }
 
@@ -164,7 +167,8 @@ async fn serve(
     }
     if api && path.contains("/tree/") {
         let page = |items: &[String]| format!("[{}]", items.join(","));
-        let ok = file("config.json", 2, &"a".repeat(40));
+        // A benign file (`{}`, its real git blob id): the attack is the only fault.
+        let ok = file("config.json", 2, GOOD_OID);
         let hostname = std::fs::metadata("/etc/hostname").map(|m| m.len()).unwrap_or(0);
         let tree = match case {
             "traversal" => page(&[ok, file("x.json", 10, &format!("{escape}/pwned"))]),

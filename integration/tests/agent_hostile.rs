@@ -49,27 +49,38 @@ fn files_under(dir: &Path) -> Vec<String> {
 
 #[tokio::test]
 async fn every_attack_ends_in_a_clear_error() {
-    // <tmp>/cache/models--hostile--x/blobs/../../../sentinel = <tmp>/sentinel
+    // Up to / (`..` stops there), then down to <tmp>/sentinel: like `../../../../etc/cron.d/x`.
     let tmp = tempfile::tempdir().unwrap();
     let (cache, sentinel) = (tmp.path().join("cache"), tmp.path().join("sentinel"));
     std::fs::create_dir_all(&cache).unwrap();
     std::fs::create_dir_all(&sentinel).unwrap();
-    let hub = HostileHub::start("../../../sentinel").await.unwrap();
+    let escape = format!("{}{}", "../".repeat(40), sentinel.display().to_string().trim_start_matches('/'));
+    let hub = HostileHub::start(&escape).await.unwrap();
+    // Every case is checked; the failures are reported together.
+    let mut problems = Vec::new();
     for (repo, needle) in CASES {
         let r = agent(&cache, &hub.endpoint(), &["prewarm", repo, "--stall-timeout", "5s"]).await;
-        assert!(!r.ok, "{repo} succeeded: {}\n{}", r.out, r.err);
-        assert!(!r.err.contains("panicked"), "{repo} panicked: {}", r.err);
-        assert!(r.err.contains(needle) && r.err.contains(repo), "{repo}: expected {needle:?} in {}", r.err);
-        assert!(!r.err.contains(TOKEN) && !r.out.contains(TOKEN), "{repo}: the token was printed");
-        assert!(files_under(&sentinel).is_empty(), "{repo} wrote outside the cache: {:?}", files_under(&sentinel));
         let dir = cache.join(RepoId::model(repo).folder_name());
-        assert!(!dir.join("refs/main").exists(), "{repo}: a ref was published");
-        assert!(!dir.join("snapshots").exists(), "{repo}: a snapshot was published");
-        // No partial file is left of a body that overran its listed size.
         let partials: Vec<_> =
             files_under(&dir.join("blobs")).into_iter().filter(|f| f.contains(".incomplete")).collect();
-        assert!(partials.is_empty(), "{repo}: {partials:?}");
+        for (bad, what) in [
+            (!files_under(&sentinel).is_empty(), format!("wrote outside the cache: {:?}", files_under(&sentinel))),
+            (r.err.contains("panicked"), "panicked".into()),
+            (r.ok, "succeeded".into()),
+            (!(r.err.contains(needle) && r.err.contains(repo)), format!("no {needle:?} and repo in the error")),
+            (r.err.contains(TOKEN) || r.out.contains(TOKEN), "printed the token".into()),
+            (dir.join("refs/main").exists(), "published a ref".into()),
+            (dir.join("snapshots").exists(), "published a snapshot".into()),
+            // No partial file is left of a body that overran its listed size.
+            (!partials.is_empty(), format!("left {partials:?}")),
+        ] {
+            if bad {
+                problems.push(format!("{repo}: {what}\n  stderr: {}", r.err.trim()));
+            }
+        }
+        let _ = std::fs::remove_dir_all(&sentinel).and_then(|_| std::fs::create_dir_all(&sentinel));
     }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
     let log = hub.log.lock().unwrap();
     assert!(log.hub_auth.iter().any(|a| a == &format!("Bearer {TOKEN}")), "the hub must get the token");
     // The cross-host next page is refused before it is fetched: the second host saw nobody, hence no token.
