@@ -26,6 +26,8 @@ pub struct Log {
     pub second_host_auth: Vec<String>,
     /// Authorization headers seen by the hub.
     pub hub_auth: Vec<String>,
+    /// Where each download of a `slow/` repo started (0, or its `Range: bytes=N-`).
+    pub starts: Vec<(String, usize)>,
 }
 
 /// A running fault hub (and its second host for redirects).
@@ -85,10 +87,17 @@ async fn serve(
     r.read_line(&mut line).await?;
     let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
     let mut auth = String::new();
+    let mut range_from: Option<usize> = None;
     loop {
         let mut h = String::new();
         if r.read_line(&mut h).await? == 0 || h == "\r\n" {
             break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            if k.eq_ignore_ascii_case("range") {
+                let v = v.trim().trim_start_matches("bytes=");
+                range_from = v.strip_suffix('-').and_then(|n| n.parse().ok());
+            }
         }
         if let Some(v) = h.strip_prefix("authorization:").or_else(|| h.strip_prefix("Authorization:")) {
             auth = v.trim().to_string();
@@ -145,6 +154,28 @@ async fn serve(
         let other = ("X-Linked-Etag", format!("\"{}\"", "e".repeat(64)));
         count_body(content.len() as u64);
         return respond(&mut s, "200 OK", &[other], &content).await;
+    }
+    if repo.starts_with("slow/") {
+        // 64 KiB every 20 ms, counted as sent: slow enough to pause a downloader mid-file.
+        // `Range: bytes=N-` is honoured, so a resumed download fetches only the rest.
+        let from = range_from.filter(|&f| f < content.len());
+        log.lock().unwrap().starts.push((repo.clone(), from.unwrap_or(0)));
+        let head = match from {
+            Some(f) => format!(
+                "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {f}-{}/{}\r\nConnection: close\r\n\r\n",
+                content.len() - f,
+                content.len() - 1,
+                content.len()
+            ),
+            None => format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", content.len()),
+        };
+        s.write_all(head.as_bytes()).await?;
+        for piece in content[from.unwrap_or(0)..].chunks(64 << 10) {
+            s.write_all(piece).await?;
+            count_body(piece.len() as u64);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        return Ok(());
     }
     match (repo.as_str(), n) {
         ("fault/ratelimit", 1) => respond(&mut s, "429 Too Many Requests", &[("Retry-After", "1".into())], b"").await,

@@ -8,6 +8,7 @@ pub mod delayproxy;
 pub mod docs;
 pub mod faulthub;
 pub mod hcl_eval;
+pub mod hostilehub;
 pub mod jobrun;
 pub mod nomadapi;
 pub mod olah;

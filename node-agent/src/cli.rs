@@ -45,27 +45,30 @@ pub enum Cmd {
         include: Vec<String>,
         #[arg(long)]
         exclude: Vec<String>,
-        /// Files downloaded at once.
-        #[arg(long, default_value = "4")]
+        /// Files downloaded at once (1 to 64).
+        #[arg(long, default_value = "4", value_parser = parse_count)]
         concurrency: usize,
-        /// How often a held blob lease is renewed.
-        #[arg(long, default_value = "5s", value_parser = parse_secs)]
+        /// How often a held blob lease is renewed (10ms to 10m).
+        #[arg(long, default_value = "5s", value_parser = parse_heartbeat)]
         heartbeat: Duration,
-        /// How long an unchanged lease of another agent is respected before it is taken over.
-        #[arg(long, default_value = "30s", value_parser = parse_secs)]
+        /// How long an unchanged lease of another agent is respected before it is taken over (up to 24h).
+        #[arg(long, default_value = "30s", value_parser = parse_stale_after)]
         stale_after: Duration,
-        /// A download that sees no bytes for this long is retried.
-        #[arg(long, default_value = "60s", value_parser = parse_secs)]
+        /// A download that sees no bytes for this long is retried (1s to 1h).
+        #[arg(long, default_value = "60s", value_parser = parse_stall)]
         stall_timeout: Duration,
-        /// Parallel byte ranges per large LFS file (1: one stream per file).
-        #[arg(long, default_value = "4")]
+        /// Parallel byte ranges per large LFS file (1: one stream per file; up to 64).
+        #[arg(long, default_value = "4", value_parser = parse_count)]
         ranges: usize,
         /// Files at least this large are fetched in ranges.
         #[arg(long, default_value = "128MiB", value_parser = parse_size)]
         range_min: u64,
-        /// Size of one range.
-        #[arg(long, default_value = "32MiB", value_parser = parse_size)]
+        /// Size of one range (1MiB to 4GiB).
+        #[arg(long, default_value = "32MiB", value_parser = parse_range_size)]
         range_size: u64,
+        /// The whole prewarm (listing, waiting for other agents, downloads) must end within this (1s to 30d).
+        #[arg(long, default_value = "24h", value_parser = parse_deadline)]
+        deadline: Duration,
     },
     /// Check REPO[@REV] in the cache; `--deep` hashes every blob.
     Verify {
@@ -114,6 +117,47 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// Bounds of a duration option, checked before anything multiplies it.
+fn parse_bounded(s: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+    let d = parse_secs(s)?;
+    if d < min || d > max {
+        return Err(format!("duration {s:?} must be between {min:?} and {max:?}"));
+    }
+    Ok(d)
+}
+
+fn parse_heartbeat(s: &str) -> Result<Duration, String> {
+    parse_bounded(s, Duration::from_millis(10), Duration::from_secs(600))
+}
+
+fn parse_stale_after(s: &str) -> Result<Duration, String> {
+    parse_bounded(s, Duration::from_millis(30), Duration::from_secs(24 * 3600))
+}
+
+fn parse_stall(s: &str) -> Result<Duration, String> {
+    parse_bounded(s, Duration::from_secs(1), Duration::from_secs(3600))
+}
+
+fn parse_deadline(s: &str) -> Result<Duration, String> {
+    parse_bounded(s, Duration::from_secs(1), Duration::from_secs(30 * 24 * 3600))
+}
+
+/// Concurrency and ranges: 1 to 64.
+fn parse_count(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n @ 1..=64) => Ok(n),
+        _ => Err(format!("{s:?} must be a whole number from 1 to 64")),
+    }
+}
+
+fn parse_range_size(s: &str) -> Result<u64, String> {
+    let n = parse_size(s)?;
+    if !(1 << 20..=4 << 30).contains(&n) {
+        return Err(format!("{s:?} must be between 1MiB and 4GiB"));
+    }
+    Ok(n)
+}
+
 fn hub_dir(arg: &Option<PathBuf>, cfg: Option<&AgentConfig>) -> PathBuf {
     arg.clone()
         .or_else(|| cfg.map(AgentConfig::hub_dir))
@@ -149,6 +193,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             ranges,
             range_min,
             range_size,
+            deadline,
         } => {
             let (repo, rev) = split(&model);
             let hub = Hub::from_env()?;
@@ -159,7 +204,8 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             o.heartbeat = heartbeat;
             o.stale_after = stale_after;
             o.stall = stall_timeout;
-            if stale_after < heartbeat * 3 {
+            o.deadline = deadline;
+            if heartbeat.checked_mul(3).is_none_or(|h| stale_after < h) {
                 anyhow::bail!(
                     "--stale-after must be at least three --heartbeat periods, or live leases get taken over"
                 );

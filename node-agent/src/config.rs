@@ -219,7 +219,10 @@ impl AgentConfig {
                 return Err(err(format!("{key} must be positive (and at least 1s for interval and stall_timeout)")));
             }
         }
-        if cfg.stale_after.0 < cfg.heartbeat.0 * 3 {
+        if cfg.heartbeat.0 > Duration::from_secs(600) || cfg.stale_after.0 > Duration::from_secs(24 * 3600) {
+            return Err(err("heartbeat must be at most 10m and stale_after at most 24h".into()));
+        }
+        if cfg.heartbeat.0.checked_mul(3).is_none_or(|h| cfg.stale_after.0 < h) {
             return Err(err(format!(
                 "stale_after ({:?}) must be at least three heartbeats ({:?}), or live leases get taken over",
                 cfg.stale_after.0, cfg.heartbeat.0
@@ -228,8 +231,8 @@ impl AgentConfig {
         if cfg.gc.as_ref().is_some_and(|g| g.in_use_ttl.0 < Duration::from_secs(180)) {
             return Err(err("gc.in_use_ttl must be at least 3m (the driver rewrites its markers every minute)".into()));
         }
-        if cfg.concurrency == 0 || cfg.models_at_once == 0 {
-            return Err(err("concurrency and models_at_once must be at least 1".into()));
+        if ![cfg.concurrency, cfg.models_at_once, cfg.ranges].iter().all(|n| (1..=64).contains(n)) {
+            return Err(err("concurrency, ranges and models_at_once must be from 1 to 64".into()));
         }
         if let Some(gc) = &cfg.gc {
             if gc.target_free.is_none() && gc.max_size.is_none() {
@@ -339,6 +342,15 @@ mod tests {
         assert!(e.to_string().contains("interval must be positive"), "{e}");
         let e = AgentConfig::parse("hf_home = \"/c\"\nheartbeat = \"20s\"", p).unwrap_err();
         assert!(e.to_string().contains("stale_after"), "{e}");
+        // Absurd values are refused, not multiplied into a panic.
+        for bad in ["concurrency = 18446744073709551615", "ranges = 1000", "models_at_once = 0"] {
+            let e = AgentConfig::parse(&format!("hf_home = \"/c\"\n{bad}"), p).unwrap_err();
+            assert!(e.to_string().contains("from 1 to 64"), "{bad}: {e}");
+        }
+        for bad in ["heartbeat = \"9999999999h\"\nstale_after = \"9999999999h\"", "stale_after = \"100000h\""] {
+            let e = AgentConfig::parse(&format!("hf_home = \"/c\"\n{bad}"), p).unwrap_err();
+            assert!(e.to_string().contains("at most"), "{bad}: {e}");
+        }
         let e =
             AgentConfig::parse("hf_home = \"/c\"\ngc {\n max_size = \"1\"\n in_use_ttl = \"30s\"\n}", p).unwrap_err();
         assert!(e.to_string().contains("in_use_ttl"), "{e}");

@@ -18,8 +18,8 @@ use tokio::io::AsyncWriteExt;
 use hf_cache::layout::{is_commit, RepoId, RepoPaths, TreeEntry};
 use hf_cache::publish::{link_file, write_ref, write_tree};
 
-use crate::hub::{Hub, HubError, TreeItem, ATTEMPTS};
-use crate::lease::{acquire, Acquired};
+use crate::hub::{Hub, HubError, TreeItem, ATTEMPTS, MAX_FILE_SIZE};
+use crate::lease::{acquire, is_released, live_token, remove_if, Acquired, Lease};
 
 /// Errors of a prewarm.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +36,14 @@ pub enum PrewarmError {
     Stalled { path: String, stall: Duration },
     #[error("{path}: the hub's {header} is {actual}, the tree listing says {expected}; nothing was published")]
     Mismatch { path: String, header: &'static str, expected: String, actual: String },
+    #[error("{path}: the body is longer than the {expected} bytes the hub lists; the partial file was removed")]
+    TooLong { path: String, expected: u64 },
+    #[error("{path}: another agent took over this blob's lease; waiting for it instead")]
+    LeaseLost { path: String },
+    #[error("{repo}: not finished within the deadline of {deadline:?} (--deadline)")]
+    Deadline { repo: String, deadline: Duration },
+    #[error("{path}: {size} bytes in ranges of {range} bytes would be more than {max} ranges")]
+    TooManyRanges { path: String, size: u64, range: u64, max: u64 },
 }
 
 /// Compares what a resolve answer says about itself (`X-Repo-Commit`,
@@ -98,6 +106,8 @@ pub struct Options {
     pub range_min: u64,
     /// Size of one range.
     pub range_size: u64,
+    /// The whole prewarm of one model (listing, waiting for leases, downloads) must end within this.
+    pub deadline: Duration,
 }
 
 impl Options {
@@ -114,9 +124,15 @@ impl Options {
             ranges: 4,
             range_min: 128 << 20,
             range_size: 32 << 20,
+            deadline: DEFAULT_DEADLINE,
         }
     }
 }
+
+/// The default of [`Options::deadline`].
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(24 * 3600);
+/// Most ranges one file is cut into (bounds the record of finished ranges).
+pub const MAX_RANGES: u64 = 1 << 20;
 
 /// Live progress, readable from another task.
 #[derive(Debug, Default)]
@@ -169,7 +185,7 @@ fn present(blob: &Path, size: u64) -> bool {
     std::fs::metadata(blob).is_ok_and(|m| m.len() == size)
 }
 
-/// Prewarms `repo@revision`.
+/// Prewarms `repo@revision`, within `o.deadline`.
 pub async fn prewarm(
     hub: &Hub,
     repo: &str,
@@ -177,7 +193,32 @@ pub async fn prewarm(
     o: &Options,
     progress: Arc<Progress>,
 ) -> Result<Summary, PrewarmError> {
+    match tokio::time::timeout(o.deadline, prewarm_inner(hub, repo, revision, o, progress)).await {
+        Ok(r) => r,
+        Err(_) => Err(PrewarmError::Deadline { repo: repo.into(), deadline: o.deadline }),
+    }
+}
+
+/// Aborts the blob tasks still running when a prewarm ends early (an error, the deadline).
+struct AbortAll(Vec<tokio::task::JoinHandle<Result<(), PrewarmError>>>);
+
+impl Drop for AbortAll {
+    fn drop(&mut self) {
+        for j in &self.0 {
+            j.abort();
+        }
+    }
+}
+
+async fn prewarm_inner(
+    hub: &Hub,
+    repo: &str,
+    revision: &str,
+    o: &Options,
+    progress: Arc<Progress>,
+) -> Result<Summary, PrewarmError> {
     let started = Instant::now();
+    let until = started.checked_add(o.deadline);
     if !hf_cache::layout::is_safe_revision(revision) {
         return Err(PrewarmError::Io { path: repo.into(), reason: format!("unsafe revision {revision:?}") });
     }
@@ -188,31 +229,40 @@ pub async fn prewarm(
     let all = hub.tree(repo, &commit).await?;
     let items: Vec<TreeItem> = all.iter().filter(|i| wanted(o, &i.path)).cloned().collect();
     let paths = RepoPaths::new(&o.hub_dir, &RepoId::model(repo));
+    let total = items.iter().try_fold(0u64, |t, i| t.checked_add(entry_of(i).content_size())).ok_or_else(|| {
+        PrewarmError::Io { path: repo.into(), reason: "the listed sizes add up past 2^64 bytes".into() }
+    })?;
     std::fs::create_dir_all(paths.blobs()).map_err(|e| io(&paths.blobs(), e))?;
-    let total: u64 = items.iter().map(|i| entry_of(i).content_size()).sum();
     progress.bytes_total.store(total, Ordering::SeqCst);
+    // Blobs with partial downloads or leases beside them, listed once (not once per file).
+    let with_partials: Arc<std::collections::BTreeSet<String>> = Arc::new(
+        std::fs::read_dir(paths.blobs())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .filter(|n| n.ends_with(".incomplete") || n.ends_with(".incomplete.parts") || n.ends_with(".lease"))
+            .filter_map(|n| n.split('.').next().map(str::to_string))
+            .collect(),
+    );
 
     let sem = Arc::new(tokio::sync::Semaphore::new(o.concurrency.max(1)));
-    let mut jobs = Vec::new();
+    let mut jobs = AbortAll(Vec::new());
     for item in items.clone() {
         let (hub, paths, o, progress, sem) = (hub.clone(), paths.clone(), o.clone(), progress.clone(), sem.clone());
-        let (repo, commit) = (repo.to_string(), commit.clone());
-        jobs.push(tokio::spawn(async move {
+        let (repo, commit, partials) = (repo.to_string(), commit.clone(), with_partials.clone());
+        jobs.0.push(tokio::spawn(async move {
             let _permit = sem.acquire_owned().await;
-            fetch_blob(&hub, &repo, &commit, &item, &paths, &o, &progress).await
+            let partials = partials.contains(entry_of(&item).etag());
+            fetch_blob(&hub, &repo, &commit, &item, &paths, &o, &progress, until, partials).await
         }));
     }
-    let mut jobs = jobs.into_iter();
-    while let Some(j) = jobs.next() {
-        let r = j.await.map_err(|e| PrewarmError::Io { path: repo.into(), reason: e.to_string() }).and_then(|r| r);
-        if let Err(e) = r {
-            // Nobody will publish what the others fetch: stop them (their leases go with them).
-            for rest in jobs {
-                rest.abort();
-            }
-            return Err(e);
-        }
+    for j in jobs.0.iter_mut() {
+        // The first error drops `jobs`: nobody will publish what the others fetch
+        // (their leases go with them).
+        j.await.map_err(|e| PrewarmError::Io { path: repo.into(), reason: e.to_string() })??;
     }
+    drop(jobs);
     // Publish order: blobs (above) → snapshot links → trees listing → ref last.
     for item in &items {
         link_file(&paths, &commit, &item.path, entry_of(item).etag()).map_err(|e| io(&paths.snapshot(&commit), e))?;
@@ -233,6 +283,76 @@ pub async fn prewarm(
     })
 }
 
+/// `blobs/<etag>.<token>.incomplete` (or `.incomplete.parts`): the token, for
+/// any name of a partial download of `etag` (`Some("")` for the older
+/// `<etag>.incomplete`).
+fn partial_token<'a>(name: &'a str, etag: &str) -> Option<&'a str> {
+    let rest = name.strip_prefix(etag)?;
+    let rest = rest.strip_suffix(".parts").unwrap_or(rest);
+    let rest = rest.strip_suffix(".incomplete")?;
+    if rest.is_empty() {
+        return Some("");
+    }
+    rest.strip_prefix('.')
+}
+
+/// Removes the partial downloads of `etag` in `dir` except `keep`'s and those
+/// of the holder the lease file names now (a live holder's). The directory is
+/// listed before the lease is read: a holder creates its lease before its file.
+fn remove_stale_partials(dir: &Path, etag: &str, lease_path: &Path, keep: Option<&str>) -> usize {
+    let names: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter(|n| partial_token(n, etag).is_some())
+        .collect();
+    let lease = std::fs::read_to_string(lease_path).unwrap_or_default();
+    let live = live_token(&lease);
+    if keep.is_none() && is_released(&lease) {
+        // The blob is here: nobody will resume the released download.
+        remove_if(lease_path, |c| c == lease);
+    }
+    let mut removed = 0;
+    for n in names {
+        let t = partial_token(&n, etag);
+        if t.is_some() && (t == live || t == keep) {
+            continue;
+        }
+        if std::fs::remove_file(dir.join(&n)).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// The temp file of the lease holder: `<etag>.<token>.incomplete`. A holder
+/// that took a stale lease over adopts the dead holder's file (and its range
+/// record); every other partial of the blob is litter now (its holder lost
+/// the lease) and goes.
+fn prepare_partial(dir: &Path, etag: &str, token: &str, took_over: Option<&str>, lease_path: &Path) -> PathBuf {
+    let mine = dir.join(format!("{etag}.{token}.incomplete"));
+    if let Some(old) = took_over.filter(|t| is_token(t)) {
+        let old = dir.join(format!("{etag}.{old}.incomplete"));
+        if !mine.exists() && std::fs::rename(&old, &mine).is_ok() {
+            let _ = std::fs::rename(parts_of(&old), parts_of(&mine));
+        }
+    }
+    remove_stale_partials(dir, etag, lease_path, Some(token));
+    if !mine.exists() {
+        // A range record whose file is gone says nothing.
+        let _ = std::fs::remove_file(parts_of(&mine));
+    }
+    mine
+}
+
+fn is_token(t: &str) -> bool {
+    !t.is_empty() && t.len() <= 64 && t.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Waits for, or takes, the blob's lease and downloads it. A lease lost to a
+/// takeover (we were paused past `stale_after`) is not an error: we wait again.
+#[allow(clippy::too_many_arguments)]
 async fn fetch_blob(
     hub: &Hub,
     repo: &str,
@@ -241,47 +361,114 @@ async fn fetch_blob(
     paths: &RepoPaths,
     o: &Options,
     progress: &Progress,
+    until: Option<Instant>,
+    partials: bool,
 ) -> Result<(), PrewarmError> {
     let entry = entry_of(item);
     let (etag, size) = (entry.etag().to_string(), entry.content_size());
-    let blob = paths.blob(&etag);
-    if present(&blob, size) {
-        progress.bytes_done.fetch_add(size, Ordering::SeqCst);
-        return Ok(());
+    if size > MAX_FILE_SIZE {
+        return Err(PrewarmError::Size { path: item.path.clone(), expected: MAX_FILE_SIZE, actual: size });
     }
-    let lease_path = paths.blobs().join(format!("{etag}.lease"));
-    let b = blob.clone();
-    let (hb, stale) = (o.heartbeat, o.stale_after);
-    let got = tokio::task::spawn_blocking(move || acquire(&lease_path, hb, stale, || present(&b, size)))
-        .await
-        .map_err(|e| io(&blob, e))?
-        .map_err(|e| io(&blob, e))?;
-    let _lease = match got {
-        Acquired::Done => {
+    let blob = paths.blob(&etag);
+    let dir = paths.blobs();
+    let lease_path = dir.join(format!("{etag}.lease"));
+    let url = hub.file_url(repo, commit, &item.path);
+    let mut lost = 0;
+    loop {
+        if present(&blob, size) {
+            // A partial of a present blob whose holder no longer holds the lease
+            // would mark the model incomplete forever.
+            let (d, e, l) = (dir.clone(), etag.clone(), lease_path.clone());
+            if partials || lost > 0 {
+                let _ = blocking(move || Ok(remove_stale_partials(&d, &e, &l, None))).await;
+            }
             progress.bytes_done.fetch_add(size, Ordering::SeqCst);
             return Ok(());
         }
-        Acquired::Held(l) => l,
-    };
-    if present(&blob, size) {
-        progress.bytes_done.fetch_add(size, Ordering::SeqCst);
-        return Ok(());
-    }
-    let url = hub.file_url(repo, commit, &item.path);
-    let mut last = None;
-    for _ in 0..ATTEMPTS {
-        match download(hub, repo, commit, &url, &blob, &etag, size, entry.lfs_sha256.is_some(), o, progress).await {
-            Ok(()) => return Ok(()),
-            Err(e @ (PrewarmError::Hash { .. } | PrewarmError::Hub(_) | PrewarmError::Mismatch { .. })) => {
-                return Err(e)
+        let (b, l) = (blob.clone(), lease_path.clone());
+        let (hb, stale) = (o.heartbeat, o.stale_after);
+        let got = tokio::task::spawn_blocking(move || acquire(&l, hb, stale, until, || present(&b, size)))
+            .await
+            .map_err(|e| io(&blob, e))?
+            .map_err(|e| io(&blob, e))?;
+        let lease = match got {
+            Acquired::Done => continue,
+            Acquired::Held(l) => l,
+        };
+        if present(&blob, size) {
+            lease.finish();
+            continue;
+        }
+        let mine = {
+            let (d, e, lp) = (dir.clone(), etag.clone(), lease_path.clone());
+            let (token, took) = (lease.token().to_string(), lease.took_over().map(str::to_string));
+            blocking(move || Ok(prepare_partial(&d, &e, &token, took.as_deref(), &lp)))
+                .await
+                .map_err(|e| io(&dir, e))?
+        };
+        let mut last = None;
+        let mut outcome = None;
+        for _ in 0..ATTEMPTS {
+            let r = download(
+                hub,
+                repo,
+                commit,
+                &url,
+                &blob,
+                &mine,
+                &etag,
+                size,
+                entry.lfs_sha256.is_some(),
+                o,
+                progress,
+                &lease,
+            )
+            .await;
+            match r {
+                Ok(()) => {
+                    outcome = Some(Ok(()));
+                    break;
+                }
+                Err(
+                    e @ (PrewarmError::Hash { .. }
+                    | PrewarmError::Hub(_)
+                    | PrewarmError::Mismatch { .. }
+                    | PrewarmError::TooLong { .. }
+                    | PrewarmError::TooManyRanges { .. }
+                    | PrewarmError::LeaseLost { .. }),
+                ) => {
+                    outcome = Some(Err(e));
+                    break;
+                }
+                Err(e) => last = Some(e),
             }
-            Err(e) => last = Some(e),
+        }
+        let outcome =
+            outcome.unwrap_or_else(|| Err(last.unwrap_or(PrewarmError::Stalled { path: url.clone(), stall: o.stall })));
+        match outcome {
+            Err(PrewarmError::LeaseLost { path }) => {
+                drop(lease);
+                lost += 1;
+                if lost > ATTEMPTS {
+                    return Err(PrewarmError::LeaseLost { path });
+                }
+            }
+            // Stalls, short bodies, I/O: the partial is a valid prefix; dropping
+            // the lease unfinished marks it released, so the next run resumes it.
+            r @ Err(PrewarmError::Stalled { .. } | PrewarmError::Size { .. } | PrewarmError::Io { .. }) => {
+                drop(lease);
+                return r;
+            }
+            r => {
+                lease.finish();
+                return r;
+            }
         }
     }
-    Err(last.unwrap_or(PrewarmError::Stalled { path: item.path.clone(), stall: o.stall }))
 }
 
-/// One attempt: resumes a partial download of this blob if one is left, verifies, publishes.
+/// One attempt: resumes `mine` (our partial download of this blob) if there
+/// is one, verifies, publishes while the lease is still ours.
 #[allow(clippy::too_many_arguments)]
 async fn download(
     hub: &Hub,
@@ -289,36 +476,25 @@ async fn download(
     commit: &str,
     url: &str,
     blob: &Path,
+    mine: &Path,
     etag: &str,
     size: u64,
     lfs: bool,
     o: &Options,
     progress: &Progress,
+    lease: &Lease,
 ) -> Result<(), PrewarmError> {
     let stall = o.stall;
+    let lost = lease.lost_flag();
+    let lost_err = || PrewarmError::LeaseLost { path: url.into() };
     let dir = blob.parent().unwrap_or(Path::new("."));
-    let mine = dir.join(format!("{etag}.{}.incomplete", nonce()));
-    // Take over a partial file left by a crash (we hold the lease, so it is dead).
-    if let Some(old) = std::fs::read_dir(dir).ok().and_then(|rd| {
-        rd.flatten().map(|e| e.path()).find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&format!("{etag}.")) && n.ends_with(".incomplete"))
-        })
-    }) {
-        let _ = std::fs::rename(&old, &mine);
-        let _ = std::fs::rename(parts_of(&old), parts_of(&mine));
-    }
-    // A range record whose file is gone (a crash between the two renames above) is litter.
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let n = e.file_name().to_string_lossy().to_string();
-        if n.starts_with(&format!("{etag}.")) && n.ends_with(".incomplete.parts") && e.path() != parts_of(&mine) {
-            let _ = std::fs::remove_file(e.path());
-        }
+    let mine = mine.to_path_buf();
+    if !lease.still_mine() {
+        return Err(lost_err());
     }
     if lfs && o.ranges > 1 && size >= o.range_min {
-        match ranged(hub, repo, commit, etag, url, &mine, size, o, progress).await {
-            Ok(sha) => return publish_checked(&mine, blob, etag, size, &sha, url),
+        match ranged(hub, repo, commit, etag, url, &mine, size, o, progress, &lost).await {
+            Ok(sha) => return publish_checked(&mine, blob, etag, size, &sha, url, lease),
             Err(Ranged::Unsupported) => {
                 // The server ignores ranges (olah does): one stream from the start.
                 let _ = std::fs::remove_file(&mine);
@@ -333,12 +509,32 @@ async fn download(
     }
     let mut offset = std::fs::metadata(&mine).map(|m| m.len()).unwrap_or(0);
     if offset > size {
+        // Longer than the file: not a prefix of it.
+        let _ = std::fs::remove_file(&mine);
         offset = 0;
     }
     let mut hasher = sha2::Sha256::new();
     if offset > 0 && lfs {
-        let prefix = std::fs::read(&mine).map_err(|e| io(&mine, e))?;
-        hasher.update(&prefix[..offset as usize]);
+        // Hash the prefix in bounded chunks (it can be hundreds of GB).
+        let m = mine.clone();
+        hasher = blocking(move || {
+            let mut h = sha2::Sha256::new();
+            let mut f = std::fs::File::open(&m)?;
+            let mut buf = vec![0u8; 1 << 20];
+            let mut left = offset;
+            while left > 0 {
+                let want = (left.min(buf.len() as u64)) as usize;
+                let n = std::io::Read::read(&mut f, &mut buf[..want])?;
+                if n == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                h.update(&buf[..n]);
+                left -= n as u64;
+            }
+            Ok(h)
+        })
+        .await
+        .map_err(|e| io(&mine, e))?;
     }
     let mut headers = HeaderMap::new();
     if offset > 0 {
@@ -352,6 +548,10 @@ async fn download(
         // The server ignored the range (olah does): start over.
         offset = 0;
         hasher = sha2::Sha256::new();
+    }
+    if resp.content_length().is_some_and(|n| n > size - offset) {
+        let _ = std::fs::remove_file(&mine);
+        return Err(PrewarmError::TooLong { path: url.into(), expected: size });
     }
     let file = tokio::fs::OpenOptions::new()
         .create(true)
@@ -373,6 +573,15 @@ async fn download(
             Ok(Some(Err(e))) => return Err(PrewarmError::Io { path: url.into(), reason: e.to_string() }),
             Ok(Some(Ok(c))) => c,
         };
+        if lost.load(Ordering::SeqCst) {
+            return Err(lost_err());
+        }
+        if chunk.len() as u64 > size - written {
+            // Never more than the listing says: an endless body ends here.
+            drop(file);
+            let _ = std::fs::remove_file(&mine);
+            return Err(PrewarmError::TooLong { path: url.into(), expected: size });
+        }
         file.write_all(&chunk).await.map_err(|e| io(&mine, e))?;
         if lfs {
             hasher.update(&chunk);
@@ -395,6 +604,11 @@ async fn download(
         let _ = std::fs::remove_file(&mine);
         return Err(PrewarmError::Hash { path: url.into(), expected: etag.into(), actual });
     }
+    if !lease.still_mine() {
+        // We were paused and another agent holds the blob now: it publishes.
+        let _ = std::fs::remove_file(&mine);
+        return Err(lost_err());
+    }
     std::fs::rename(&mine, blob).map_err(|e| io(blob, e))?;
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io(dir, e))
 }
@@ -408,15 +622,23 @@ fn publish_checked(
     size: u64,
     sha256: &str,
     url: &str,
+    lease: &Lease,
 ) -> Result<(), PrewarmError> {
     let len = std::fs::metadata(mine).map_err(|e| io(mine, e))?.len();
     if len != size {
+        let _ = std::fs::remove_file(mine);
+        let _ = std::fs::remove_file(parts_of(mine));
         return Err(PrewarmError::Size { path: url.into(), expected: size, actual: len });
     }
     if sha256 != etag {
         let _ = std::fs::remove_file(mine);
         let _ = std::fs::remove_file(parts_of(mine));
         return Err(PrewarmError::Hash { path: url.into(), expected: etag.into(), actual: sha256.into() });
+    }
+    if !lease.still_mine() {
+        let _ = std::fs::remove_file(mine);
+        let _ = std::fs::remove_file(parts_of(mine));
+        return Err(PrewarmError::LeaseLost { path: url.into() });
     }
     // The record goes first: a crash after it costs a re-download, never a stray file.
     let _ = std::fs::remove_file(parts_of(mine));
@@ -469,10 +691,14 @@ async fn ranged(
     size: u64,
     o: &Options,
     progress: &Progress,
+    lost: &std::sync::atomic::AtomicBool,
 ) -> Result<String, Ranged> {
     use std::os::unix::fs::FileExt;
     let fail = |e: PrewarmError| Ranged::Failed(e);
     let chunk = o.range_size.max(1 << 20);
+    if size.div_ceil(chunk) > MAX_RANGES {
+        return Err(fail(PrewarmError::TooManyRanges { path: url.into(), size, range: chunk, max: MAX_RANGES }));
+    }
     let n = size.div_ceil(chunk) as usize;
     let parts_path = parts_of(mine);
     let mut done = vec![false; n];
@@ -509,7 +735,7 @@ async fn ranged(
             .open(&parts_path)
             .map_err(|e| fail(io(&parts_path, e)))?,
     ));
-    let range_of = |i: usize| (i as u64 * chunk, ((i as u64 + 1) * chunk).min(size));
+    let range_of = |i: usize| ((i as u64).saturating_mul(chunk), (i as u64 + 1).saturating_mul(chunk).min(size));
     let already: u64 = (0..n).filter(|&i| done[i]).map(|i| range_of(i).1 - range_of(i).0).sum();
     progress.bytes_done.fetch_add(already, Ordering::SeqCst);
     let todo: Vec<usize> = (0..n).filter(|&i| !done[i]).collect();
@@ -540,7 +766,7 @@ async fn ranged(
                     return None;
                 }
             }
-            let (mut at, end) = (i as u64 * chunk, ((i as u64 + 1) * chunk).min(size));
+            let (mut at, end) = ((i as u64).saturating_mul(chunk), (i as u64 + 1).saturating_mul(chunk).min(size));
             while at < end {
                 let want = ((end - at) as usize).min(buf.len());
                 if let Err(e) = hf.read_exact_at(&mut buf[..want], at) {
@@ -613,6 +839,9 @@ async fn ranged(
                         Ok(None) => break Ok(()),
                         Ok(Some(Err(e))) => break Err(PrewarmError::Io { path: url.into(), reason: e.to_string() }),
                         Ok(Some(Ok(c))) => {
+                            if lost.load(Ordering::SeqCst) {
+                                break Err(PrewarmError::LeaseLost { path: url.into() });
+                            }
                             if at + c.len() as u64 > end {
                                 break Err(PrewarmError::Size {
                                     path: url.into(),
@@ -644,6 +873,10 @@ async fn ranged(
                     Ok(()) if at == end => {
                         ok = true;
                         break;
+                    }
+                    Err(e @ PrewarmError::LeaseLost { .. }) => {
+                        progress.bytes_done.fetch_sub(got, Ordering::SeqCst);
+                        return Err(fail(e));
                     }
                     Ok(()) => last = Some(PrewarmError::Size { path: url.into(), expected: end - start, actual: got }),
                     Err(e) => last = Some(e),
@@ -719,17 +952,63 @@ pub fn record_if_warm(hub_dir: &Path, repo: &str, revision: &str) -> (hf_cache::
     (report, err)
 }
 
-fn nonce() -> String {
-    let mut b = [0u8; 4];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = std::io::Read::read_exact(&mut f, &mut b);
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partial_names() {
+        let e = "ab".repeat(32);
+        assert_eq!(partial_token(&format!("{e}.0a1b.incomplete"), &e), Some("0a1b"));
+        assert_eq!(partial_token(&format!("{e}.0a1b.incomplete.parts"), &e), Some("0a1b"));
+        assert_eq!(partial_token(&format!("{e}.incomplete"), &e), Some(""));
+        assert_eq!(partial_token(&e, &e), None);
+        assert_eq!(partial_token(&format!("{e}.lease"), &e), None);
+        assert_eq!(partial_token(&format!("{e}x.1.incomplete"), &e), None);
+    }
+
+    #[test]
+    fn partials_are_adopted_only_from_a_stale_takeover_and_live_ones_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let e = "cd".repeat(32);
+        let lease = d.path().join(format!("{e}.lease"));
+        let touch = |n: &str, body: &[u8]| std::fs::write(d.path().join(n), body).unwrap();
+        let names = || {
+            let mut v: Vec<String> = std::fs::read_dir(d.path())
+                .unwrap()
+                .flatten()
+                .map(|x| x.file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        // A fresh lease adopts nothing: an older partial may belong to a paused holder.
+        touch(&format!("{e}.aaaa.incomplete"), b"old");
+        touch(&format!("{e}.aaaa.incomplete.parts"), b"ranges 1 3\n");
+        std::fs::write(&lease, "aimodel-lease 1\ntoken bbbb\n").unwrap();
+        let mine = prepare_partial(d.path(), &e, "bbbb", None, &lease);
+        assert_eq!(mine, d.path().join(format!("{e}.bbbb.incomplete")));
+        assert!(!mine.exists());
+        assert_eq!(names(), vec![format!("{e}.lease")]);
+        // After a stale takeover of cccc's lease, cccc's partial and record are ours.
+        touch(&format!("{e}.cccc.incomplete"), b"prefix");
+        touch(&format!("{e}.cccc.incomplete.parts"), b"ranges 1 6\n0\n");
+        touch(&format!("{e}.dddd.incomplete"), b"other");
+        std::fs::write(&lease, "aimodel-lease 1\ntoken eeee\n").unwrap();
+        let mine = prepare_partial(d.path(), &e, "eeee", Some("cccc"), &lease);
+        assert_eq!(std::fs::read(&mine).unwrap(), b"prefix");
+        assert_eq!(
+            names(),
+            vec![format!("{e}.eeee.incomplete"), format!("{e}.eeee.incomplete.parts"), format!("{e}.lease")]
+        );
+        // Beside a present blob: the live holder's partial stays, the rest goes.
+        touch(&format!("{e}.ffff.incomplete"), b"dead");
+        assert_eq!(remove_stale_partials(d.path(), &e, &lease, None), 1);
+        assert!(mine.exists());
+        std::fs::remove_file(&lease).unwrap();
+        assert_eq!(remove_stale_partials(d.path(), &e, &lease, None), 2);
+        assert_eq!(names(), Vec::<String>::new());
+    }
 
     #[test]
     fn globs() {
