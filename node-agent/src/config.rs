@@ -123,7 +123,9 @@ pub struct GcConfig {
     pub target_free: Option<Bytes>,
     /// Evict until the cached models take at most this much.
     pub max_size: Option<Bytes>,
-    /// An in-use marker not refreshed for this long no longer protects its model.
+    /// An in-use marker not refreshed for this long no longer protects its
+    /// model (default 1h: long enough to ride out a plugin restart or a client
+    /// upgrade, during which nothing refreshes the markers).
     #[serde(default = "default_in_use_ttl")]
     pub in_use_ttl: Dur,
     /// Only report what would be evicted.
@@ -167,9 +169,10 @@ fn default_namespace() -> String {
 fn default_wait() -> Dur {
     Dur(Duration::from_secs(300))
 }
-/// Ten driver refresh periods (the driver rewrites its markers every minute).
+/// One hour: markers are refreshed by the driver only, so a plugin restart or
+/// a Nomad client upgrade must not expose a model a running container reads.
 pub fn default_in_use_ttl() -> Dur {
-    Dur(Duration::from_secs(600))
+    Dur(Duration::from_secs(3600))
 }
 
 /// A configuration error, naming the file and what is wrong.

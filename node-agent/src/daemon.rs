@@ -326,7 +326,30 @@ async fn keep_warm(cfg: Arc<AgentConfig>, hub: Hub, spec: ModelSpec, shared: Sha
     }
 }
 
+/// Keeps the shared pins (`aimodel/pins/`) in line with this node's manifest:
+/// every `pin = true` model pinned (every node's gc honours it); a pin this
+/// node's manifest wrote for a model it no longer pins removed.
+fn sync_pins(cfg: &AgentConfig) {
+    let state = hf_cache::state::StateDir::for_hub(&cfg.hub_dir());
+    let me = format!("{}:manifest", node_name());
+    let wanted = cfg.pinned();
+    let have = state.pins();
+    for repo in &wanted {
+        if !have.iter().any(|p| &p.repo == repo) {
+            if let Err(e) = state.pin(repo, &me) {
+                tracing::warn!(repo = %repo, error = %e, "could not write the shared pin");
+            }
+        }
+    }
+    for p in have.iter().filter(|p| p.by == me && !wanted.contains(&p.repo)) {
+        if let Err(e) = state.unpin(&p.repo) {
+            tracing::warn!(repo = %p.repo, error = %e, "could not remove the shared pin");
+        }
+    }
+}
+
 fn gc_pass(cfg: &AgentConfig, protected: Vec<String>, shared: &SharedRef) {
+    sync_pins(cfg);
     let hub = cfg.hub_dir();
     let Ok(free) = hf_cache::mount::space(&hub).map(|(f, _)| f) else { return };
     let policy_base = hf_cache::gc::Policy {
