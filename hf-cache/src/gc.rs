@@ -375,15 +375,13 @@ impl GcLock {
                     }
                     last = Instant::now();
                     n += 1;
-                    // Still ours? Then rewrite in place: waiters see a live holder.
+                    // Still ours? Then rewrite it: waiters see a live holder.
                     if read_lock(&r).as_deref().and_then(lock_token) != Some(t.as_str()) {
                         l.store(true, Ordering::SeqCst);
                         return;
                     }
-                    let flags = OFlag::O_WRONLY | OFlag::O_TRUNC | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-                    if let Ok(fd) = nix::fcntl::openat(&*r, LOCK, flags, nix::sys::stat::Mode::empty()) {
-                        let _ = std::fs::File::from(fd).write_all(content(n).as_bytes());
-                    }
+                    // Whole (temp name, rename): a reader never sees it empty.
+                    let _ = safefs::write_atomic_at(&*r, OsStr::new(LOCK), content(n).as_bytes());
                 }
             })
             .ok();

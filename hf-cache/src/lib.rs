@@ -16,3 +16,5 @@ pub use layout::{CompletionRecord, RecordedFile, RepoId, RepoPaths, RepoType, Tr
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod hostile;
