@@ -215,7 +215,8 @@ pub fn space(path: &Path) -> std::io::Result<(u64, u64)> {
 
 /// Creates, renames and removes a probe file in `dir`.
 pub fn writable(dir: &Path) -> std::io::Result<()> {
-    let unique = format!(".aimodel-probe-{}-{:?}", std::process::id(), std::thread::current().id());
+    // Random: probes of several nodes share the directory.
+    let unique = format!(".aimodel-probe-{}", crate::safefs::random_hex(8));
     let a = dir.join(format!("{unique}.tmp"));
     let b = dir.join(unique);
     std::fs::write(&a, b"probe")?;
