@@ -357,7 +357,12 @@ impl GcLock {
         }
     }
 
-    fn start(root: OwnedFd, token: String, every: Duration, content: impl Fn(u64) -> String + Send + 'static) -> GcLock {
+    fn start(
+        root: OwnedFd,
+        token: String,
+        every: Duration,
+        content: impl Fn(u64) -> String + Send + 'static,
+    ) -> GcLock {
         let root = Arc::new(root);
         let stop = Arc::new(AtomicBool::new(false));
         let lost = Arc::new(AtomicBool::new(false));

@@ -15,6 +15,6 @@ pub use check::{check, Finding, Mode, Report};
 pub use layout::{CompletionRecord, RecordedFile, RepoId, RepoPaths, RepoType, TreeEntry, TreeFile};
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod hostile;
+#[cfg(test)]
+mod tests;

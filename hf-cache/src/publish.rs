@@ -125,7 +125,11 @@ pub fn write_tree(paths: &RepoPaths, commit: &str, listing: BTreeMap<String, Tre
     if !is_commit(commit) {
         return Err(invalid(format!("{commit:?} is not a commit")));
     }
-    write_in_repo(paths, &Path::new("trees").join(format!("{commit}.json")), TreeFile::new(listing).to_json().as_bytes())
+    write_in_repo(
+        paths,
+        &Path::new("trees").join(format!("{commit}.json")),
+        TreeFile::new(listing).to_json().as_bytes(),
+    )
 }
 
 /// Points `refs/<rev>` at `commit`, without a trailing newline.
@@ -200,9 +204,10 @@ pub fn record_completion(
         }
         let ctime = (b.stat.st_ctime, b.stat.st_ctime_nsec);
         let vouched = ctime >= since
-            || old.as_ref().and_then(|o| o.files.get(path)).is_some_and(|f| {
-                f.entry.etag() == entry.etag() && ctime <= (f.ctime, f.ctime_nsec)
-            });
+            || old
+                .as_ref()
+                .and_then(|o| o.files.get(path))
+                .is_some_and(|f| f.entry.etag() == entry.etag() && ctime <= (f.ctime, f.ctime_nsec));
         if !vouched {
             let actual = crate::check::hash_blob(&b, entry.lfs_sha256.is_some())?;
             if actual != entry.etag() {
@@ -212,10 +217,7 @@ pub fn record_completion(
                 )));
             }
         }
-        files.insert(
-            path.clone(),
-            RecordedFile { entry: entry.clone(), ctime: ctime.0, ctime_nsec: ctime.1 },
-        );
+        files.insert(path.clone(), RecordedFile { entry: entry.clone(), ctime: ctime.0, ctime_nsec: ctime.1 });
     }
     let filtered = filtered && old.as_ref().is_none_or(|o| o.filtered);
     let rec = CompletionRecord {

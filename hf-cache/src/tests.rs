@@ -106,8 +106,11 @@ fn listing_problems_are_named() {
     let paths = RepoPaths::new(d.path(), &repo);
     // A file in the snapshot that the commit's listing does not know.
     let extra = entry_for(b"{\"a\":1}", false);
-    std::os::unix::fs::symlink(RepoPaths::link_target("extra.json", extra.etag()), paths.snapshot(COMMIT).join("extra.json"))
-        .unwrap();
+    std::os::unix::fs::symlink(
+        RepoPaths::link_target("extra.json", extra.etag()),
+        paths.snapshot(COMMIT).join("extra.json"),
+    )
+    .unwrap();
     assert_eq!(kinds(d.path(), &repo, Mode::Quick), ["unexpected file"]);
     // The trees listing knows fewer files than the record: the record wins for
     // what must be there, the listing still names strays.

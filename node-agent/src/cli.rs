@@ -325,7 +325,9 @@ pub async fn run(args: Args) -> Result<ExitCode> {
         Cmd::Pin { repo } => {
             check_repo_id(&repo)?;
             let state = StateDir::for_hub(&dir);
-            state.pin(&repo, &format!("{}:cli", hf_cache::state::node_name())).with_context(|| format!("pinning {repo}"))?;
+            state
+                .pin(&repo, &format!("{}:cli", hf_cache::state::node_name()))
+                .with_context(|| format!("pinning {repo}"))?;
             println!("{repo}: pinned for every node's gc ({})", state.root().join("pins").display());
             Ok(ExitCode::SUCCESS)
         }
