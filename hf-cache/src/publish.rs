@@ -173,8 +173,11 @@ pub fn record_completion(
     }
     let hub = paths.root.parent().unwrap_or(Path::new("."));
     let old = read_completion(paths, commit);
-    let since = trusted_since.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    let since = (since.as_secs() as i64, i64::from(since.subsec_nanos()));
+    // Blob ctimes come from the file server's clock: move `trusted_since` onto it.
+    let nanos = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0);
+    let skew = fs_clock(paths).map(|(fs, local)| fs - nanos(local)).unwrap_or(0);
+    let since_ns = nanos(trusted_since) + skew;
+    let since = (since_ns.div_euclid(1_000_000_000) as i64, since_ns.rem_euclid(1_000_000_000) as i64);
     let mut files = BTreeMap::new();
     if let Some(old) = &old {
         for (path, f) in &old.files {
@@ -234,6 +237,20 @@ pub fn record_completion(
     let bytes = serde_json::to_vec_pretty(&rec).map_err(std::io::Error::other)?;
     write_in_repo(paths, &Path::new(".aimodel/complete").join(format!("{commit}.json")), &bytes)?;
     Ok(rec)
+}
+
+/// The file server's clock now (the ctime of a file created for the purpose,
+/// in nanoseconds) and the local clock read at the same moment.
+fn fs_clock(paths: &RepoPaths) -> Option<(i128, SystemTime)> {
+    use nix::fcntl::OFlag;
+    let dir = repo_dir(paths, Path::new(".aimodel")).ok()?;
+    let name = format!(".clock.{}", safefs::random_hex(8));
+    let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let fd = nix::fcntl::openat(&dir, name.as_str(), flags, nix::sys::stat::Mode::from_bits_truncate(0o600)).ok()?;
+    let st = nix::sys::stat::fstat(&fd).ok();
+    let local = SystemTime::now();
+    let _ = nix::unistd::unlinkat(&dir, name.as_str(), nix::unistd::UnlinkatFlags::NoRemoveDir);
+    st.map(|s| (i128::from(s.st_ctime) * 1_000_000_000 + i128::from(s.st_ctime_nsec), local))
 }
 
 /// Publishes `files` as `commit` of `repo` and points `refs/<rev>` at it:
