@@ -303,6 +303,13 @@ mod tests {
         assert_eq!(seen.len(), 1);
         assert!(seen[0].2, "a fresh marker is live");
         assert!(!s.in_use(Duration::ZERO)[0].2, "a marker older than the TTL is not");
+        let other = InUse { node: "n2".into(), task: "alloc/db/1".into(), ..u.clone() };
+        s.mark_in_use(&other).unwrap();
+        // Whatever their age: what a recovering driver re-marks.
+        assert_eq!(s.in_use_for_node("n1"), [u.clone()]);
+        assert_eq!(s.in_use_for_node("n2"), [other]);
+        assert!(s.in_use_for_node("n3").is_empty());
+        s.clear_in_use("alloc/db/1").unwrap();
         s.clear_in_use("alloc/web/1").unwrap();
         s.clear_in_use("alloc/web/1").unwrap();
         assert!(s.in_use(Duration::from_secs(60)).is_empty());

@@ -264,6 +264,8 @@ mod tests {
         assert_eq!(c.pinned(), ["mistralai/Mistral-7B-Instruct-v0.3"]);
         assert_eq!(c.nomad.as_ref().unwrap().namespace, "*");
         assert_eq!(c.gc.as_ref().unwrap().target_free, Some(Bytes(200 << 30)));
+        // Long enough to ride out a plugin restart or a client upgrade.
+        assert_eq!(c.gc.as_ref().unwrap().in_use_ttl, Dur(Duration::from_secs(3600)));
         assert_eq!(c.interval, Dur(Duration::from_secs(300)));
     }
 

@@ -529,3 +529,35 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifest_pins_become_shared_pins_and_go_with_the_manifest() {
+        let d = tempfile::tempdir().unwrap();
+        let home = d.path().display().to_string();
+        let parse = |models: &str| {
+            AgentConfig::parse(&format!("hf_home = \"{home}\"\nmodels = [{models}]"), std::path::Path::new("t.hcl"))
+                .unwrap()
+        };
+        let cfg = parse("{ repo = \"o/pinned\", pin = true }, { repo = \"o/free\" }");
+        let state = hf_cache::state::StateDir::for_hub(&cfg.hub_dir());
+        // Another node pinned something this manifest does not know.
+        state.pin("o/theirs", "other:manifest").unwrap();
+        sync_pins(&cfg);
+        let mut pins: Vec<(String, String)> = state.pins().into_iter().map(|p| (p.repo, p.by)).collect();
+        pins.sort();
+        assert_eq!(
+            pins,
+            [
+                ("o/pinned".to_string(), format!("{}:manifest", node_name())),
+                ("o/theirs".into(), "other:manifest".into())
+            ]
+        );
+        // This node's manifest stops pinning it: its own pin goes, the other node's stays.
+        sync_pins(&parse("{ repo = \"o/pinned\" }"));
+        assert_eq!(state.pins().into_iter().map(|p| p.repo).collect::<Vec<_>>(), ["o/theirs"]);
+    }
+}
