@@ -256,12 +256,18 @@ pub fn evict(hub: &Path, repo: &str, in_use_ttl: Duration) -> std::io::Result<Op
 
 /// Removes what an interrupted eviction left in the trash (by descriptor:
 /// links are unlinked, never followed; other filesystems are not entered).
-pub fn empty_trash(hub: &Path) -> std::io::Result<()> {
+/// An entry that cannot be removed (a mount point inside it, a tree nested
+/// deeper than 128 levels) is left and reported, without holding up the rest
+/// or the gc: returns those entries with their errors.
+pub fn empty_trash(hub: &Path) -> std::io::Result<Vec<(std::ffi::OsString, std::io::Error)>> {
     let trash = open_trash(&StateDir::for_hub(hub))?;
+    let mut left = Vec::new();
     for e in safefs::list_dir(&trash)? {
-        safefs::remove_at(&trash, &e.name)?;
+        if let Err(err) = safefs::remove_at(&trash, &e.name) {
+            left.push((e.name, err));
+        }
     }
-    Ok(())
+    Ok(left)
 }
 
 /// How often a held gc lock is rewritten.
@@ -433,7 +439,8 @@ pub fn run_with_lock(
             format!("another gc holds {}", state.root().join(LOCK).display()),
         ));
     };
-    empty_trash(hub)?;
+    // What cannot be removed stays in the trash; it is retried by the next gc.
+    let _ = empty_trash(hub)?;
     let p = plan(hub, policy)?;
     let mut done = Vec::new();
     for repo in &p.evict {

@@ -125,8 +125,21 @@ fn trash_linked_to_a_sentinel_leaves_the_sentinel_alone() {
     assert!(std::fs::symlink_metadata(s.trash()).unwrap().is_dir(), "a real trash replaces the link");
     // A link left inside the trash is unlinked, its target kept.
     symlink(&sentinel, s.trash().join("models--o--x.abc"));
-    gc::empty_trash(&hub).unwrap();
+    assert!(gc::empty_trash(&hub).unwrap().is_empty());
     assert!(sentinel.join("inner/keep").exists());
+    // A tree too deep to remove is left (and named), the rest goes.
+    let mut deep = s.trash().join("models--o--deep.1");
+    for _ in 0..140 {
+        deep = deep.join("d");
+    }
+    std::fs::create_dir_all(&deep).unwrap();
+    std::fs::create_dir_all(s.trash().join("models--o--ok.2/x")).unwrap();
+    let left = gc::empty_trash(&hub).unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].0, "models--o--deep.1");
+    assert!(left[0].1.to_string().contains("nested too deep"), "{}", left[0].1);
+    assert!(!s.trash().join("models--o--ok.2").exists());
+    std::fs::remove_dir_all(s.trash().join("models--o--deep.1")).unwrap();
     assert_eq!(std::fs::read_dir(s.trash()).unwrap().count(), 0);
 }
 
