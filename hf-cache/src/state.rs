@@ -306,7 +306,7 @@ mod tests {
         let other = InUse { node: "n2".into(), task: "alloc/db/1".into(), ..u.clone() };
         s.mark_in_use(&other).unwrap();
         // Whatever their age: what a recovering driver re-marks.
-        assert_eq!(s.in_use_for_node("n1"), [u.clone()]);
+        assert_eq!(s.in_use_for_node("n1"), std::slice::from_ref(&u));
         assert_eq!(s.in_use_for_node("n2"), [other]);
         assert!(s.in_use_for_node("n3").is_empty());
         s.clear_in_use("alloc/db/1").unwrap();
