@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use hf_cache::mount::{mount_for, parse_mountinfo, space, with_timeout, writable};
+use hf_cache::mount::{mount_for, parse_mountinfo, probe as with_timeout_for, space, writable};
 use hf_cache::state::{InUse, StateDir};
 use hf_cache::{check, Mode, RepoId, RepoPaths};
 
@@ -94,7 +94,7 @@ pub fn assess_with(
     }
     let timeout = cfg.probe_timeout.0;
     let p = path.clone();
-    match with_timeout(timeout, move || probe(&p)) {
+    match with_timeout_for(&path, timeout, move || probe(&p)) {
         Err(t) => {
             st.problems.push(format!("hf cache {}: {t}", cfg.host_path));
             st.attributes.insert(attr("writable"), AttrValue::Bool(false));
@@ -168,7 +168,8 @@ pub fn check_model(
 ) -> Result<ModelCheck, String> {
     let hub = hub_dir(cache);
     let (repo, rev) = (model.to_string(), revision.to_string());
-    let report = with_timeout(timeout, move || check(&hub, &RepoId::model(&repo), &rev, Mode::Quick))
+    let key = PathBuf::from(&cache.host_path);
+    let report = with_timeout_for(&key, timeout, move || check(&hub, &RepoId::model(&repo), &rev, Mode::Quick))
         .map_err(|t| format!("hf cache {}: {t}", cache.host_path))?;
     Ok(ModelCheck {
         repo: model.to_string(),
@@ -187,7 +188,7 @@ pub fn check_model(
 /// the probe timeout. Several revisions of one repo: the latest verified wins.
 pub fn warm_attributes(cache: &HfCacheConfig) -> BTreeMap<String, AttrValue> {
     let hub = hub_dir(cache);
-    with_timeout(cache.probe_timeout.0, move || {
+    with_timeout_for(Path::new(&cache.host_path), cache.probe_timeout.0, move || {
         let mut latest: BTreeMap<String, (u64, String)> = BTreeMap::new();
         for r in StateDir::for_hub(&hub).warm() {
             if !RepoPaths::new(&hub, &RepoId::model(&r.repo)).snapshot(&r.commit).is_dir() {
@@ -212,7 +213,7 @@ pub fn warm_attributes(cache: &HfCacheConfig) -> BTreeMap<String, AttrValue> {
 pub fn mark_in_use(cache: &HfCacheConfig, task: &str, node: &str, model: &str, commit: &str, touch: bool) {
     let (hub, timeout) = (hub_dir(cache), cache.probe_timeout.0);
     let u = InUse { repo: model.into(), commit: commit.into(), node: node.into(), task: task.into() };
-    let r = with_timeout(timeout, move || {
+    let r = with_timeout_for(Path::new(&cache.host_path), timeout, move || {
         let s = StateDir::for_hub(&hub);
         s.mark_in_use(&u)?;
         if touch {
@@ -230,7 +231,8 @@ pub fn mark_in_use(cache: &HfCacheConfig, task: &str, node: &str, model: &str, c
 /// Removes the in-use marker of `task`.
 pub fn clear_in_use(cache: &HfCacheConfig, task: &str) {
     let (hub, t) = (hub_dir(cache), task.to_string());
-    if let Ok(Err(e)) = with_timeout(cache.probe_timeout.0, move || StateDir::for_hub(&hub).clear_in_use(&t)) {
+    let key = Path::new(&cache.host_path);
+    if let Ok(Err(e)) = with_timeout_for(key, cache.probe_timeout.0, move || StateDir::for_hub(&hub).clear_in_use(&t)) {
         tracing::warn!(task_id = %task, error = %e, "could not remove the in-use marker");
     }
 }

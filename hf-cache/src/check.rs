@@ -1,14 +1,31 @@
 //! Is `repo@revision` complete in the cache? Quick mode reads metadata only;
 //! deep mode also hashes every blob (sha256 for LFS files, git sha1 otherwise).
+//!
+//! A snapshot is checked against a listing: `trees/<commit>.json` (written by
+//! huggingface_hub and by us) and/or our completion record
+//! (`.aimodel/complete/<commit>.json`, see [`crate::publish`]). With neither
+//! it is not complete ([`Finding::Unverifiable`]): a partial snapshot would
+//! otherwise pass. Nothing is followed out of the repo: every snapshot entry
+//! must be a link `../../blobs/<etag>` to a regular file in the repo's
+//! `blobs/`, or to one in the shared store `<hub>/blobs/<2hex>/<name>`;
+//! directories are opened without following links; listings are read with
+//! `O_NOFOLLOW` and a size cap. With a completion record, a blob whose ctime
+//! is later than recorded is [`Finding::Modified`] (quick mode; deep mode
+//! hashes it instead).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::io::Read;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
+use nix::sys::stat::FileStat;
 use sha1::Digest as _;
 
-use crate::layout::{is_commit, RepoId, RepoPaths, TreeEntry, TreeFile};
+use crate::layout::{is_blob_name, is_commit, RepoId, RepoPaths, TreeEntry, TreeFile};
+use crate::safefs;
 
 /// How thoroughly to check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +59,15 @@ pub enum Finding {
     Partial { path: String, file: String },
     /// The snapshot holds a file the listing does not know.
     Unexpected { path: String },
+    /// A snapshot entry (or its blob, or a directory on the way) is not a link
+    /// into the repo's `blobs/` (or the shared store): never followed.
+    BadLink { path: String, target: String },
+    /// The blob changed (its ctime) after the completion record was written:
+    /// a write into the cache since; only a deep check can clear it.
+    Modified { path: String },
+    /// Neither `trees/<commit>.json` nor a completion record: the snapshot
+    /// cannot be told complete (a file that never arrived is not noticed).
+    Unverifiable { commit: String },
 }
 
 impl Finding {
@@ -58,6 +84,9 @@ impl Finding {
             Finding::HashMismatch { .. } => "hash mismatch",
             Finding::Partial { .. } => "leftover partial",
             Finding::Unexpected { .. } => "unexpected file",
+            Finding::BadLink { .. } => "bad link",
+            Finding::Modified { .. } => "modified",
+            Finding::Unverifiable { .. } => "unverifiable",
         }
     }
 }
@@ -79,6 +108,19 @@ impl fmt::Display for Finding {
             }
             Finding::Partial { path, file } => write!(f, "{path}: partial download {file} left behind"),
             Finding::Unexpected { path } => write!(f, "{path}: not in the commit's listing"),
+            Finding::BadLink { path, target } => {
+                write!(f, "{path}: points at {target}, not at a blob of this repo (refused, not followed)")
+            }
+            Finding::Modified { path } => write!(
+                f,
+                "{path}: its blob was modified after the model was recorded complete \
+                 (run aimodel-agent verify --deep, then aimodel-agent prewarm)"
+            ),
+            Finding::Unverifiable { commit } => write!(
+                f,
+                "snapshots/{commit} has no trees/{commit}.json and no completion record, so its completeness \
+                 cannot be verified (run aimodel-agent prewarm to check and record it)"
+            ),
         }
     }
 }
@@ -92,22 +134,42 @@ pub struct Report {
     pub commit: Option<String>,
     /// Files checked (path → size).
     pub files: BTreeMap<String, u64>,
-    /// False when there is no `trees/<commit>.json`: the snapshot itself was the
-    /// listing, so a file that never arrived cannot be noticed.
+    /// True when the snapshot was checked against a listing (`trees/<commit>.json`
+    /// or a completion record); false comes with [`Finding::Unverifiable`].
     pub verifiable: bool,
+    /// True when a completion record of the commit was found (blob ctimes checked).
+    pub recorded: bool,
     pub findings: Vec<Finding>,
 }
 
 impl Report {
     /// Complete: resolved, listed, and nothing wrong.
     pub fn is_complete(&self) -> bool {
-        self.commit.is_some() && self.findings.is_empty()
+        self.commit.is_some() && self.verifiable && self.findings.is_empty()
     }
 
     /// Total bytes of the commit's files.
     pub fn total_bytes(&self) -> u64 {
         self.files.values().sum()
     }
+}
+
+/// How recent a `*.incomplete` partial must be to count as a download in
+/// progress when its blob is there and sound (older ones are strays; the
+/// agent's prewarm removes them).
+pub const PARTIAL_FRESH: Duration = Duration::from_secs(600);
+
+fn refused(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::InvalidData
+}
+
+/// Reads `rel` below the repo folder through real directories only (no
+/// symlink anywhere below the repo folder), capped at `cap` bytes.
+pub(crate) fn read_repo_file(paths: &RepoPaths, rel: &Path, cap: u64) -> std::io::Result<Vec<u8>> {
+    let root = safefs::open_dir(&paths.root)?;
+    let name = rel.file_name().ok_or_else(|| std::io::Error::other("no file name"))?;
+    let dir = safefs::open_dir_path_at(&root, rel.parent().unwrap_or(Path::new("")))?;
+    safefs::read_capped_at(&dir, name, cap)
 }
 
 /// Resolves a revision: a cached commit as is, else `refs/<rev>`.
@@ -118,9 +180,16 @@ pub fn resolve(paths: &RepoPaths, rev: &str) -> Result<String, Finding> {
     if is_commit(rev) && paths.snapshot(rev).is_dir() {
         return Ok(rev.to_string());
     }
-    match std::fs::read_to_string(paths.refs(rev)) {
-        Ok(content) if is_commit(&content) => Ok(content),
-        Ok(content) => Err(Finding::RefMalformed { rev: rev.to_string(), content }),
+    match read_repo_file(paths, &Path::new("refs").join(rev), safefs::STATE_CAP) {
+        Ok(bytes) => {
+            let content = String::from_utf8_lossy(&bytes).into_owned();
+            if is_commit(&content) {
+                Ok(content)
+            } else {
+                Err(Finding::RefMalformed { rev: rev.to_string(), content: content.chars().take(100).collect() })
+            }
+        }
+        Err(e) if refused(&e) => Err(Finding::BadLink { path: format!("refs/{rev}"), target: e.to_string() }),
         Err(_) if is_commit(rev) => Err(Finding::SnapshotMissing { commit: rev.to_string() }),
         Err(_) => Err(Finding::RefMissing { rev: rev.to_string() }),
     }
@@ -135,6 +204,7 @@ pub fn check(hub: &Path, repo: &RepoId, rev: &str, mode: Mode) -> Report {
         commit: None,
         files: BTreeMap::new(),
         verifiable: false,
+        recorded: false,
         findings: Vec::new(),
     };
     let commit = match resolve(&paths, rev) {
@@ -150,126 +220,310 @@ pub fn check(hub: &Path, repo: &RepoId, rev: &str, mode: Mode) -> Report {
         }
     };
     report.commit = Some(commit.clone());
-    let snapshot = paths.snapshot(&commit);
-    let dir = match std::fs::File::open(&snapshot) {
+    let snap = safefs::open_dir(&paths.root)
+        .and_then(|root| safefs::open_dir_path_at(&root, &Path::new("snapshots").join(&commit)));
+    let snap = match snap {
         Ok(d) => d,
+        Err(e) if refused(&e) => {
+            report.findings.push(Finding::BadLink { path: format!("snapshots/{commit}"), target: e.to_string() });
+            return report;
+        }
         Err(_) => {
             report.findings.push(Finding::SnapshotMissing { commit });
             return report;
         }
     };
-    let listing = read_tree(&paths, &commit);
-    report.verifiable = listing.is_some();
-    let partials = partial_downloads(&paths);
-    match listing {
-        Some(tree) => {
-            for (path, entry) in &tree.files {
-                report.files.insert(path.clone(), entry.content_size());
-                check_file(&snapshot, &dir, path, Some(entry), &partials, mode, &mut report.findings);
-            }
-            for path in walk(&snapshot) {
-                if !tree.files.contains_key(&path) {
-                    report.findings.push(Finding::Unexpected { path });
-                }
+    let tree = read_tree(&paths, &commit);
+    let record = crate::publish::read_completion(&paths, &commit);
+    report.recorded = record.is_some();
+    report.verifiable = tree.is_some() || record.is_some();
+    if !report.verifiable {
+        report.findings.push(Finding::Unverifiable { commit: commit.clone() });
+    }
+    let ctx = Ctx { hub, paths: &paths, snap, partials: partial_downloads(&paths), mode, now: SystemTime::now() };
+
+    // What the snapshot must hold: the record's files (with their blobs'
+    // ctimes), and the trees listing's unless the record is of a subset.
+    let mut expected: BTreeMap<String, (TreeEntry, Option<(i64, i64)>)> = BTreeMap::new();
+    if let Some(r) = &record {
+        for (p, f) in &r.files {
+            expected.insert(p.clone(), (f.entry.clone(), Some((f.ctime, f.ctime_nsec))));
+        }
+    }
+    if let Some(t) = &tree {
+        if record.as_ref().is_none_or(|r| !r.filtered) {
+            for (p, e) in &t.files {
+                expected.entry(p.clone()).or_insert((e.clone(), None));
             }
         }
-        None => {
-            for path in walk(&snapshot) {
-                let size = std::fs::metadata(snapshot.join(&path)).map(|m| m.len()).unwrap_or(0);
-                report.files.insert(path.clone(), size);
-                check_file(&snapshot, &dir, &path, None, &partials, mode, &mut report.findings);
+    }
+    for (path, (entry, ctime)) in &expected {
+        report.files.insert(path.clone(), entry.content_size());
+        check_file(&ctx, path, Some(entry), *ctime, &mut report.findings);
+    }
+    // A file no listing knows: unexpected where the listing is the whole
+    // commit; never followed out of the repo in any case.
+    let strict = tree.is_some() || record.as_ref().is_some_and(|r| !r.filtered);
+    for path in walk(&ctx.snap) {
+        if expected.contains_key(&path) {
+            continue;
+        }
+        let mut found = Vec::new();
+        let size = check_file(&ctx, &path, None, None, &mut found);
+        if !report.verifiable {
+            report.files.insert(path.clone(), size.unwrap_or(0));
+            report.findings.extend(found);
+        } else {
+            if strict && !tree.as_ref().is_some_and(|t| t.files.contains_key(&path)) {
+                report.findings.push(Finding::Unexpected { path: path.clone() });
             }
+            report.findings.extend(found.into_iter().filter(|f| matches!(f, Finding::BadLink { .. })));
         }
     }
     report
 }
 
 fn read_tree(paths: &RepoPaths, commit: &str) -> Option<TreeFile> {
-    let text = std::fs::read_to_string(paths.tree(commit)).ok()?;
-    let tree: TreeFile = serde_json::from_str(&text).ok()?;
+    let bytes = read_repo_file(paths, &Path::new("trees").join(format!("{commit}.json")), safefs::LISTING_CAP).ok()?;
+    let tree: TreeFile = serde_json::from_slice(&bytes).ok()?;
     (tree.format_version == 1).then_some(tree)
 }
 
-/// `blobs/<etag>.<anything>.incomplete` (and the older `blobs/<etag>.incomplete`).
-fn partial_downloads(paths: &RepoPaths) -> Vec<String> {
-    let Ok(rd) = std::fs::read_dir(paths.blobs()) else { return Vec::new() };
-    rd.flatten()
-        .filter_map(|e| e.file_name().to_str().map(str::to_string))
-        .filter(|n| n.ends_with(".incomplete"))
+/// `blobs/<etag>.<anything>.incomplete` (and the older `blobs/<etag>.incomplete`) with their mtimes.
+fn partial_downloads(paths: &RepoPaths) -> Vec<(String, SystemTime)> {
+    let Ok(blobs) = safefs::open_dir(&paths.root).and_then(|r| safefs::open_dir_at(&r, OsStr::new("blobs"))) else {
+        return Vec::new();
+    };
+    safefs::list_dir(&blobs)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|e| {
+            let n = e.name_str()?.to_string();
+            let st = e.stat?;
+            let mtime = SystemTime::UNIX_EPOCH
+                + Duration::from_secs(st.st_mtime.max(0) as u64)
+                + Duration::from_nanos(st.st_mtime_nsec.max(0) as u64);
+            n.ends_with(".incomplete").then_some((n, mtime))
+        })
         .collect()
 }
 
-/// The size of `path` below the open snapshot directory, following links;
-/// `Err(true)` when the link itself exists (dangling), `Err(false)` when missing.
-/// Stat relative to the directory's fd spares the kernel re-walking the prefix.
-fn size_at(dir: &std::fs::File, path: &str) -> Result<u64, bool> {
-    use nix::fcntl::AtFlags;
-    match nix::sys::stat::fstatat(dir, path, AtFlags::empty()) {
-        Ok(st) => Ok(st.st_size as u64),
-        Err(_) => Err(nix::sys::stat::fstatat(dir, path, AtFlags::AT_SYMLINK_NOFOLLOW).is_ok()),
+struct Ctx<'a> {
+    hub: &'a Path,
+    paths: &'a RepoPaths,
+    snap: OwnedFd,
+    partials: Vec<(String, SystemTime)>,
+    mode: Mode,
+    now: SystemTime,
+}
+
+/// A blob opened for checking: the directory holding it, its name, its `lstat`
+/// (a regular file: never a link once resolved).
+pub(crate) struct Blob {
+    pub dir: OwnedFd,
+    pub name: OsString,
+    pub stat: FileStat,
+}
+
+/// Why a blob could not be opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum BlobError {
+    /// `blobs/<etag>` does not exist.
+    Missing,
+    /// A link into the shared store whose target does not exist.
+    Dangling,
+    /// Something that is not a regular file of the repo's `blobs/` or of the shared store.
+    Outside(String),
+}
+
+impl fmt::Display for BlobError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BlobError::Missing => f.write_str("missing"),
+            BlobError::Dangling => f.write_str("a dangling link into the shared store"),
+            BlobError::Outside(t) => write!(f, "points at {t}, outside the cache's blobs (refused)"),
+        }
     }
 }
 
+/// Opens `blobs/<etag>` of the repo: a regular file there, or a link
+/// `../../blobs/<2hex>/<name>` to a regular file of the shared store
+/// `<hub>/blobs/` (huggingface_hub 2.x). Nothing else is followed.
+pub(crate) fn open_blob(hub: &Path, paths: &RepoPaths, etag: &str) -> Result<Blob, BlobError> {
+    use std::os::unix::ffi::OsStrExt;
+    if !is_blob_name(etag) {
+        return Err(BlobError::Outside(format!("blobs/{etag}")));
+    }
+    let open = |e: std::io::Error| if refused(&e) { BlobError::Outside(e.to_string()) } else { BlobError::Missing };
+    let root = safefs::open_dir(&paths.root).map_err(open)?;
+    let blobs = safefs::open_dir_at(&root, OsStr::new("blobs")).map_err(open)?;
+    let st = safefs::stat_at(&blobs, OsStr::new(etag)).map_err(|_| BlobError::Missing)?;
+    let kind = nix::sys::stat::SFlag::from_bits_truncate(st.st_mode) & nix::sys::stat::SFlag::S_IFMT;
+    if kind == nix::sys::stat::SFlag::S_IFREG {
+        return Ok(Blob { dir: blobs, name: etag.into(), stat: st });
+    }
+    if kind != nix::sys::stat::SFlag::S_IFLNK {
+        return Err(BlobError::Outside(format!("blobs/{etag}, not a regular file")));
+    }
+    let target = nix::fcntl::readlinkat(&blobs, etag).map_err(|_| BlobError::Missing)?;
+    let shown = || BlobError::Outside(format!("blobs/{etag} -> {}", Path::new(&target).display()));
+    let parts: Vec<&[u8]> = target.as_bytes().split(|b| *b == b'/').collect();
+    let [b"..", b"..", b"blobs", prefix, name] = parts.as_slice() else { return Err(shown()) };
+    let name = std::str::from_utf8(name).map_err(|_| shown())?;
+    if name.len() < 2 || !name.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+        return Err(shown());
+    }
+    if name.len() > 128 || *prefix != &name.as_bytes()[..2] {
+        return Err(shown());
+    }
+    let hub_fd = nix::fcntl::open(
+        hub,
+        nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|_| BlobError::Missing)?;
+    let store = safefs::open_dir_at(&hub_fd, OsStr::new("blobs"))
+        .and_then(|s| safefs::open_dir_at(&s, OsStr::from_bytes(prefix)))
+        .map_err(|e| if refused(&e) { shown() } else { BlobError::Dangling })?;
+    let st = safefs::stat_at(&store, OsStr::new(name)).map_err(|_| BlobError::Dangling)?;
+    if nix::sys::stat::SFlag::from_bits_truncate(st.st_mode) & nix::sys::stat::SFlag::S_IFMT
+        != nix::sys::stat::SFlag::S_IFREG
+    {
+        return Err(shown());
+    }
+    Ok(Blob { dir: store, name: name.into(), stat: st })
+}
+
+/// Hashes an opened blob: sha256 (LFS) or git's blob sha1.
+pub(crate) fn hash_blob(b: &Blob, lfs: bool) -> std::io::Result<String> {
+    let (mut f, st) = safefs::open_regular_at(&b.dir, &b.name)?;
+    if lfs {
+        hash_file(sha2::Sha256::new(), &mut f)
+    } else {
+        let mut h = sha1::Sha1::new();
+        h.update(format!("blob {}\0", st.st_size).as_bytes());
+        hash_file(h, &mut f)
+    }
+}
+
+/// Checks one snapshot entry; returns the size of its blob when it resolved.
 fn check_file(
-    snapshot: &Path,
-    dir: &std::fs::File,
+    ctx: &Ctx<'_>,
     path: &str,
     entry: Option<&TreeEntry>,
-    partials: &[String],
-    mode: Mode,
+    recorded_ctime: Option<(i64, i64)>,
     findings: &mut Vec<Finding>,
-) {
-    let link = snapshot.join(path);
-    let etag = entry.map(|e| e.etag().to_string()).or_else(|| {
-        std::fs::read_link(&link).ok().and_then(|t| t.file_name().and_then(|n| n.to_str()).map(str::to_string))
-    });
-    if let Some(etag) = &etag {
-        if let Some(p) = partials.iter().find(|p| p.starts_with(&format!("{etag}."))) {
-            findings.push(Finding::Partial { path: path.to_string(), file: p.clone() });
-        }
+) -> Option<u64> {
+    let bad = |target: String| Finding::BadLink { path: path.to_string(), target };
+    if !crate::layout::is_safe_file_path(path) {
+        findings.push(bad("a path outside the snapshot".into()));
+        return None;
     }
-    // Following every link: snapshot → repo blob → shared store.
-    let size = match size_at(dir, path) {
-        Ok(n) => n,
-        Err(false) => {
-            findings.push(Finding::Missing { path: path.to_string() });
-            return;
+    // The link: every directory on the way real, the entry a link to blobs/<name>.
+    let rel = Path::new(path);
+    let name = rel.file_name().unwrap_or_default();
+    let dir = match safefs::open_dir_path_at(&ctx.snap, rel.parent().unwrap_or(Path::new(""))) {
+        Ok(d) => d,
+        Err(e) if refused(&e) => {
+            findings.push(bad(e.to_string()));
+            return None;
         }
-        Err(true) => {
-            findings.push(Finding::Dangling { path: path.to_string() });
-            return;
+        Err(_) => {
+            findings.push(Finding::Missing { path: path.to_string() });
+            return None;
         }
     };
+    let Ok(st) = safefs::stat_at(&dir, name) else {
+        findings.push(Finding::Missing { path: path.to_string() });
+        return None;
+    };
+    if nix::sys::stat::SFlag::from_bits_truncate(st.st_mode) & nix::sys::stat::SFlag::S_IFMT
+        != nix::sys::stat::SFlag::S_IFLNK
+    {
+        findings.push(bad("a file that is not a link into blobs/".into()));
+        return None;
+    }
+    let target = nix::fcntl::readlinkat(&dir, name).map(PathBuf::from).unwrap_or_default();
+    let linked = target.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+    if !is_blob_name(&linked) || target != RepoPaths::link_target(path, &linked) {
+        findings.push(bad(target.display().to_string()));
+        return None;
+    }
+    if let Some(e) = entry {
+        if linked != e.etag() {
+            findings.push(bad(format!("{} (the listing says blobs/{})", target.display(), e.etag())));
+            return None;
+        }
+    }
+    let etag = linked;
+    let blob = open_blob(ctx.hub, ctx.paths, &etag);
+    let size = blob.as_ref().ok().map(|b| b.stat.st_size as u64);
+    let size_ok = size.is_some() && entry.is_none_or(|e| size == Some(e.content_size()));
+    let modified = match (&blob, recorded_ctime) {
+        (Ok(b), Some(rc)) => (b.stat.st_ctime, b.stat.st_ctime_nsec) > rc,
+        _ => false,
+    };
+    // A partial beside a sound blob is a stray once it is old; fresh, or with
+    // the blob absent or wrong, it is a download in progress (or a failed one).
+    let sound = size_ok && !modified;
+    if let Some((p, _)) = ctx.partials.iter().find(|(p, mtime)| {
+        p.starts_with(&format!("{etag}."))
+            && (!sound || ctx.now.duration_since(*mtime).unwrap_or_default() < PARTIAL_FRESH)
+    }) {
+        findings.push(Finding::Partial { path: path.to_string(), file: p.clone() });
+    }
+    let blob = match blob {
+        Ok(b) => b,
+        Err(BlobError::Outside(t)) => {
+            findings.push(bad(t));
+            return None;
+        }
+        Err(_) => {
+            findings.push(Finding::Dangling { path: path.to_string() });
+            return None;
+        }
+    };
+    let size = blob.stat.st_size as u64;
     if let Some(e) = entry {
         if size != e.content_size() {
             findings.push(Finding::WrongSize { path: path.to_string(), expected: e.content_size(), actual: size });
-            return;
+            return Some(size);
         }
     }
-    if mode == Mode::Deep {
-        let expected = etag.unwrap_or_default();
-        let lfs = entry.map_or(expected.len() == 64, |e| e.lfs_sha256.is_some());
-        let actual = if lfs { sha256_file(&link) } else { git_blob_sha1(&link) };
-        match actual {
-            Ok(actual) if actual == expected => {}
-            Ok(actual) => findings.push(Finding::HashMismatch { path: path.to_string(), expected, actual }),
+    if ctx.mode == Mode::Deep {
+        let lfs = entry.map_or(etag.len() == 64, |e| e.lfs_sha256.is_some());
+        match hash_blob(&blob, lfs) {
+            Ok(actual) if actual == etag => {}
+            Ok(actual) => {
+                findings.push(Finding::HashMismatch { path: path.to_string(), expected: etag.clone(), actual })
+            }
             Err(_) => findings.push(Finding::Dangling { path: path.to_string() }),
         }
+    } else if modified {
+        findings.push(Finding::Modified { path: path.to_string() });
     }
+    Some(size)
 }
 
-/// Every file below `dir`, as `/`-separated relative paths (links not followed into dirs).
-fn walk(dir: &Path) -> Vec<String> {
+/// Every entry below the open snapshot directory that is not a directory, as
+/// `/`-separated relative paths (links are entries, never followed).
+fn walk(snap: &OwnedFd) -> Vec<String> {
     let mut out = Vec::new();
-    let mut stack: Vec<PathBuf> = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(dir.join(&rel)) else { continue };
-        for e in rd.flatten() {
-            let p = rel.join(e.file_name());
-            match e.file_type() {
-                Ok(t) if t.is_dir() => stack.push(p),
-                Ok(_) => out.push(p.to_string_lossy().replace('\\', "/")),
-                Err(_) => {}
+    let Ok(top) = safefs::open_dir_at(snap, OsStr::new(".")) else { return out };
+    let mut stack: Vec<(OwnedFd, String, usize)> = vec![(top, String::new(), 0)];
+    let mut seen = BTreeSet::new();
+    while let Some((dir, rel, depth)) = stack.pop() {
+        for e in safefs::list_dir(&dir).unwrap_or_default() {
+            let Some(n) = e.name_str() else { continue };
+            let p = if rel.is_empty() { n.to_string() } else { format!("{rel}/{n}") };
+            if e.is_dir() {
+                if depth < 64 {
+                    if let Ok(sub) = safefs::open_dir_at(&dir, &e.name) {
+                        stack.push((sub, p, depth + 1));
+                    }
+                }
+            } else if seen.insert(p.clone()) {
+                out.push(p);
             }
         }
     }

@@ -80,6 +80,22 @@ pub fn is_commit(s: &str) -> bool {
     s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
+/// True for a blob name: exactly 40 (git sha1) or 64 (sha256) lowercase hex
+/// digits. Anything else could name a path outside `blobs/`.
+pub fn is_blob_name(s: &str) -> bool {
+    (s.len() == 40 || s.len() == 64) && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// A file path of a snapshot that stays inside it: relative, `/`-separated,
+/// no empty, `.` or `..` component, no backslash or control character.
+pub fn is_safe_file_path(p: &str) -> bool {
+    !p.is_empty()
+        && p.len() <= 4096
+        && !p.starts_with('/')
+        && !p.chars().any(|c| c.is_control() || c == '\\')
+        && p.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
 /// Percent-encodes every byte of `s` but ASCII letters, digits and `keep`.
 pub fn percent_encode(s: &str, keep: &[u8]) -> String {
     s.bytes()
@@ -141,6 +157,17 @@ impl RepoPaths {
 
     pub fn no_exist(&self, commit: &str) -> PathBuf {
         self.root.join(".no_exist").join(commit)
+    }
+
+    /// Our own files inside the repo folder (huggingface_hub ignores it).
+    pub fn aimodel(&self) -> PathBuf {
+        self.root.join(".aimodel")
+    }
+
+    /// The completion record of `commit`: written last by a publish, it lists
+    /// every file published (see [`CompletionRecord`]).
+    pub fn completion(&self, commit: &str) -> PathBuf {
+        self.aimodel().join("complete").join(format!("{commit}.json"))
     }
 
     pub fn locks(&self) -> PathBuf {
@@ -208,6 +235,32 @@ impl TreeFile {
     }
 }
 
+/// One file of a completion record: its tree entry and the change time
+/// (`st_ctime`) of its blob when the record was written. A tenant can reset a
+/// blob's mtime, never its ctime: a blob whose ctime is later was written since.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedFile {
+    #[serde(flatten)]
+    pub entry: TreeEntry,
+    pub ctime: i64,
+    pub ctime_nsec: i64,
+}
+
+/// `<repo>/.aimodel/complete/<commit>.json`: what a publish (the agent's
+/// prewarm, [`crate::publish::publish_snapshot`]) put in the snapshot, written
+/// after the blobs, the links and the trees listing, before the ref.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompletionRecord {
+    pub format_version: u32,
+    pub commit: String,
+    /// True when include/exclude patterns chose a subset of the commit's files.
+    pub filtered: bool,
+    pub files: BTreeMap<String, RecordedFile>,
+    /// Unix seconds.
+    pub written_at: u64,
+    pub node: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,6 +294,18 @@ mod tests {
     fn link_targets_climb_per_directory() {
         assert_eq!(RepoPaths::link_target("config.json", "abc"), PathBuf::from("../../blobs/abc"));
         assert_eq!(RepoPaths::link_target("onnx/model.onnx", "abc"), PathBuf::from("../../../blobs/abc"));
+    }
+
+    #[test]
+    fn blob_names_and_file_paths() {
+        assert!(is_blob_name(&"a".repeat(40)) && is_blob_name(&"0".repeat(64)));
+        for bad in ["", "../../../etc/passwd", &"A".repeat(40), &"a".repeat(41), &"g".repeat(64), "x/y"] {
+            assert!(!is_blob_name(bad), "{bad}");
+        }
+        assert!(is_safe_file_path("a/b.json") && is_safe_file_path("config.json"));
+        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a//b", "a\\b", "./a"] {
+            assert!(!is_safe_file_path(bad), "{bad}");
+        }
     }
 
     #[test]

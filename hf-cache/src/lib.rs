@@ -7,11 +7,14 @@ pub mod gc;
 pub mod layout;
 pub mod mount;
 pub mod publish;
+pub mod safefs;
 pub mod state;
 pub mod units;
 
 pub use check::{check, Finding, Mode, Report};
-pub use layout::{RepoId, RepoPaths, RepoType, TreeEntry, TreeFile};
+pub use layout::{CompletionRecord, RecordedFile, RepoId, RepoPaths, RepoType, TreeEntry, TreeFile};
 
+#[cfg(test)]
+mod hostile;
 #[cfg(test)]
 mod tests;

@@ -2,8 +2,9 @@
 //! `/proc/self/mountinfo` (path injectable), probes under a timeout on their own
 //! thread so a hung NFS server can never wedge the caller.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 /// One line of mountinfo.
@@ -114,25 +115,95 @@ pub fn mount_for<'a>(mounts: &'a [MountEntry], path: &Path) -> Option<&'a MountE
         .map(|(_, m)| m)
 }
 
-/// A probe that did not finish in time.
+/// A probe that did not give an answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("cache probe timed out after {}s", .0.as_secs_f64())]
-pub struct ProbeTimeout(pub Duration);
+pub enum ProbeError {
+    /// It did not finish in time (its thread is left behind, blocked).
+    #[error("cache probe timed out after {}s", .0.as_secs_f64())]
+    Timeout(Duration),
+    /// Earlier probes of the same path are still blocked: no new thread was started.
+    #[error("cache probe still pending: {0} earlier probes of this path are still blocked (hung filesystem?)")]
+    Pending(usize),
+}
+
+/// Former name of [`ProbeError`].
+pub type ProbeTimeout = ProbeError;
+
+/// At most this many timed-out probe threads per path stay blocked; beyond,
+/// probes of that path answer [`ProbeError::Pending`] without a new thread.
+pub const MAX_HUNG_PER_PATH: usize = 2;
+
+fn hung() -> std::sync::MutexGuard<'static, BTreeMap<PathBuf, usize>> {
+    static HUNG: Mutex<BTreeMap<PathBuf, usize>> = Mutex::new(BTreeMap::new());
+    HUNG.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Timed-out probes of `key` still blocked now.
+pub fn hung_probes(key: &Path) -> usize {
+    hung().get(key).copied().unwrap_or(0)
+}
 
 /// Runs `f` on its own thread and gives up waiting after `timeout` (the thread
 /// is left behind, blocked in the kernel, rather than blocking the caller).
+/// Probes are counted per `key` (the cache path): while
+/// [`MAX_HUNG_PER_PATH`] of its probes are still blocked, no thread is
+/// started and the answer is [`ProbeError::Pending`], so a hung NFS server
+/// costs a bounded number of threads.
+pub fn probe<T: Send + 'static>(
+    key: &Path,
+    timeout: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ProbeError> {
+    let key = key.to_path_buf();
+    let n = hung_probes(&key);
+    if n >= MAX_HUNG_PER_PATH {
+        return Err(ProbeError::Pending(n));
+    }
+    // (finished, abandoned by its caller): locked before the hung table, by both sides.
+    let state = Arc::new(Mutex::new((false, false)));
+    let (tx, rx) = mpsc::channel();
+    let (st, k) = (state.clone(), key.clone());
+    let spawned = std::thread::Builder::new().name("cache-probe".into()).spawn(move || {
+        let r = f();
+        let mut s = st.lock().unwrap_or_else(|p| p.into_inner());
+        s.0 = true;
+        if s.1 {
+            let mut h = hung();
+            if let Some(c) = h.get_mut(&k) {
+                *c = c.saturating_sub(1);
+                if *c == 0 {
+                    h.remove(&k);
+                }
+            }
+        }
+        drop(s);
+        let _ = tx.send(r);
+    });
+    if spawned.is_err() {
+        return Err(ProbeError::Timeout(Duration::ZERO));
+    }
+    match rx.recv_timeout(timeout) {
+        Ok(v) => Ok(v),
+        Err(_) => {
+            let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+            if s.0 {
+                // It finished just now.
+                drop(s);
+                return rx.recv().map_err(|_| ProbeError::Timeout(timeout));
+            }
+            s.1 = true;
+            *hung().entry(key).or_insert(0) += 1;
+            Err(ProbeError::Timeout(timeout))
+        }
+    }
+}
+
+/// [`probe`] counted under one process-wide key (prefer [`probe`] with the cache path).
 pub fn with_timeout<T: Send + 'static>(
     timeout: Duration,
     f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, ProbeTimeout> {
-    let (tx, rx) = mpsc::channel();
-    let spawned = std::thread::Builder::new().name("cache-probe".into()).spawn(move || {
-        let _ = tx.send(f());
-    });
-    if spawned.is_err() {
-        return Err(ProbeTimeout(Duration::ZERO));
-    }
-    rx.recv_timeout(timeout).map_err(|_| ProbeTimeout(timeout))
+) -> Result<T, ProbeError> {
+    probe(Path::new(""), timeout, f)
 }
 
 /// Free and total bytes of the filesystem holding `path`.
@@ -144,7 +215,8 @@ pub fn space(path: &Path) -> std::io::Result<(u64, u64)> {
 
 /// Creates, renames and removes a probe file in `dir`.
 pub fn writable(dir: &Path) -> std::io::Result<()> {
-    let unique = format!(".aimodel-probe-{}-{:?}", std::process::id(), std::thread::current().id());
+    // Random: probes of several nodes share the directory.
+    let unique = format!(".aimodel-probe-{}", crate::safefs::random_hex(8));
     let a = dir.join(format!("{unique}.tmp"));
     let b = dir.join(unique);
     std::fs::write(&a, b"probe")?;
@@ -218,10 +290,47 @@ mod tests {
     fn timeouts_do_not_block_the_caller() {
         let started = std::time::Instant::now();
         let r = with_timeout(Duration::from_millis(100), || std::thread::sleep(Duration::from_secs(5)));
-        assert_eq!(r, Err(ProbeTimeout(Duration::from_millis(100))));
+        assert_eq!(r, Err(ProbeError::Timeout(Duration::from_millis(100))));
         assert!(started.elapsed() < Duration::from_secs(2));
         assert_eq!(with_timeout(Duration::from_secs(1), || 7), Ok(7));
-        assert_eq!(ProbeTimeout(Duration::from_secs(5)).to_string(), "cache probe timed out after 5s");
+        assert_eq!(ProbeError::Timeout(Duration::from_secs(5)).to_string(), "cache probe timed out after 5s");
+    }
+
+    #[test]
+    fn hung_probes_of_a_path_are_bounded() {
+        let key = Path::new("/test/hung-probes");
+        let (release, wait) = mpsc::channel::<()>();
+        let wait = Arc::new(Mutex::new(wait));
+        let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let hang = || {
+            let (w, s) = (wait.clone(), started.clone());
+            move || {
+                s.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = w.lock().unwrap().recv();
+            }
+        };
+        for _ in 0..MAX_HUNG_PER_PATH {
+            assert!(matches!(probe(key, Duration::from_millis(50), hang()), Err(ProbeError::Timeout(_))));
+        }
+        assert_eq!(hung_probes(key), MAX_HUNG_PER_PATH);
+        let r = probe(key, Duration::from_millis(50), hang());
+        assert_eq!(r, Err(ProbeError::Pending(MAX_HUNG_PER_PATH)));
+        assert!(r.unwrap_err().to_string().contains("still pending"));
+        // No thread was started for it (the first may still be entering its closure).
+        while started.load(std::sync::atomic::Ordering::SeqCst) < MAX_HUNG_PER_PATH {
+            std::thread::yield_now();
+        }
+        assert_eq!(started.load(std::sync::atomic::Ordering::SeqCst), MAX_HUNG_PER_PATH);
+        // Other paths are not held up.
+        assert_eq!(probe(Path::new("/test/other"), Duration::from_secs(5), || 1), Ok(1));
+        // Once the blocked probes return, the path is probed again.
+        for _ in 0..MAX_HUNG_PER_PATH {
+            release.send(()).unwrap();
+        }
+        while hung_probes(key) > 0 {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(probe(key, Duration::from_secs(5), || 2), Ok(2));
     }
 
     #[test]

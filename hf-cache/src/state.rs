@@ -6,20 +6,36 @@
 //!   `driver.aimodel.warm.<org>/<name>` = commit.
 //! - `in-use/<task>.json`: a model a running task uses, written by the driver
 //!   at StartTask, refreshed while the task runs, removed at DestroyTask. A
-//!   marker not refreshed for the TTL (a crashed node) no longer protects.
+//!   marker not refreshed for the TTL (a crashed node) no longer protects. The
+//!   TTL (agent `gc.in_use_ttl`, default 1 h) is long on purpose: markers are
+//!   refreshed by the driver only, so a plugin restart or a client upgrade
+//!   must not expose a model a container still reads; at recovery the driver
+//!   re-marks its tasks ([`StateDir::in_use_for_node`]).
+//! - `pins/<org>--<name>.json`: a model pinned cluster-wide (who, when),
+//!   written by the daemon for `pin = true` manifest models and by
+//!   `aimodel-agent pin`; every node's gc honours every pin.
 //! - `last-used/<org>--<name>`: its mtime is the last time a task started on
 //!   the model: the order of least-recently-used eviction.
 //! - `trash/`: repos being evicted (renamed here in one step, then removed).
 //!
-//! Every file is written whole under a temp name and renamed, so a reader on
-//! another node sees the old or the new content, never a part.
+//! Every file is written whole under a random temp name and renamed, so a
+//! reader on another node sees the old or the new content, never a part.
+//!
+//! A task may be able to write the cache: every record is read with
+//! `O_NOFOLLOW|O_NONBLOCK`, must be a regular file and at most 64 KiB
+//! ([`crate::safefs`]); `aimodel/` and its subdirectories are opened without
+//! following a symlink (a symlinked one is refused: nothing read, nothing
+//! written through it).
 
+use std::ffi::OsStr;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use nix::fcntl::OFlag;
 use serde::{Deserialize, Serialize};
 
-use crate::publish::write_atomic;
+use crate::safefs;
 
 /// The state directory of one cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,12 +85,24 @@ pub fn node_name() -> String {
     nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "unknown".into())
 }
 
-fn json_files(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "json")).collect())
-        .unwrap_or_default();
-    v.sort();
-    v
+/// A repo pinned cluster-wide: no agent's gc evicts it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pin {
+    pub repo: String,
+    /// Who pinned it (`node` or `node:manifest`, `node:cli`).
+    pub by: String,
+    /// Unix seconds.
+    pub at: u64,
+}
+
+fn mtime_of(st: &nix::sys::stat::FileStat) -> SystemTime {
+    SystemTime::UNIX_EPOCH
+        + Duration::from_secs(st.st_mtime.max(0) as u64)
+        + Duration::from_nanos(st.st_mtime_nsec.max(0) as u64)
+}
+
+fn not_found(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::NotFound
 }
 
 impl StateDir {
@@ -89,85 +117,152 @@ impl StateDir {
         &self.root
     }
 
-    fn warm_path(&self, repo: &str, revision: &str) -> PathBuf {
-        self.root.join("warm").join(format!("{}@{}.json", key(repo), escape(revision)))
+    /// Opens `aimodel/` (created if absent), refusing a symlink.
+    pub fn open_root(&self) -> std::io::Result<OwnedFd> {
+        safefs::ensure_dir(&self.root)
+    }
+
+    /// Opens `aimodel/<sub>` (created if absent), refusing a symlink at either level.
+    pub fn open_sub(&self, sub: &str) -> std::io::Result<OwnedFd> {
+        safefs::ensure_dir_at(self.open_root()?, OsStr::new(sub))
+    }
+
+    /// Opens `aimodel/<sub>` if it exists (never creating it: readers may be read-only).
+    fn existing_sub(&self, sub: &str) -> std::io::Result<OwnedFd> {
+        safefs::open_dir_at(safefs::open_dir(&self.root)?, OsStr::new(sub))
+    }
+
+    /// Every `*.json` regular file of `aimodel/<sub>` with its content (at most
+    /// [`safefs::STATE_CAP`]) and mtime. Links, devices, FIFOs and oversized
+    /// files are skipped; a symlinked directory yields nothing.
+    fn records(&self, sub: &str) -> Vec<(Vec<u8>, SystemTime)> {
+        let Ok(dir) = self.existing_sub(sub) else { return Vec::new() };
+        safefs::list_dir(&dir)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| e.is_file() && e.name_str().is_some_and(|n| n.ends_with(".json") && !n.starts_with('.')))
+            .filter_map(|e| {
+                let (f, st) = safefs::open_regular_at(&dir, &e.name).ok()?;
+                let bytes = safefs::read_file_capped(f, safefs::STATE_CAP, Path::new(&e.name)).ok()?;
+                Some((bytes, mtime_of(&st)))
+            })
+            .collect()
+    }
+
+    fn write_record(&self, sub: &str, name: &str, value: &impl Serialize) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
+        safefs::write_atomic_at(self.open_sub(sub)?, OsStr::new(name), &bytes)
+    }
+
+    /// Removes `aimodel/<sub>/<name>` (absent is fine; a link is removed, not followed).
+    fn remove_record(&self, sub: &str, name: &str) -> std::io::Result<()> {
+        let dir = match self.existing_sub(sub) {
+            Ok(d) => d,
+            Err(e) if not_found(&e) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        match nix::unistd::unlinkat(&dir, name, nix::unistd::UnlinkatFlags::NoRemoveDir) {
+            Ok(()) | Err(nix::errno::Errno::ENOENT) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Records a verified model.
     pub fn write_warm(&self, rec: &WarmRecord) -> std::io::Result<()> {
-        let bytes = serde_json::to_vec_pretty(rec).map_err(std::io::Error::other)?;
-        write_atomic(&self.warm_path(&rec.repo, &rec.revision), &bytes)
+        self.write_record("warm", &format!("{}@{}.json", key(&rec.repo), escape(&rec.revision)), rec)
     }
 
-    /// Every warm record (unreadable files are skipped).
+    /// Every warm record (unreadable, linked or oversized files are skipped).
     pub fn warm(&self) -> Vec<WarmRecord> {
-        json_files(&self.root.join("warm"))
-            .iter()
-            .filter_map(|p| serde_json::from_slice(&std::fs::read(p).ok()?).ok())
-            .collect()
+        self.records("warm").iter().filter_map(|(b, _)| serde_json::from_slice(b).ok()).collect()
     }
 
     /// Forgets every warm record of `repo`.
     pub fn remove_warm(&self, repo: &str) -> std::io::Result<()> {
+        let dir = match self.existing_sub("warm") {
+            Ok(d) => d,
+            Err(e) if not_found(&e) => return Ok(()),
+            Err(e) => return Err(e),
+        };
         let prefix = format!("{}@", key(repo));
-        for p in json_files(&self.root.join("warm")) {
-            if p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix)) {
-                match std::fs::remove_file(&p) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-                    _ => {}
+        for e in safefs::list_dir(&dir)? {
+            if e.name_str().is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".json")) {
+                match nix::unistd::unlinkat(&dir, e.name.as_os_str(), nix::unistd::UnlinkatFlags::NoRemoveDir) {
+                    Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
+                    Err(e) => return Err(e.into()),
                 }
             }
         }
         Ok(())
     }
 
-    fn in_use_path(&self, task: &str) -> PathBuf {
-        self.root.join("in-use").join(format!("{}.json", escape(task)))
-    }
-
     /// Marks a model in use by `u.task` (also refreshes the marker's age).
     pub fn mark_in_use(&self, u: &InUse) -> std::io::Result<()> {
-        let bytes = serde_json::to_vec_pretty(u).map_err(std::io::Error::other)?;
-        write_atomic(&self.in_use_path(&u.task), &bytes)
+        self.write_record("in-use", &format!("{}.json", escape(&u.task)), u)
     }
 
     /// Removes the marker of `task` (absent is fine).
     pub fn clear_in_use(&self, task: &str) -> std::io::Result<()> {
-        match std::fs::remove_file(self.in_use_path(task)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
+        self.remove_record("in-use", &format!("{}.json", escape(task)))
     }
 
     /// Every in-use marker with its age; `live` ones are younger than `ttl`.
     pub fn in_use(&self, ttl: Duration) -> Vec<(InUse, Duration, bool)> {
         let now = SystemTime::now();
-        json_files(&self.root.join("in-use"))
+        self.records("in-use")
             .iter()
-            .filter_map(|p| {
-                let age = now.duration_since(std::fs::metadata(p).ok()?.modified().ok()?).unwrap_or_default();
-                let u: InUse = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
+            .filter_map(|(b, mtime)| {
+                let age = now.duration_since(*mtime).unwrap_or_default();
+                let u: InUse = serde_json::from_slice(b).ok()?;
                 Some((u, age, age < ttl))
             })
             .collect()
     }
 
+    /// The in-use markers written for `node`, whatever their age: what a driver
+    /// re-marks (refreshes) at recovery for the tasks it still runs.
+    pub fn in_use_for_node(&self, node: &str) -> Vec<InUse> {
+        self.in_use(Duration::MAX).into_iter().map(|(u, _, _)| u).filter(|u| u.node == node).collect()
+    }
+
     /// Notes that a task started on `repo` now.
     pub fn touch_used(&self, repo: &str) -> std::io::Result<()> {
-        let p = self.root.join("last-used").join(key(repo));
-        std::fs::create_dir_all(p.parent().unwrap_or(&self.root))?;
-        let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&p)?;
+        let dir = self.open_sub("last-used")?;
+        let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+        let fd = nix::fcntl::openat(&dir, key(repo).as_str(), flags, nix::sys::stat::Mode::from_bits_truncate(0o644))?;
+        let f = std::fs::File::from(fd);
+        if !f.metadata()?.is_file() {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "last-used entry is not a regular file"));
+        }
         f.set_modified(SystemTime::now())
     }
 
     /// When a task last started on `repo`, if ever.
     pub fn last_used(&self, repo: &str) -> Option<SystemTime> {
-        std::fs::metadata(self.root.join("last-used").join(key(repo))).ok()?.modified().ok()
+        let dir = self.existing_sub("last-used").ok()?;
+        let st = safefs::stat_at(&dir, OsStr::new(&key(repo))).ok()?;
+        Some(mtime_of(&st))
     }
 
     /// Forgets when `repo` was last used.
     pub fn forget_used(&self, repo: &str) {
-        let _ = std::fs::remove_file(self.root.join("last-used").join(key(repo)));
+        let _ = self.remove_record("last-used", &key(repo));
+    }
+
+    /// Pins `repo` for every node's gc, noting who.
+    pub fn pin(&self, repo: &str, by: &str) -> std::io::Result<()> {
+        let p = Pin { repo: repo.to_string(), by: by.to_string(), at: unix_now() };
+        self.write_record("pins", &format!("{}.json", key(repo)), &p)
+    }
+
+    /// Removes the shared pin of `repo` (absent is fine).
+    pub fn unpin(&self, repo: &str) -> std::io::Result<()> {
+        self.remove_record("pins", &format!("{}.json", key(repo)))
+    }
+
+    /// Every shared pin (unreadable, linked or oversized files are skipped).
+    pub fn pins(&self) -> Vec<Pin> {
+        self.records("pins").iter().filter_map(|(b, _)| serde_json::from_slice(b).ok()).collect()
     }
 
     /// Where evicted repos go before removal.
@@ -208,6 +303,13 @@ mod tests {
         assert_eq!(seen.len(), 1);
         assert!(seen[0].2, "a fresh marker is live");
         assert!(!s.in_use(Duration::ZERO)[0].2, "a marker older than the TTL is not");
+        let other = InUse { node: "n2".into(), task: "alloc/db/1".into(), ..u.clone() };
+        s.mark_in_use(&other).unwrap();
+        // Whatever their age: what a recovering driver re-marks.
+        assert_eq!(s.in_use_for_node("n1"), std::slice::from_ref(&u));
+        assert_eq!(s.in_use_for_node("n2"), [other]);
+        assert!(s.in_use_for_node("n3").is_empty());
+        s.clear_in_use("alloc/db/1").unwrap();
         s.clear_in_use("alloc/web/1").unwrap();
         s.clear_in_use("alloc/web/1").unwrap();
         assert!(s.in_use(Duration::from_secs(60)).is_empty());

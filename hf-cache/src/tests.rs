@@ -47,11 +47,17 @@ fn each_corruption_is_named() {
     std::fs::write(paths.blob(lfs.etag()), vec![7u8; 10]).unwrap();
     assert_eq!(kinds(d.path(), &repo, Mode::Quick), ["wrong size"]);
     std::fs::write(paths.blob(lfs.etag()), vec![8u8; 5000]).unwrap();
-    assert_eq!(kinds(d.path(), &repo, Mode::Quick), Vec::<&str>::new(), "quick mode reads no content");
+    // Quick mode reads no content, but the blob changed after the record: modified.
+    assert_eq!(kinds(d.path(), &repo, Mode::Quick), ["modified"]);
     assert_eq!(kinds(d.path(), &repo, Mode::Deep), ["hash mismatch"]);
     std::fs::remove_file(paths.blob(lfs.etag())).unwrap();
     assert_eq!(kinds(d.path(), &repo, Mode::Quick), ["dangling"]);
     std::fs::write(paths.blob(lfs.etag()), vec![7u8; 5000]).unwrap();
+    assert_eq!(kinds(d.path(), &repo, Mode::Quick), ["modified"], "rewritten since the record");
+    assert_eq!(kinds(d.path(), &repo, Mode::Deep), Vec::<&str>::new(), "deep mode hashes it instead");
+    // Publishing again re-hashes the changed blob before recording it.
+    seed(d.path());
+    assert_eq!(kinds(d.path(), &repo, Mode::Quick), Vec::<&str>::new());
 
     std::fs::write(paths.blobs().join(format!("{}.1a2b3c4d.incomplete", small.etag())), b"{").unwrap();
     assert_eq!(kinds(d.path(), &repo, Mode::Quick), ["leftover partial"]);
@@ -59,10 +65,15 @@ fn each_corruption_is_named() {
 
     std::fs::remove_file(paths.snapshot(COMMIT).join("sub/dir/tokenizer.json")).unwrap();
     assert_eq!(kinds(d.path(), &repo, Mode::Quick), ["missing"]);
-    // Without trees/<commit>.json the missing file cannot be noticed: flagged unverifiable.
+    // Without trees/<commit>.json the completion record still notices it.
     std::fs::remove_file(paths.tree(COMMIT)).unwrap();
+    assert_eq!(kinds(d.path(), &repo, Mode::Quick), ["missing"]);
+    // With neither, nothing could notice it: unverifiable, hence not complete.
+    std::fs::remove_file(paths.completion(COMMIT)).unwrap();
     let r = check(d.path(), &repo, "main", Mode::Quick);
-    assert!(r.findings.is_empty() && !r.verifiable);
+    assert!(!r.verifiable && !r.recorded && !r.is_complete());
+    assert_eq!(r.findings, [Finding::Unverifiable { commit: COMMIT.into() }]);
+    assert!(r.findings[0].to_string().contains("aimodel-agent prewarm"), "{}", r.findings[0]);
 
     std::fs::write(paths.refs("main"), format!("{COMMIT}\n")).unwrap();
     assert_eq!(kinds(d.path(), &repo, Mode::Quick), ["ref malformed"]);
@@ -94,14 +105,20 @@ fn listing_problems_are_named() {
     let repo = seed(d.path());
     let paths = RepoPaths::new(d.path(), &repo);
     // A file in the snapshot that the commit's listing does not know.
+    let extra = entry_for(b"{\"a\":1}", false);
+    std::os::unix::fs::symlink(
+        RepoPaths::link_target("extra.json", extra.etag()),
+        paths.snapshot(COMMIT).join("extra.json"),
+    )
+    .unwrap();
+    assert_eq!(kinds(d.path(), &repo, Mode::Quick), ["unexpected file"]);
+    // The trees listing knows fewer files than the record: the record wins for
+    // what must be there, the listing still names strays.
     let tree = std::fs::read_to_string(paths.tree(COMMIT)).unwrap();
     let mut t: crate::layout::TreeFile = serde_json::from_str(&tree).unwrap();
     t.files.remove("config.json");
     std::fs::write(paths.tree(COMMIT), t.to_json()).unwrap();
     assert_eq!(kinds(d.path(), &repo, Mode::Quick), ["unexpected file"]);
-    // No listing at all: nothing provably wrong, but not verifiable either.
-    std::fs::remove_file(paths.tree(COMMIT)).unwrap();
-    let r = check(d.path(), &repo, "main", Mode::Quick);
-    assert!(r.findings.is_empty());
-    assert!(!r.verifiable);
+    std::fs::remove_file(paths.snapshot(COMMIT).join("extra.json")).unwrap();
+    assert!(check(d.path(), &repo, "main", Mode::Quick).is_complete());
 }

@@ -1,4 +1,4 @@
-//! The command line: `prewarm`, `verify`, `status`, `gc` and `run` (the daemon).
+//! The command line: `prewarm`, `verify`, `status`, `gc`, `pin`, `unpin` and `run` (the daemon).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -86,16 +86,22 @@ pub enum Cmd {
         /// Evict until the cached models take at most this much (`1TiB`).
         #[arg(long, value_parser = parse_size)]
         max_size: Option<u64>,
-        /// Also keep this repo (repeatable); pins of `--config` are kept anyway.
+        /// Also keep this repo (repeatable), and pin it for every node's gc from
+        /// now on (a shared pin, like `aimodel-agent pin`; not with --dry-run).
+        /// Pins of `--config` and every shared pin are kept anyway.
         #[arg(long)]
         pin: Vec<String>,
         /// An in-use marker older than this no longer protects its model.
-        #[arg(long, default_value = "10m", value_parser = parse_secs)]
+        #[arg(long, default_value = "1h", value_parser = parse_secs)]
         in_use_ttl: Duration,
         /// Show what would be evicted; change nothing.
         #[arg(long)]
         dry_run: bool,
     },
+    /// Pin REPO (`org/name`) for every node's gc: it is never evicted until unpinned.
+    Pin { repo: String },
+    /// Remove the shared pin of REPO (a `pin = true` manifest entry pins it again).
+    Unpin { repo: String },
     /// The node agent: keep the manifest's models (and Nomad's) warm, serve /health, /status, /metrics.
     Run {
         /// Only check the configuration and print what would be prewarmed.
@@ -164,6 +170,17 @@ fn hub_dir(arg: &Option<PathBuf>, cfg: Option<&AgentConfig>) -> PathBuf {
         .or_else(|| std::env::var_os("HF_HUB_CACHE").map(PathBuf::from))
         .or_else(|| std::env::var_os("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
         .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/huggingface/hub"))
+}
+
+/// `org/name`, nothing that could name another path.
+fn check_repo_id(repo: &str) -> Result<()> {
+    let parts: Vec<&str> = repo.split('/').collect();
+    if parts.len() != 2
+        || parts.iter().any(|p| p.is_empty() || *p == "." || *p == ".." || p.contains("--") || p.contains('\\'))
+    {
+        anyhow::bail!("{repo:?} is not a HuggingFace repo id (org/name)");
+    }
+    Ok(())
 }
 
 fn split(model: &str) -> (String, String) {
@@ -247,12 +264,17 @@ pub async fn run(args: Args) -> Result<ExitCode> {
                 "{repo}@{rev}: {state} ({} files, {:.1} MB{})",
                 r.files.len(),
                 r.total_bytes() as f64 / 1e6,
-                if r.verifiable { "" } else { ", no trees listing: unverifiable" }
+                if r.verifiable || r.commit.is_none() {
+                    ""
+                } else {
+                    ", no trees listing and no completion record: unverifiable, run aimodel-agent prewarm"
+                }
             );
             Ok(if r.is_complete() { ExitCode::SUCCESS } else { ExitCode::from(3) })
         }
         Cmd::Status => {
             let state = StateDir::for_hub(&dir);
+            let shared: Vec<String> = state.pins().into_iter().map(|p| p.repo).collect();
             let mut rows = Vec::new();
             for e in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?.flatten() {
                 let name = e.file_name().to_string_lossy().to_string();
@@ -262,7 +284,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
                     .unwrap_or_default();
                 let used =
                     state.last_used(&repo.id).map(|t| format!("{} ago", ago(t))).unwrap_or_else(|| "never used".into());
-                let pin = if pinned.contains(&repo.id) { "  pinned" } else { "" };
+                let pin = if pinned.contains(&repo.id) || shared.contains(&repo.id) { "  pinned" } else { "" };
                 for rev in refs {
                     let r = check(&dir, &repo, &rev, Mode::Quick);
                     rows.push(format!(
@@ -280,6 +302,14 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Gc { target_free, max_size, pin, in_use_ttl, dry_run } => {
+            for r in &pin {
+                check_repo_id(r)?;
+                if !dry_run {
+                    StateDir::for_hub(&dir)
+                        .pin(r, &format!("{}:cli", hf_cache::state::node_name()))
+                        .with_context(|| format!("pinning {r}"))?;
+                }
+            }
             let policy = gc::Policy {
                 target_free,
                 max_size,
@@ -335,6 +365,25 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             if !plan.reaches_target {
                 println!("target not reachable: the remaining models are pinned, in use or being downloaded");
                 return Ok(ExitCode::from(4));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Pin { repo } => {
+            check_repo_id(&repo)?;
+            let state = StateDir::for_hub(&dir);
+            state
+                .pin(&repo, &format!("{}:cli", hf_cache::state::node_name()))
+                .with_context(|| format!("pinning {repo}"))?;
+            println!("{repo}: pinned for every node's gc ({})", state.root().join("pins").display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Unpin { repo } => {
+            check_repo_id(&repo)?;
+            StateDir::for_hub(&dir).unpin(&repo).with_context(|| format!("unpinning {repo}"))?;
+            if pinned.contains(&repo) {
+                println!("{repo}: shared pin removed, but --config pins it (pin = true): its daemon pins it again");
+            } else {
+                println!("{repo}: unpinned");
             }
             Ok(ExitCode::SUCCESS)
         }

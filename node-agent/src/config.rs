@@ -142,7 +142,9 @@ pub struct GcConfig {
     pub target_free: Option<Bytes>,
     /// Evict until the cached models take at most this much.
     pub max_size: Option<Bytes>,
-    /// An in-use marker not refreshed for this long no longer protects its model.
+    /// An in-use marker not refreshed for this long no longer protects its
+    /// model (default 1h: long enough to ride out a plugin restart or a client
+    /// upgrade, during which nothing refreshes the markers).
     #[serde(default = "default_in_use_ttl")]
     pub in_use_ttl: Dur,
     /// Only report what would be evicted.
@@ -186,9 +188,10 @@ fn default_namespace() -> String {
 fn default_wait() -> Dur {
     Dur(Duration::from_secs(300))
 }
-/// Ten driver refresh periods (the driver rewrites its markers every minute).
+/// One hour: markers are refreshed by the driver only, so a plugin restart or
+/// a Nomad client upgrade must not expose a model a running container reads.
 pub fn default_in_use_ttl() -> Dur {
-    Dur(Duration::from_secs(600))
+    Dur(Duration::from_secs(3600))
 }
 
 /// A configuration error, naming the file and what is wrong.
@@ -324,6 +327,8 @@ mod tests {
         assert_eq!(c.pinned(), ["mistralai/Mistral-7B-Instruct-v0.3"]);
         assert_eq!(c.nomad.as_ref().unwrap().namespace, "*");
         assert_eq!(c.gc.as_ref().unwrap().target_free, Some(Bytes(200 << 30)));
+        // Long enough to ride out a plugin restart or a client upgrade.
+        assert_eq!(c.gc.as_ref().unwrap().in_use_ttl, Dur(Duration::from_secs(3600)));
         assert_eq!(c.interval, Dur(Duration::from_secs(300)));
     }
 

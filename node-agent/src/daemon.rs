@@ -355,7 +355,30 @@ async fn keep_warm(cfg: Arc<AgentConfig>, hub: Hub, spec: ModelSpec, shared: Sha
     }
 }
 
+/// Keeps the shared pins (`aimodel/pins/`) in line with this node's manifest:
+/// every `pin = true` model pinned (every node's gc honours it); a pin this
+/// node's manifest wrote for a model it no longer pins removed.
+fn sync_pins(cfg: &AgentConfig) {
+    let state = hf_cache::state::StateDir::for_hub(&cfg.hub_dir());
+    let me = format!("{}:manifest", node_name());
+    let wanted = cfg.pinned();
+    let have = state.pins();
+    for repo in &wanted {
+        if !have.iter().any(|p| &p.repo == repo) {
+            if let Err(e) = state.pin(repo, &me) {
+                tracing::warn!(repo = %repo, error = %e, "could not write the shared pin");
+            }
+        }
+    }
+    for p in have.iter().filter(|p| p.by == me && !wanted.contains(&p.repo)) {
+        if let Err(e) = state.unpin(&p.repo) {
+            tracing::warn!(repo = %p.repo, error = %e, "could not remove the shared pin");
+        }
+    }
+}
+
 fn gc_pass(cfg: &AgentConfig, protected: Vec<String>, shared: &SharedRef) {
+    sync_pins(cfg);
     let hub = cfg.hub_dir();
     let Ok(free) = hf_cache::mount::space(&hub).map(|(f, _)| f) else { return };
     let policy_base = hf_cache::gc::Policy {
@@ -534,4 +557,36 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifest_pins_become_shared_pins_and_go_with_the_manifest() {
+        let d = tempfile::tempdir().unwrap();
+        let home = d.path().display().to_string();
+        let parse = |models: &str| {
+            AgentConfig::parse(&format!("hf_home = \"{home}\"\nmodels = [{models}]"), std::path::Path::new("t.hcl"))
+                .unwrap()
+        };
+        let cfg = parse("{ repo = \"o/pinned\", pin = true }, { repo = \"o/free\" }");
+        let state = hf_cache::state::StateDir::for_hub(&cfg.hub_dir());
+        // Another node pinned something this manifest does not know.
+        state.pin("o/theirs", "other:manifest").unwrap();
+        sync_pins(&cfg);
+        let mut pins: Vec<(String, String)> = state.pins().into_iter().map(|p| (p.repo, p.by)).collect();
+        pins.sort();
+        assert_eq!(
+            pins,
+            [
+                ("o/pinned".to_string(), format!("{}:manifest", node_name())),
+                ("o/theirs".into(), "other:manifest".into())
+            ]
+        );
+        // This node's manifest stops pinning it: its own pin goes, the other node's stays.
+        sync_pins(&parse("{ repo = \"o/pinned\" }"));
+        assert_eq!(state.pins().into_iter().map(|p| p.repo).collect::<Vec<_>>(), ["o/theirs"]);
+    }
 }

@@ -16,7 +16,7 @@ use sha2::Digest;
 use tokio::io::AsyncWriteExt;
 
 use hf_cache::layout::{is_commit, RepoId, RepoPaths, TreeEntry};
-use hf_cache::publish::{link_file, write_ref, write_tree};
+use hf_cache::publish::{link_file, record_completion, write_ref, write_tree};
 
 use crate::hub::{Hub, HubError, TreeItem, ATTEMPTS, MAX_FILE_SIZE};
 use crate::lease::{acquire, is_released, live_token, remove_if, Acquired, Lease};
@@ -263,14 +263,25 @@ async fn prewarm_inner(
         j.await.map_err(|e| PrewarmError::Io { path: repo.into(), reason: e.to_string() })??;
     }
     drop(jobs);
-    // Publish order: blobs (above) → snapshot links → trees listing → ref last.
+    // Publish order (hf_cache::publish): blobs (above) → snapshot links →
+    // trees listing → completion record → ref last. Blobs changed since this
+    // prewarm started were verified by a download; any other is vouched for by
+    // an earlier record or hashed by record_completion.
+    let trusted_since = std::time::SystemTime::now() - started.elapsed();
     for item in &items {
         link_file(&paths, &commit, &item.path, entry_of(item).etag()).map_err(|e| io(&paths.snapshot(&commit), e))?;
     }
-    if o.include.is_empty() && o.exclude.is_empty() {
+    let filtered = !(o.include.is_empty() && o.exclude.is_empty());
+    if !filtered {
         let listing: BTreeMap<String, TreeEntry> = all.iter().map(|i| (i.path.clone(), entry_of(i))).collect();
         write_tree(&paths, &commit, listing).map_err(|e| io(&paths.tree(&commit), e))?;
     }
+    let published: BTreeMap<String, TreeEntry> = items.iter().map(|i| (i.path.clone(), entry_of(i))).collect();
+    let (p, c) = (paths.clone(), commit.clone());
+    tokio::task::spawn_blocking(move || record_completion(&p, &c, &published, filtered, trusted_since))
+        .await
+        .map_err(|e| io(&paths.completion(&commit), e))?
+        .map_err(|e| io(&paths.completion(&commit), e))?;
     if revision != commit {
         write_ref(&paths, revision, &commit).map_err(|e| io(&paths.refs(revision), e))?;
     }
