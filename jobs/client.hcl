@@ -13,6 +13,15 @@ plugin "nomad-driver-aimodel" {
     endpoint           = "unix:///var/run/docker.sock"
     fingerprint_period = "30s"
 
+    # Opt-ins a job could use against the node (docs/security.md); all off by
+    # default. The Ray stack (jobs/ray.nomad.hcl) needs the node's network.
+    allow_host_network = true
+    allow_privileged   = false
+    allow_host_ipc     = false
+    volumes {
+      enabled = false
+    }
+
     hf_cache {
       host_path      = "/mnt/hf-cache"
       container_path = "/root/.cache/huggingface"

@@ -97,7 +97,6 @@ job "multi-model" {
         served_model_name = "orchestrator"
         port              = "http"
         shm_size          = "64g"
-        ipc_mode          = "host"
         args              = ["--max-model-len", "32768", "--enable-auto-tool-choice", "--tool-call-parser", "mistral"]
       }
 

@@ -54,10 +54,14 @@ job "ray" {
       driver = "aimodel"
 
       config {
-        engine   = "ray"
-        port     = "dashboard"
-        shm_size = "8g"
-        args     = ["--head", "--port=6379", "--num-gpus=0"]
+        engine       = "ray"
+        port         = "dashboard"
+        # Ray's nodes talk on many ports of their own and advertise their own
+        # address: the head and the workers need the node's network (the
+        # plugin's allow_host_network = true, see jobs/client.hcl).
+        network_mode = "host"
+        shm_size     = "8g"
+        args         = ["--head", "--port=6379", "--num-gpus=0"]
 
         readiness {
           path = "/"
@@ -105,9 +109,10 @@ job "ray" {
       }
 
       config {
-        engine   = "ray"
-        shm_size = "16g"
-        args     = ["--address=${RAY_HEAD}"]
+        engine       = "ray"
+        network_mode = "host"
+        shm_size     = "16g"
+        args         = ["--address=${RAY_HEAD}"]
       }
 
       volume_mount {

@@ -104,7 +104,6 @@ job "vllm" {
         revision = var.revision
         port     = "http"
         shm_size = "16g"
-        ipc_mode = "host"
         args     = ["--max-model-len", "8192", "--gpu-memory-utilization", "0.92"]
 
         readiness {

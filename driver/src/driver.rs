@@ -121,15 +121,17 @@ impl Driver {
 
     /// Counts a task using `image` (from its plan until DestroyTask).
     pub(crate) fn image_ref(&self, image: &str) {
-        *self.image_refs.lock().unwrap_or_else(|p| p.into_inner()).entry(image.to_string()).or_default() += 1;
+        let key = crate::registry::canonical(image);
+        *self.image_refs.lock().unwrap_or_else(|p| p.into_inner()).entry(key).or_default() += 1;
     }
 
     /// A task stopped using `image`; with `gc.image` the image is removed once no
     /// task has used it for `gc.image_delay` (as the docker driver's image coordinator does).
     pub(crate) fn image_unref(&self, image: &str) {
+        let key = crate::registry::canonical(image);
         {
             let mut refs = self.image_refs.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(n) = refs.get_mut(image) {
+            if let Some(n) = refs.get_mut(&key) {
                 *n = n.saturating_sub(1);
             }
         }
@@ -145,9 +147,9 @@ impl Driver {
             }
             let unused = {
                 let mut refs = me.image_refs.lock().unwrap_or_else(|p| p.into_inner());
-                let unused = refs.get(&image).is_none_or(|n| *n == 0);
+                let unused = refs.get(&key).is_none_or(|n| *n == 0);
                 if unused {
-                    refs.remove(&image);
+                    refs.remove(&key);
                 }
                 unused
             };

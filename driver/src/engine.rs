@@ -165,11 +165,28 @@ pub fn task_volume(spec: &str, task: &NomadTask, plugin: &PluginConfig) -> Resul
         if task.alloc_dir.is_empty() || !clean.starts_with(alloc) {
             return Err(refuse());
         }
-        // A symlink the task made inside its own directory must not lead out of it.
-        if let (Ok(real), Ok(real_alloc)) = (std::fs::canonicalize(&clean), std::fs::canonicalize(alloc)) {
-            if !real.starts_with(real_alloc) {
+        // A symlink a task (or a prestart sibling) made in the allocation must not
+        // lead out of it: resolve the part of the path that exists now, check it,
+        // and bind the resolved path, so Docker neither follows a link of ours
+        // nor creates the missing part through one.
+        if let Ok(real_alloc) = std::fs::canonicalize(alloc) {
+            let (mut existing, mut rest) = (clean.clone(), Vec::new());
+            let real = loop {
+                match std::fs::canonicalize(&existing) {
+                    Ok(r) => break r,
+                    Err(_) => match (existing.file_name().map(|n| n.to_os_string()), existing.parent()) {
+                        (Some(name), Some(parent)) => {
+                            rest.push(name);
+                            existing = parent.to_path_buf();
+                        }
+                        _ => return Err(refuse()),
+                    },
+                }
+            };
+            if !real.starts_with(&real_alloc) {
                 return Err(refuse());
             }
+            clean = rest.into_iter().rev().fold(real, |p, n| p.join(n));
         }
     }
     let mut bind = format!("{}:{dst}", clean.display());
@@ -254,11 +271,22 @@ fn network(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, default_po
         return Ok(Net { mode: "none".into(), bindings: Vec::new(), inside: default_port, host: None, port_map });
     }
     // As the docker driver does (`drivers/docker/driver.go` createContainerConfig):
-    // Docker's bridge, each port published on the address Nomad picked,
+    // Docker's bridge, the task's ports (its `port` and `ports` labels; not the
+    // other tasks' of the group) published on the address Nomad picked,
     // `host_ip:value → to` (`to` defaults to the value); the server listens on `to`.
+    for label in &cfg.ports {
+        if !task.ports.iter().any(|p| &p.label == label) {
+            let known: Vec<&str> = task.ports.iter().map(|p| p.label.as_str()).collect();
+            return Err(err(
+                "ports",
+                format!("no port labelled {label:?} in the group's network block (known: {known:?})"),
+            ));
+        }
+    }
     let bindings = task
         .ports
         .iter()
+        .filter(|p| cfg.port.as_ref() == Some(&p.label) || cfg.ports.contains(&p.label))
         .map(|p| PortBinding {
             container_port: if p.to > 0 { p.to } else { p.value },
             host_ip: p.host_ip.clone(),
@@ -277,6 +305,20 @@ fn network(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, default_po
 
 /// Builds the container for a task.
 pub fn plan(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, facts: &NodeFacts) -> Result<Plan, ConfigError> {
+    match cfg.ipc_mode.as_deref() {
+        None | Some("" | "private" | "shareable" | "none") => {}
+        Some("host") if plugin.allow_host_ipc => {}
+        Some("host") => {
+            return Err(err(
+                "ipc_mode",
+                "\"host\" shares the node's IPC namespace and /dev/shm; use shm_size (or let the operator set allow_host_ipc = true)"
+                    .into(),
+            ))
+        }
+        Some(m) => {
+            return Err(err("ipc_mode", format!("{m:?}: only private, shareable, none (or host, with allow_host_ipc)")))
+        }
+    }
     if cfg.privileged && !plugin.allow_privileged {
         return Err(err("privileged", "is not allowed by the plugin configuration (allow_privileged = false)".into()));
     }
@@ -345,6 +387,20 @@ pub fn plan(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, facts: &N
         entrypoint = Some(cfg.entrypoint.clone());
     }
 
+    if let Some(bad) = task.env.keys().find(|k| k.is_empty() || k.contains(['=', '\0'])) {
+        return Err(err("env", format!("{bad:?} is not an environment variable name")));
+    }
+    if !plugin.gpu.allow_unscheduled {
+        // The NVIDIA runtime hook also takes devices from swarm resource variables.
+        if let Some(k) = task.env.keys().find(|k| k.starts_with("DOCKER_RESOURCE_")) {
+            return Err(err(
+                "env",
+                format!(
+                    "{k} can name GPUs Nomad did not assign (or let the operator set gpu.allow_unscheduled = true)"
+                ),
+            ));
+        }
+    }
     let mut env: BTreeMap<String, String> = task.env.clone();
     // The GPUs Nomad assigned, or none: a task's own NVIDIA_VISIBLE_DEVICES
     // (e.g. "all", read by the NVIDIA runtime hook) would reach unscheduled GPUs.

@@ -6,12 +6,16 @@ const DOCKER_HUB: &str = "docker.io";
 
 /// The registry host (with port) an image reference pulls from: the first
 /// path component when it looks like a host (has a `.` or a `:`, or is
-/// `localhost`), else Docker Hub — the rule of Docker's reference parser
+/// `localhost`, or has an upper-case letter), else Docker Hub — the rule of Docker's reference parser
 /// (`distribution/reference` `splitDockerDomain`).
 pub fn registry_of(image: &str) -> String {
     let name = image.split('@').next().unwrap_or(image);
     match name.split_once('/') {
-        Some((first, _)) if first.contains(['.', ':']) || first == "localhost" => normalize(first),
+        Some((first, _))
+            if first.contains(['.', ':']) || first == "localhost" || first.chars().any(|c| c.is_ascii_uppercase()) =>
+        {
+            normalize(first)
+        }
         _ => DOCKER_HUB.to_string(),
     }
 }
@@ -25,6 +29,35 @@ pub fn normalize(server: &str) -> String {
     match host.as_str() {
         "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" | "docker.io" => DOCKER_HUB.into(),
         _ => host,
+    }
+}
+
+/// The one spelling of an image reference (`busybox`, `library/busybox:latest`
+/// and `docker.io/library/busybox` name one image): registry, path, and the
+/// tag (`latest` when none) or digest.
+pub fn canonical(image: &str) -> String {
+    let (name, digest) = match image.split_once('@') {
+        Some((n, d)) => (n, Some(d)),
+        None => (image, None),
+    };
+    let (name, tag) = match name.rfind(':') {
+        Some(i) if !name[i..].contains('/') => (&name[..i], Some(&name[i + 1..])),
+        _ => (name, None),
+    };
+    let registry = registry_of(name);
+    let path = match name.split_once('/') {
+        Some((first, rest)) if normalize(first) == registry && registry != DOCKER_HUB || first == "docker.io" => rest,
+        Some((first, rest))
+            if registry == DOCKER_HUB && ["index.docker.io", "registry-1.docker.io"].contains(&first) =>
+        {
+            rest
+        }
+        _ => name,
+    };
+    let path = if registry == DOCKER_HUB && !path.contains('/') { format!("library/{path}") } else { path.to_string() };
+    match digest {
+        Some(d) => format!("{registry}/{path}@{d}"),
+        None => format!("{registry}/{path}:{}", tag.unwrap_or("latest")),
     }
 }
 
@@ -47,9 +80,24 @@ mod tests {
             ("localhost:5000/x:1", "localhost:5000"),
             ("Registry.Example:443/a/b@sha256:00", "registry.example:443"),
             ("127.0.0.1:5000/m", "127.0.0.1:5000"),
+            ("Localhost/x", "localhost"),
+            ("Corpreg/x", "corpreg"),
         ] {
             assert_eq!(registry_of(image), registry, "{image}");
         }
+    }
+
+    #[test]
+    fn one_image_has_one_spelling() {
+        for same in
+            ["busybox", "busybox:latest", "library/busybox", "docker.io/library/busybox:latest", "docker.io/busybox"]
+        {
+            assert_eq!(canonical(same), "docker.io/library/busybox:latest", "{same}");
+        }
+        assert_eq!(canonical("vllm/vllm-openai"), "docker.io/vllm/vllm-openai:latest");
+        assert_eq!(canonical("localhost:5000/a/b:1"), "localhost:5000/a/b:1");
+        assert_eq!(canonical("ghcr.io/o/i@sha256:ab"), "ghcr.io/o/i@sha256:ab");
+        assert_ne!(canonical("busybox:1"), canonical("busybox:2"));
     }
 
     #[test]
@@ -62,5 +110,6 @@ mod tests {
         assert!(!credentials_apply("registry.example:5000", "registry.example/i"), "another port is another registry");
         assert!(!credentials_apply("registry.example", "evil.example/registry.example/i"));
         assert!(!credentials_apply("", "busybox"));
+        assert!(!credentials_apply("docker.io", "Corpreg/x"), "an upper-case first part is a host to Docker");
     }
 }

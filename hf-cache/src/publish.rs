@@ -176,7 +176,10 @@ pub fn record_completion(
     // Blob ctimes come from the file server's clock: move `trusted_since` onto it.
     let nanos = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0);
     let skew = fs_clock(paths).map(|(fs, local)| fs - nanos(local)).unwrap_or(0);
-    let since_ns = nanos(trusted_since) + skew;
+    // Plus a second: file times come from a coarse clock (a few ms behind), so a
+    // blob changed just before the prewarm started must not pass for one it
+    // wrote; what it wrote in its first second is hashed again (cost, never trust).
+    let since_ns = nanos(trusted_since) + skew + 1_000_000_000;
     let since = (since_ns.div_euclid(1_000_000_000) as i64, since_ns.rem_euclid(1_000_000_000) as i64);
     let mut files = BTreeMap::new();
     if let Some(old) = &old {

@@ -140,7 +140,7 @@ async fn every_stack_runs_through_the_simulator() {
     standin_image().unwrap();
     let (tmp, data, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let hcl = format!(
-        "plugin \"nomad-driver-aimodel\" {{\n  config {{\n    hf_cache {{ host_path = \"{}\" }}\n    gpu {{ enabled = false }}\n  }}\n}}\n",
+        "plugin \"nomad-driver-aimodel\" {{\n  config {{\n    allow_host_network = true\n    hf_cache {{ host_path = \"{}\" }}\n    gpu {{ enabled = false }}\n  }}\n}}\n",
         cache.path().display()
     );
     let live = sequence::start(&binary(DRIVER_BIN).unwrap(), &hcl, &[("TMPDIR", tmp.path().to_str().unwrap())])

@@ -289,8 +289,10 @@ impl AgentConfig {
             .map_err(|e| ConfigError { path: path.display().to_string(), reason: e.to_string() })?;
         let mut cfg = Self::parse(&text, path)?;
         if cfg.status_token.is_none() {
-            cfg.status_token = std::env::var("AIMODEL_STATUS_TOKEN").ok().filter(|t| !t.trim().is_empty()).map(Secret);
+            cfg.status_token = std::env::var("AIMODEL_STATUS_TOKEN").ok().map(Secret);
         }
+        // A token rendered by a template often ends in a newline.
+        cfg.status_token = cfg.status_token.map(|t| Secret(t.0.trim().to_string())).filter(|t| !t.0.is_empty());
         Ok(cfg)
     }
 

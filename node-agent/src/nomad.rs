@@ -99,7 +99,15 @@ impl Client {
     fn new(address: &str, token: Option<String>) -> Self {
         let transport = match address.strip_prefix("unix://") {
             Some(path) => Transport::Unix(path.into()),
-            None => Transport::Http(reqwest::Client::new()),
+            // No proxy (a "local" token would reach it) and no redirects (reqwest
+            // keeps X-Nomad-Token on a redirect to another host).
+            None => Transport::Http(
+                reqwest::Client::builder()
+                    .no_proxy()
+                    .redirect(reqwest::redirect::Policy::none())
+                    .build()
+                    .unwrap_or_else(|_| reqwest::Client::new()),
+            ),
         };
         Client { transport, address: address.to_string(), token }
     }
@@ -239,7 +247,11 @@ pub fn token_safe_over(address: &str) -> bool {
         return true;
     }
     let Some(rest) = address.strip_prefix("http://") else { return false };
-    let authority = rest.split('/').next().unwrap_or("");
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.contains('@') {
+        // `http://localhost:4646@evil.example/` goes to evil.example.
+        return false;
+    }
     let host = match authority.strip_prefix('[') {
         Some(v6) => v6.split(']').next().unwrap_or(""),
         None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
@@ -380,7 +392,14 @@ mod tests {
         ] {
             assert!(token_safe_over(ok), "{ok}");
         }
-        for bad in ["http://10.0.0.5:4646", "http://nomad.example", "http://127.0.0.1.evil.example:4646", "ftp://x"] {
+        for bad in [
+            "http://10.0.0.5:4646",
+            "http://nomad.example",
+            "http://127.0.0.1.evil.example:4646",
+            "ftp://x",
+            "http://localhost:4646@evil.example/",
+            "http://[::1]@evil.example",
+        ] {
             assert!(!token_safe_over(bad), "{bad}");
         }
     }

@@ -33,6 +33,12 @@ pub const PLUGIN_SCHEMA: &[Field] = &[
     attr("pull_progress_interval", "string", Some(r#""10s""#), "How often pull progress is reported as a task event."),
     attr("allow_privileged", "bool", Some("false"), "Allow tasks to set `privileged = true`."),
     attr(
+        "allow_host_ipc",
+        "bool",
+        Some("false"),
+        "Allow tasks to set `ipc_mode = \"host\"` (the node's IPC namespace and `/dev/shm`).",
+    ),
+    attr(
         "allow_host_network",
         "bool",
         Some("false"),
@@ -168,6 +174,7 @@ pub struct PluginConfig {
     pub pull_activity_timeout: Dur,
     pub pull_progress_interval: Dur,
     pub allow_privileged: bool,
+    pub allow_host_ipc: bool,
     pub allow_host_network: bool,
     pub disable_log_collection: bool,
     pub extra_labels: BTreeMap<String, String>,
@@ -187,6 +194,7 @@ impl Default for PluginConfig {
             pull_activity_timeout: Dur(Duration::from_secs(300)),
             pull_progress_interval: Dur(Duration::from_secs(10)),
             allow_privileged: false,
+            allow_host_ipc: false,
             allow_host_network: false,
             disable_log_collection: false,
             extra_labels: BTreeMap::new(),

@@ -27,6 +27,12 @@ pub const TASK_SCHEMA: &[Field] = &[
     ),
     attr("served_model_name", "string", None, "Name the server answers to in the OpenAI API; defaults to `model`."),
     attr("port", "string", None, "Label of the Nomad port the server listens on (`network { port \"http\" {} }`)."),
+    attr(
+        "ports",
+        "list(string)",
+        None,
+        "More port labels to publish besides `port` (as the docker driver's `ports`); other ports of the group are not published.",
+    ),
     attr("args", "list(string)", None, "Extra arguments appended to the engine's command line."),
     attr("command", "string", None, "Command to run (engine `custom`; overrides the image's command)."),
     attr("entrypoint", "list(string)", None, "Entrypoint override."),
@@ -37,7 +43,12 @@ pub const TASK_SCHEMA: &[Field] = &[
         "GPUs outside Nomad's scheduling, a count or `\"all\"`; needs the plugin's `gpu.allow_unscheduled` (use a `device \"nvidia/gpu\"` block instead).",
     ),
     attr("shm_size", "string", None, "Size of `/dev/shm`, e.g. `\"16g\"`."),
-    attr("ipc_mode", "string", None, "Docker IPC mode, e.g. `\"host\"`."),
+    attr(
+        "ipc_mode",
+        "string",
+        None,
+        "Docker IPC mode: `private`, `shareable`, `none`, or `host` (needs the plugin's `allow_host_ipc`; `shm_size` is the usual alternative).",
+    ),
     attr("load_format", "string", None, "Engine weight format (vLLM `--load-format`)."),
     attr(
         "load_strategy",
@@ -147,6 +158,8 @@ pub struct TaskConfig {
     pub served_model_name: Option<String>,
     #[serde(default)]
     pub port: Option<String>,
+    #[serde(default)]
+    pub ports: Vec<String>,
     #[serde(default)]
     pub args: Vec<String>,
     #[serde(default)]

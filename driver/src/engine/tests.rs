@@ -96,11 +96,56 @@ fn host_network_is_an_operator_opt_in() {
 }
 
 #[test]
-fn group_network_publishes_every_port() {
+fn only_the_tasks_own_ports_are_published() {
+    let mut t = task();
+    t.ports.push(NomadPort { label: "metrics".into(), value: 23457, to: 0, host_ip: String::new() });
+    t.ports.push(NomadPort { label: "sibling".into(), value: 23458, to: 0, host_ip: String::new() });
+    let p = plan(&cfg(&vllm()), &t, &PluginConfig::default(), &NodeFacts::default()).unwrap();
+    assert_eq!(p.spec.ports.iter().map(|b| b.host_port).collect::<Vec<_>>(), [23456]);
+    let mut c = vllm();
+    c.push(("ports", Value::List(vec![Value::str("metrics")])));
+    let p = plan(&cfg(&c), &t, &PluginConfig::default(), &NodeFacts::default()).unwrap();
+    assert_eq!(p.spec.ports.iter().map(|b| b.host_port).collect::<Vec<_>>(), [23456, 23457]);
+    c.push(("ports", Value::List(vec![Value::str("nope")])));
+    assert_eq!(plan(&cfg(&c), &t, &PluginConfig::default(), &NodeFacts::default()).unwrap_err().field(), Some("ports"));
+}
+
+#[test]
+fn env_keys_and_ipc_cannot_reach_around_the_rules() {
+    // `NVIDIA_VISIBLE_DEVICES=nvidia.com/gpu` = "all" would become a second
+    // NVIDIA_VISIBLE_DEVICES entry after ours.
+    let mut t = task();
+    t.env.insert("NVIDIA_VISIBLE_DEVICES=nvidia.com/gpu".into(), "all".into());
+    assert_eq!(
+        plan(&cfg(&vllm()), &t, &PluginConfig::default(), &NodeFacts::default()).unwrap_err().field(),
+        Some("env")
+    );
+    let mut t = task();
+    t.env.insert("DOCKER_RESOURCE_GPU".into(), "GPU-x".into());
+    let e = plan(&cfg(&vllm()), &t, &PluginConfig::default(), &NodeFacts::default()).unwrap_err();
+    assert!(e.to_string().contains("gpu.allow_unscheduled"), "{e}");
+    for (mode, ok) in
+        [("private", true), ("shareable", true), ("none", true), ("host", false), ("container:other", false)]
+    {
+        let mut c = vllm();
+        c.push(("ipc_mode", Value::str(mode)));
+        let r = plan(&cfg(&c), &task(), &PluginConfig::default(), &NodeFacts::default());
+        assert_eq!(r.is_ok(), ok, "{mode}");
+    }
+    let mut c = vllm();
+    c.push(("ipc_mode", Value::str("host")));
+    let plugin = PluginConfig { allow_host_ipc: true, ..PluginConfig::default() };
+    assert_eq!(plan(&cfg(&c), &task(), &plugin, &NodeFacts::default()).unwrap().spec.ipc_mode.as_deref(), Some("host"));
+}
+
+#[test]
+fn group_network_publishes_the_tasks_ports() {
     let mut t = task();
     t.network_mode = NetworkMode::Group;
     t.ports.push(NomadPort { label: "metrics".into(), value: 23457, to: 0, host_ip: String::new() });
-    let p = plan(&cfg(&vllm()), &t, &PluginConfig::default(), &NodeFacts::default()).unwrap();
+    let mut c = vllm();
+    c.push(("ports", Value::List(vec![Value::str("metrics")])));
+    let p = plan(&cfg(&c), &t, &PluginConfig::default(), &NodeFacts::default()).unwrap();
     assert_eq!(p.spec.network_mode, "bridge");
     assert_eq!(
         p.spec.ports,
@@ -192,9 +237,22 @@ fn a_symlink_in_the_task_directory_does_not_lead_out() {
     std::os::unix::fs::symlink("/etc", alloc.join("llm/escape")).unwrap();
     std::fs::create_dir(alloc.join("llm/inside")).unwrap();
     let t = NomadTask { alloc_dir: alloc.display().to_string(), name: "llm".into(), ..task() };
-    let e = task_volume("escape:/x", &t, &PluginConfig::default()).unwrap_err();
+    let plugin = PluginConfig::default();
+    let e = task_volume("escape:/x", &t, &plugin).unwrap_err();
     assert!(e.to_string().contains("volumes.enabled"), "{e}");
-    assert!(task_volume("inside:/x", &t, &PluginConfig::default()).is_ok());
+    // A path that does not exist yet, through a link that does: Docker would
+    // create it outside (MkdirAll follows the link).
+    assert!(task_volume("escape/not-yet/deeper:/x", &t, &plugin).is_err());
+    std::fs::create_dir_all(alloc.join("alloc")).unwrap();
+    std::os::unix::fs::symlink("/root", alloc.join("alloc/l")).unwrap();
+    assert!(task_volume("../alloc/l/.ssh:/x", &t, &plugin).is_err());
+    // Inside, existing or not, the bind names the resolved path.
+    let real = std::fs::canonicalize(&alloc).unwrap();
+    assert_eq!(task_volume("inside:/x", &t, &plugin).unwrap(), format!("{}/llm/inside:/x", real.display()));
+    assert_eq!(
+        task_volume("inside/new/dir:/x:ro", &t, &plugin).unwrap(),
+        format!("{}/llm/inside/new/dir:/x:ro", real.display())
+    );
 }
 
 #[test]
