@@ -191,6 +191,15 @@ pub fn warm_attributes(cache: &HfCacheConfig) -> BTreeMap<String, AttrValue> {
     with_timeout_for(Path::new(&cache.host_path), cache.probe_timeout.0, move || {
         let mut latest: BTreeMap<String, (u64, String)> = BTreeMap::new();
         for r in StateDir::for_hub(&hub).warm() {
+            // Records live on a shared filesystem: only a well-formed repo id and
+            // commit become an attribute, and only so many (each is node state).
+            if !crate::config::valid_repo_id(&r.repo)
+                || !r.repo.contains('/')
+                || !hf_cache::layout::is_commit(&r.commit)
+                || latest.len() >= MAX_WARM_ATTRIBUTES && !latest.contains_key(&r.repo)
+            {
+                continue;
+            }
             if !RepoPaths::new(&hub, &RepoId::model(&r.repo)).snapshot(&r.commit).is_dir() {
                 continue;
             }
@@ -206,6 +215,9 @@ pub fn warm_attributes(cache: &HfCacheConfig) -> BTreeMap<String, AttrValue> {
     })
     .unwrap_or_default()
 }
+
+/// At most this many `driver.aimodel.warm.*` attributes.
+const MAX_WARM_ATTRIBUTES: usize = 256;
 
 /// Marks `model` in use by `task` for the agents' gc (any node) and notes the
 /// use for least-recently-used ordering. Errors are logged, never fatal: a
@@ -255,6 +267,28 @@ mod tests {
             probe_timeout: Dur(Duration::from_millis(300)),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn only_well_formed_warm_records_become_attributes() {
+        let d = tempfile::tempdir().unwrap();
+        let hub = d.path().join("hub");
+        let state = StateDir::for_hub(&hub);
+        let good = "a".repeat(40);
+        for (repo, commit) in [("org/ok", good.as_str()), ("org/bad-commit", "zz"), ("a b/c", good.as_str())] {
+            std::fs::create_dir_all(RepoPaths::new(&hub, &RepoId::model(repo)).snapshot(commit)).unwrap();
+            let rec = hf_cache::state::WarmRecord {
+                repo: repo.into(),
+                revision: "main".into(),
+                commit: commit.into(),
+                bytes: 1,
+                verified_at: 1,
+                node: "n".into(),
+            };
+            state.write_warm(&rec).unwrap();
+        }
+        let attrs = warm_attributes(&cfg(d.path(), false));
+        assert_eq!(attrs.keys().collect::<Vec<_>>(), ["driver.aimodel.warm.org/ok"]);
     }
 
     fn mountinfo(point: &Path, fstype: &str, opts: &str) -> String {

@@ -263,11 +263,10 @@ impl Driver {
             self.event(
                 task,
                 format!(
-                    "model {model}@{} is {commit}: {} files, {:.2} GB, complete in the cache{}",
+                    "model {model}@{} is {commit}: {} files, {:.2} GB, complete in the cache",
                     cfg.revision,
                     checked.files,
                     checked.bytes as f64 / 1e9,
-                    if checked.verifiable { "" } else { " (no trees listing: completeness unverifiable)" }
                 ),
                 &[("commit", commit.clone())],
             );

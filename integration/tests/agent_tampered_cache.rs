@@ -123,3 +123,25 @@ async fn gc_never_follows_a_planted_trash_and_honours_shared_pins() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(!RepoPaths::new(&cache, &RepoId::model("o/keep")).root.exists());
 }
+
+/// A tenant who can write the cache points a repo's `blobs/` (or the repo
+/// folder itself) at a host directory: the prewarm, running as root, must not
+/// download hub-chosen bytes into it.
+#[tokio::test]
+async fn a_linked_blobs_directory_is_refused_before_any_download() {
+    let src = tempfile::tempdir().unwrap();
+    let (hub, _) = hub(src.path()).await;
+    let cache = tempfile::tempdir().unwrap();
+    let sentinel = tempfile::tempdir().unwrap();
+    let paths = RepoPaths::new(cache.path(), &RepoId::model("org/m"));
+    std::fs::create_dir_all(&paths.root).unwrap();
+    std::os::unix::fs::symlink(sentinel.path(), paths.blobs()).unwrap();
+    let out = agent(cache.path(), &hub.endpoint(), &["prewarm", "org/m"]).await;
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(!text(&out).contains("panicked"), "{}", text(&out));
+    let other = RepoPaths::new(cache.path(), &RepoId::model("org/other"));
+    std::os::unix::fs::symlink(sentinel.path(), &other.root).unwrap();
+    let out = agent(cache.path(), &hub.endpoint(), &["prewarm", "org/other"]).await;
+    assert!(!out.status.success(), "{}", text(&out));
+    assert_eq!(std::fs::read_dir(sentinel.path()).unwrap().count(), 0, "the agent wrote through a tenant's link");
+}

@@ -56,7 +56,7 @@ impl Lease {
         if self.lost.load(Ordering::SeqCst) {
             return false;
         }
-        let mine = std::fs::read_to_string(&self.path).is_ok_and(|c| token_of(&c) == Some(self.token.as_str()));
+        let mine = read_lease(&self.path).is_ok_and(|c| token_of(&c) == Some(self.token.as_str()));
         if !mine {
             self.lost.store(true, Ordering::SeqCst);
         }
@@ -76,7 +76,7 @@ impl Drop for Lease {
         self.stop.store(true, Ordering::SeqCst);
         // Not ours any more (or never was): leave the new holder's file alone.
         if self.lost.load(Ordering::SeqCst)
-            || std::fs::read_to_string(&self.path).map_or(true, |c| token_of(&c) != Some(self.token.as_str()))
+            || read_lease(&self.path).map_or(true, |c| token_of(&c) != Some(self.token.as_str()))
         {
             return;
         }
@@ -85,9 +85,11 @@ impl Drop for Lease {
         } else {
             // Through one descriptor, like a beat: a file moved aside meanwhile gets the write.
             let released = format!("{}{RELEASED}\n", content(&self.token, u64::MAX));
-            if let Ok(mut f) = std::fs::OpenOptions::new().read(true).write(true).open(&self.path) {
+            if let Ok(mut f) = open_lease(&self.path) {
                 let mut current = String::new();
-                if f.read_to_string(&mut current).is_ok() && token_of(&current) == Some(self.token.as_str()) {
+                if (&mut f).take(LEASE_CAP).read_to_string(&mut current).is_ok()
+                    && token_of(&current) == Some(self.token.as_str())
+                {
                     let _ = f.set_len(0);
                     let _ = f.seek(std::io::SeekFrom::Start(0)).and_then(|_| f.write_all(released.as_bytes()));
                     let _ = f.sync_data();
@@ -105,7 +107,7 @@ pub fn remove_if(path: &Path, pred: impl Fn(&str) -> bool) -> bool {
     if std::fs::rename(path, &aside).is_err() {
         return false;
     }
-    let content = std::fs::read_to_string(&aside).unwrap_or_default();
+    let content = read_lease(&aside).unwrap_or_default();
     let ok = pred(&content);
     if !ok {
         let _ = std::fs::hard_link(&aside, path);
@@ -199,7 +201,7 @@ pub fn acquire(
             return Ok(Acquired::Held(start_heartbeat(path, token, took_over, heartbeat)));
         }
         took_over = None;
-        let current = match std::fs::read_to_string(path) {
+        let current = match read_lease(path) {
             Ok(c) => c,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(_) => String::new(),
@@ -221,7 +223,7 @@ pub fn acquire(
                 // what we judged. A holder that beat meanwhile gets its file back.
                 let aside = aside_path(path);
                 if std::fs::rename(path, &aside).is_ok() {
-                    let moved = std::fs::read_to_string(&aside).unwrap_or_default();
+                    let moved = read_lease(&aside).unwrap_or_default();
                     if moved == current {
                         took_over = Some(token_of(&moved).unwrap_or("").to_string());
                     } else {
@@ -242,10 +244,34 @@ pub fn acquire(
 /// One beat: rewrites the file through one open descriptor if it still holds
 /// `token`. A file renamed aside meanwhile gets the write, and its taker sees
 /// that it was alive. Returns false when the lease is no longer ours.
+/// Largest lease file read: a lease is a line or two; a tenant's `/dev/zero`
+/// link or a huge file must not be read whole.
+const LEASE_CAP: u64 = 4096;
+
+/// A lease file's content, opened without following a symlink, regular files only, capped.
+fn read_lease(path: &Path) -> std::io::Result<String> {
+    let bytes = hf_cache::safefs::read_capped(path, LEASE_CAP)?;
+    String::from_utf8(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// A lease file opened for a rewrite: never through a symlink, never a FIFO.
+fn open_lease(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not a regular file"));
+    }
+    Ok(f)
+}
+
 fn beat(path: &Path, token: &str, n: u64) -> bool {
-    let Ok(mut f) = std::fs::OpenOptions::new().read(true).write(true).open(path) else { return false };
+    let Ok(mut f) = open_lease(path) else { return false };
     let mut current = String::new();
-    if f.read_to_string(&mut current).is_err() || token_of(&current) != Some(token) {
+    if (&mut f).take(LEASE_CAP).read_to_string(&mut current).is_err() || token_of(&current) != Some(token) {
         return false;
     }
     let new = content(token, n);

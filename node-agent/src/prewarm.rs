@@ -232,7 +232,16 @@ async fn prewarm_inner(
     let total = items.iter().try_fold(0u64, |t, i| t.checked_add(entry_of(i).content_size())).ok_or_else(|| {
         PrewarmError::Io { path: repo.into(), reason: "the listed sizes add up past 2^64 bytes".into() }
     })?;
-    std::fs::create_dir_all(paths.blobs()).map_err(|e| io(&paths.blobs(), e))?;
+    // The repo folder and its blobs/ must be real directories: downloads go
+    // there by path, and a tenant's `blobs -> /etc/cron.d` would otherwise make
+    // root write hub-chosen bytes into the host.
+    {
+        use hf_cache::safefs::{ensure_dir, ensure_dir_at};
+        let hub_fd = ensure_dir(&o.hub_dir).map_err(|e| io(&o.hub_dir, e))?;
+        let root_fd =
+            ensure_dir_at(&hub_fd, paths.root.file_name().unwrap_or_default()).map_err(|e| io(&paths.root, e))?;
+        ensure_dir_at(&root_fd, std::ffi::OsStr::new("blobs")).map_err(|e| io(&paths.blobs(), e))?;
+    }
     progress.bytes_total.store(total, Ordering::SeqCst);
     // Blobs with partial downloads or leases beside them, listed once (not once per file).
     let with_partials: Arc<std::collections::BTreeSet<String>> = Arc::new(

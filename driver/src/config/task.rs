@@ -297,7 +297,8 @@ fn parse_gpus(g: &str) -> Result<GpuCount, String> {
     }
 }
 
-fn valid_repo_id(id: &str) -> bool {
+/// `org/name` (or a bare `name`) as the hub allows: letters, digits, `-_.`, no `..`.
+pub fn valid_repo_id(id: &str) -> bool {
     let mut parts = id.split('/');
     let ok_part = |p: &str| {
         !p.is_empty()
