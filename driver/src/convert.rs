@@ -7,7 +7,7 @@ use aimodel_proto::structs;
 
 use crate::driver::{AttrValue, TaskEvent};
 use crate::lifecycle::{ExitResult, TaskUsage};
-use crate::task::{NetworkMode, NomadMount, NomadPort, NomadTask};
+use crate::task::{NetworkMode, NomadDevice, NomadMount, NomadPort, NomadTask};
 
 /// Nomad's TaskConfig as our domain task.
 pub fn task_from_proto(c: &pb::TaskConfig) -> NomadTask {
@@ -37,8 +37,10 @@ pub fn task_from_proto(c: &pb::TaskConfig) -> NomadTask {
             }
         }
     }
-    let network_mode = match c.network_isolation_spec.as_ref().map(|n| n.mode()) {
+    let isolation = c.network_isolation_spec.as_ref();
+    let network_mode = match isolation.map(|n| n.mode()) {
         Some(NetworkIsolationMode::Group) => NetworkMode::Group,
+        Some(NetworkIsolationMode::None) => NetworkMode::None,
         _ => NetworkMode::Host,
     };
     let dns = c.dns.clone().unwrap_or_default();
@@ -69,9 +71,21 @@ pub fn task_from_proto(c: &pb::TaskConfig) -> NomadTask {
                 host_path: m.host_path.clone(),
                 task_path: m.task_path.clone(),
                 readonly: m.readonly,
+                propagation: m.propagation_mode.clone(),
             })
             .collect(),
         network_mode,
+        network_path: isolation.map(|n| n.path.clone()).unwrap_or_default(),
+        network_labels: isolation.map(|n| n.labels.clone().into_iter().collect()).unwrap_or_default(),
+        devices: c
+            .devices
+            .iter()
+            .map(|d| NomadDevice {
+                host_path: d.host_path.clone(),
+                task_path: d.task_path.clone(),
+                permissions: d.cgroup_permissions.clone(),
+            })
+            .collect(),
         dns_servers: dns.servers,
         dns_searches: dns.searches,
         dns_options: dns.options,

@@ -28,6 +28,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// so that Nomad has had time to recover its tasks (`AIMODEL_ORPHAN_GRACE`
 /// overrides it, e.g. `10s`).
 const ORPHAN_GRACE: Duration = Duration::from_secs(120);
+/// The description of a healthy driver (Nomad's drivers say "Healthy").
+const HEALTHY: &str = "Healthy";
 /// Task events buffered for slow TaskEvents readers.
 const EVENT_BUFFER: usize = 1024;
 /// How often the in-use markers of running tasks are rewritten; the agents' gc
@@ -89,6 +91,8 @@ pub struct Driver {
     in_use_refreshed: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
     /// Tasks (starting, running or recovered) per image, for `gc.image`.
     image_refs: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    /// Whether the engine has answered once.
+    docker_seen: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Driver {
@@ -116,6 +120,7 @@ impl Driver {
             gpu: Arc::default(),
             in_use_refreshed: Arc::default(),
             image_refs: Arc::default(),
+            docker_seen: Arc::default(),
         }
     }
 
@@ -305,8 +310,9 @@ impl Driver {
                 if let Some(n) = self.scan_orphans(runtime.as_ref()).await {
                     attributes.insert(format!("driver.{PLUGIN_NAME}.orphans"), AttrValue::Int(n as i64));
                 }
+                self.docker_seen.store(true, std::sync::atomic::Ordering::SeqCst);
                 if cache.problems.is_empty() {
-                    (Health::Healthy, "healthy".to_string())
+                    (Health::Healthy, HEALTHY.to_string())
                 } else {
                     (Health::Unhealthy, cache.problems.join("; "))
                 }
@@ -314,12 +320,15 @@ impl Driver {
             Err(e) => {
                 let mut d = vec![e.to_string()];
                 d.extend(cache.problems);
-                (Health::Unhealthy, d.join("; "))
+                // As the docker driver: an engine never reached is "undetected"
+                // (the driver is not usable here), one that went away is unhealthy.
+                let seen = self.docker_seen.load(std::sync::atomic::Ordering::SeqCst);
+                (if seen { Health::Unhealthy } else { Health::Undetected }, d.join("; "))
             }
         };
         if gpu_required_missing {
             health = Health::Unhealthy;
-            description = if description == "healthy" {
+            description = if description == HEALTHY {
                 "no usable GPU and gpu.required is true".into()
             } else {
                 format!("{description}; no usable GPU and gpu.required is true")

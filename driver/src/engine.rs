@@ -15,6 +15,8 @@ pub const LABEL_MANAGED: &str = "com.aimodel.managed";
 pub const LABEL_TASK_ID: &str = "com.aimodel.task_id";
 /// Label holding the allocation id.
 pub const LABEL_ALLOC_ID: &str = "com.aimodel.alloc_id";
+/// The isolation-spec label naming the docker container that holds a group's network namespace.
+pub const DOCKER_SANDBOX_LABEL: &str = "docker_sandbox_container_id";
 /// Label holding the node name (containers of other clients are never touched).
 pub const LABEL_NODE: &str = "com.aimodel.node";
 
@@ -249,7 +251,7 @@ fn network(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, default_po
         None => None,
     };
     let host_network = match cfg.network_mode.as_deref() {
-        Some("host") if task.network_mode == NetworkMode::Group => {
+        Some("host") if task.network_mode != NetworkMode::Host => {
             return Err(err("network_mode", "\"host\" cannot be used in a group with a network block".into()))
         }
         Some("host") if !plugin.allow_host_network => return Err(err(
@@ -267,8 +269,37 @@ fn network(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, default_po
         };
         return Ok(Net { mode: "host".into(), bindings: Vec::new(), inside, host, port_map });
     }
-    if cfg.network_mode.as_deref() == Some("none") {
+    if cfg.network_mode.as_deref() == Some("none") || task.network_mode == NetworkMode::None {
         return Ok(Net { mode: "none".into(), bindings: Vec::new(), inside: default_port, host: None, port_map });
+    }
+    if task.network_mode == NetworkMode::Group {
+        // The group's namespace. Created by a docker task (a Connect sidecar, a
+        // docker driver's pause container): join it, publish nothing — Nomad's
+        // network hook maps the group's ports into it (`drivers/docker/driver.go`
+        // createContainerConfig, `client/allocrunner/network_manager_linux.go`).
+        if let Some(sandbox) = task.network_labels.get(DOCKER_SANDBOX_LABEL).filter(|s| !s.is_empty()) {
+            let (inside, host) = match chosen {
+                Some(p) => {
+                    let ip = if p.host_ip.is_empty() || p.host_ip == "0.0.0.0" { "127.0.0.1" } else { &p.host_ip };
+                    (if p.to > 0 { p.to } else { p.value }, Some((ip.to_string(), p.value)))
+                }
+                None => (default_port, None),
+            };
+            return Ok(Net { mode: format!("container:{sandbox}"), bindings: Vec::new(), inside, host, port_map });
+        }
+        if !task.network_path.is_empty() {
+            // Docker cannot join a namespace by path, and a namespace of our own
+            // beside Nomad's would split the group.
+            return Err(err(
+                "network_mode",
+                format!(
+                    "the group's network namespace {} was not created by a docker task, and aimodel can only join one \
+                     that was: add a docker task to the group (a Consul Connect sidecar is one) or remove the group's \
+                     network mode",
+                    task.network_path
+                ),
+            ));
+        }
     }
     // As the docker driver does (`drivers/docker/driver.go` createContainerConfig):
     // Docker's bridge, the task's ports (its `port` and `ports` labels; not the
@@ -480,19 +511,36 @@ pub fn plan(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, facts: &N
     if !task.alloc_dir.is_empty() {
         let a = task.alloc_dir.trim_end_matches('/');
         binds.push(format!("{a}/alloc:/alloc"));
+        // Nomad's log files of every task of the allocation: readable, never writable.
+        binds.push(format!("{a}/alloc/logs:/alloc/logs:ro"));
         binds.push(format!("{a}/{}/local:/local", task.name));
         binds.push(format!("{a}/{}/secrets:/secrets", task.name));
     }
     binds.push(format!("{}:{}{}", hf.host_path, hf.container_path, if cache_writable { "" } else { ":ro" }));
     for m in &task.mounts {
-        binds.push(format!("{}:{}{}", m.host_path, m.task_path, if m.readonly { ":ro" } else { "" }));
+        // As the docker driver maps Nomad's propagation modes.
+        let mut opts: Vec<&str> = Vec::new();
+        if m.readonly {
+            opts.push("ro");
+        }
+        match m.propagation.as_str() {
+            "host-to-task" => opts.push("rslave"),
+            "bidirectional" => opts.push("rshared"),
+            "private" => opts.push("rprivate"),
+            _ => {}
+        }
+        let opts = if opts.is_empty() { String::new() } else { format!(":{}", opts.join(",")) };
+        binds.push(format!("{}:{}{opts}", m.host_path, m.task_path));
     }
     for v in &cfg.volumes {
         binds.push(task_volume(v, task, plugin)?);
     }
 
     let mib = 1024 * 1024;
+    // `drivers/docker` memoryLimits: memory_max above memory is the hard limit
+    // and memory the reservation; memory_max = -1 (no limit) is the reservation alone.
     let (memory_bytes, memory_reservation_bytes) = match (task.memory_mb, task.memory_max_mb) {
+        (m, -1) if m > 0 => (None, Some(m * mib)),
         (m, max) if max > m && m > 0 => (Some(max * mib), Some(m * mib)),
         (m, _) if m > 0 => (Some(m * mib), None),
         _ => (None, None),
@@ -524,6 +572,17 @@ pub fn plan(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, facts: &N
         dns: task.dns_servers.clone(),
         dns_search: task.dns_searches.clone(),
         dns_options: task.dns_options.clone(),
+        devices: task
+            .devices
+            .iter()
+            .map(|d| crate::runtime::DeviceMapping {
+                host_path: d.host_path.clone(),
+                container_path: d.task_path.clone(),
+                permissions: if d.permissions.is_empty() { "rwm".into() } else { d.permissions.clone() },
+            })
+            .collect(),
+        log_max_size: Some(plugin.container_logs.max_size.clone()).filter(|s| !s.is_empty()),
+        log_max_files: plugin.container_logs.max_files,
     };
     Ok(Plan { spec, readiness_url, port_map, load_flags: flags })
 }

@@ -495,8 +495,15 @@ impl Driver {
         if entry.exit_result().is_some() {
             return Ok(());
         }
-        let signal = if signal.is_empty() { "SIGTERM".to_string() } else { normalize_signal(signal)? };
         let rt = self.runtime();
+        // No kill_signal in the job: the image's STOPSIGNAL, as `docker stop` (the
+        // docker driver's ContainerStop) would send, else SIGTERM.
+        let signal = if signal.is_empty() {
+            let own = rt.inspect(&entry.state.container_id).await.ok().flatten().and_then(|s| s.stop_signal);
+            own.and_then(|s| normalize_signal(&s).ok()).unwrap_or_else(|| "SIGTERM".to_string())
+        } else {
+            normalize_signal(signal)?
+        };
         rt.kill(&entry.state.container_id, &signal).await?;
         if wait_exit(&entry, timeout).await {
             return Ok(());

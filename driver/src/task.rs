@@ -20,6 +20,17 @@ pub struct NomadMount {
     pub host_path: String,
     pub task_path: String,
     pub readonly: bool,
+    /// `private`, `host-to-task` or `bidirectional` (empty: private).
+    pub propagation: String,
+}
+
+/// A device a device plugin reserved for the task (`client/allocrunner/taskrunner/device_hook.go`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NomadDevice {
+    pub host_path: String,
+    pub task_path: String,
+    /// cgroup permissions, e.g. `rwm`.
+    pub permissions: String,
 }
 
 /// How the task's network is set up by Nomad.
@@ -28,8 +39,10 @@ pub enum NetworkMode {
     /// No isolation: the host's network namespace.
     #[default]
     Host,
-    /// `network { mode = "bridge" }` at group level: ports are published on the host.
+    /// `network { mode = "bridge" | "cni/*" }` at group level: one namespace for the group.
     Group,
+    /// `network { mode = "none" }`.
+    None,
 }
 
 /// The task as Nomad describes it in `StartTask`.
@@ -56,6 +69,11 @@ pub struct NomadTask {
     pub ports: Vec<NomadPort>,
     pub mounts: Vec<NomadMount>,
     pub network_mode: NetworkMode,
+    /// The group's network namespace (`NetworkIsolationSpec.path`).
+    pub network_path: String,
+    /// `NetworkIsolationSpec.labels` (`docker_sandbox_container_id` when a docker task created it).
+    pub network_labels: BTreeMap<String, String>,
+    pub devices: Vec<NomadDevice>,
     pub dns_servers: Vec<String>,
     pub dns_searches: Vec<String>,
     pub dns_options: Vec<String>,

@@ -125,6 +125,10 @@ pub struct TaskBuilder {
     pub logs_disabled: bool,
     /// The Nomad node name (containers are labelled with it).
     pub node_name: String,
+    /// The group's network as Nomad's network hook hands it over (overrides `group_network`).
+    pub isolation: Option<NetworkIsolationSpec>,
+    /// Device-plugin devices (`TaskConfig.devices`).
+    pub devices: Vec<pb::Device>,
 }
 
 impl TaskBuilder {
@@ -145,6 +149,8 @@ impl TaskBuilder {
             device_env: HashMap::new(),
             logs_disabled: false,
             node_name: "sim-node".into(),
+            isolation: None,
+            devices: Vec::new(),
         }
     }
 
@@ -244,9 +250,11 @@ impl TaskBuilder {
             namespace: "default".into(),
             node_name: self.node_name.clone(),
             node_id: "00000000-0000-0000-0000-000000000001".into(),
-            network_isolation_spec: self
-                .group_network
-                .then(|| NetworkIsolationSpec { mode: NetworkIsolationMode::Group as i32, ..Default::default() }),
+            network_isolation_spec: self.isolation.clone().or_else(|| {
+                self.group_network
+                    .then(|| NetworkIsolationSpec { mode: NetworkIsolationMode::Group as i32, ..Default::default() })
+            }),
+            devices: self.devices.clone(),
             ..Default::default()
         };
         Ok(PreparedTask { config, alloc_dir, stdout, stderr })

@@ -917,3 +917,91 @@ async fn a_failed_recovery_leaves_no_container_behind() {
     assert!(!sim.live.restore_handle(stored).await.unwrap(), "a damaged handle cannot be recovered");
     assert!(containers_with_label(LABEL_ALLOC_ID, &b.alloc_id).is_empty(), "the old container was left running");
 }
+
+fn docker_out(args: &[&str]) -> String {
+    let out = std::process::Command::new("docker").args(args).env("DOCKER_BUILDKIT", "0").output().unwrap();
+    assert!(out.status.success(), "docker {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// What Nomad hands the driver, as the docker driver uses it: a group network
+/// namespace created by a docker task (its container named in the isolation
+/// spec's label) is joined and nothing is published; `memory_max = -1` is a
+/// reservation only; device-plugin devices reach the container; Docker logs
+/// rotate (json-file, 2m × 2); without a kill_signal the image's STOPSIGNAL is sent.
+#[tokio::test]
+async fn group_namespace_memory_devices_logs_and_stop_signal_reach_docker() {
+    use aimodel_proto::drivers::{network_isolation_spec::NetworkIsolationMode, Device, NetworkIsolationSpec};
+    let Some(mut sim) = Sim::start().await else { return };
+    let image = standin_image().unwrap();
+    // The group's sandbox, as the docker driver's pause container would hold it.
+    let sandbox =
+        docker_out(&["run", "-d", "--label", "com.aimodel.test=sandbox", "--entrypoint", "/bin/sleep", &image, "600"]);
+    let mut b = TaskBuilder::new(
+        "grouped",
+        &custom("port = \"http\"\nreadiness {\n  path = \"/health\"\n  interval = \"200ms\"\n}\n"),
+    )
+    .port("http", free_port(), 8000);
+    b.isolation = Some(NetworkIsolationSpec {
+        mode: NetworkIsolationMode::Group as i32,
+        path: format!("/var/run/docker/netns/{}", &sandbox[..12]),
+        labels: [("docker_sandbox_container_id".to_string(), sandbox.clone())].into(),
+        ..Default::default()
+    });
+    b.memory_max_mb = -1;
+    b.devices = vec![Device {
+        task_path: "/dev/aimodel-null".into(),
+        host_path: "/dev/null".into(),
+        cgroup_permissions: "rwm".into(),
+    }];
+    let (t, handle) = sim.start_task(&b).await;
+    let state = aimodel_driver::task::DriverState::decode(&handle.driver_state).unwrap();
+    let c = state.container_id.as_str();
+    assert_eq!(docker_out(&["inspect", "-f", "{{.HostConfig.NetworkMode}}", c]), format!("container:{sandbox}"));
+    assert_eq!(docker_out(&["inspect", "-f", "{{len .HostConfig.PortBindings}}", c]), "0", "nothing published");
+    // The server answers on localhost inside the group's namespace (where Envoy would reach it).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = std::process::Command::new("docker")
+            .args(["exec", &sandbox, "wget", "-qO-", "http://127.0.0.1:8000/health"])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the server is not reachable in the group namespace");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(docker_out(&["inspect", "-f", "{{.HostConfig.Memory}}", c]), "0", "memory_max = -1: no hard limit");
+    assert_eq!(docker_out(&["inspect", "-f", "{{.HostConfig.MemoryReservation}}", c]), (256u64 << 20).to_string());
+    assert_eq!(docker_out(&["inspect", "-f", "{{.HostConfig.LogConfig.Type}} {{index .HostConfig.LogConfig.Config \"max-size\"}} {{index .HostConfig.LogConfig.Config \"max-file\"}}", c]), "json-file 2m 2");
+    docker_out(&["exec", c, "test", "-c", "/dev/aimodel-null"]);
+    sim.destroy(&t.config.id).await;
+    let _ = std::process::Command::new("docker").args(["rm", "-f", &sandbox]).output();
+
+    // STOPSIGNAL: an image that stops on SIGUSR1 only.
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::write(ctx.path().join("Dockerfile"), format!("FROM {image}\nSTOPSIGNAL SIGUSR1\n")).unwrap();
+    let tag = format!("aimodel-stopsignal:{}", aimodel_integration::task::random_hex(4));
+    docker_out(&["build", "-q", "-t", &tag, ctx.path().to_str().unwrap()]);
+    let cfg = format!(
+        "engine = \"custom\"\nimage = \"{tag}\"\nentrypoint = [\"/bin/sh\", \"-c\", \"trap 'echo got-usr1; exit 0' USR1; trap '' TERM; echo armed; while true; do sleep 0.2; done\"]\n"
+    );
+    let (t, _) = sim.start_task(&TaskBuilder::new("stopsignal", &cfg)).await;
+    let out = t.stdout.clone().unwrap();
+    out.wait_for(Duration::from_secs(10), |s| s.contains("armed")).await.unwrap();
+    sim.live
+        .process
+        .driver()
+        .stop_task(StopTaskRequest {
+            task_id: t.config.id.clone(),
+            timeout: Some(prost_types::Duration { seconds: 20, nanos: 0 }),
+            signal: String::new(),
+        })
+        .await
+        .unwrap();
+    out.wait_for(Duration::from_secs(10), |s| s.contains("got-usr1")).await.unwrap();
+    assert_eq!(sim.wait(&t.config.id).await.exit_code, 0, "stopped by its STOPSIGNAL, not killed");
+    sim.destroy(&t.config.id).await;
+    let _ = std::process::Command::new("docker").args(["rmi", "-f", &tag]).output();
+}

@@ -61,6 +61,17 @@ pub const PLUGIN_SCHEMA: &[Field] = &[
     ),
     block("volumes", VOLUMES_SCHEMA, "Host paths in a task's `volumes`."),
     block("gc", GC_SCHEMA, "What is removed when a task is destroyed."),
+    block("container_logs", CONTAINER_LOGS_SCHEMA, "Rotation of the containers' Docker logs (json-file)."),
+];
+
+const CONTAINER_LOGS_SCHEMA: &[Field] = &[
+    attr(
+        "max_size",
+        "string",
+        Some(r#""2m""#),
+        "Largest Docker log file of a container before rotation (the docker driver's default); `\"\"` leaves the daemon's logging alone.",
+    ),
+    attr("max_files", "number", Some("2"), "Docker log files kept per container."),
 ];
 
 const HF_CACHE_SCHEMA: &[Field] = &[
@@ -184,6 +195,7 @@ pub struct PluginConfig {
     pub auth: Option<RegistryAuth>,
     pub volumes: VolumesConfig,
     pub gc: GcConfig,
+    pub container_logs: ContainerLogsConfig,
 }
 
 impl Default for PluginConfig {
@@ -204,6 +216,7 @@ impl Default for PluginConfig {
             auth: None,
             volumes: VolumesConfig::default(),
             gc: GcConfig::default(),
+            container_logs: ContainerLogsConfig::default(),
         }
     }
 }
@@ -334,6 +347,20 @@ pub struct VolumesConfig {
     pub enabled: bool,
 }
 
+/// `container_logs { ... }`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContainerLogsConfig {
+    pub max_size: String,
+    pub max_files: u32,
+}
+
+impl Default for ContainerLogsConfig {
+    fn default() -> Self {
+        ContainerLogsConfig { max_size: "2m".into(), max_files: 2 }
+    }
+}
+
 /// `gc { ... }`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -378,6 +405,16 @@ impl PluginConfig {
             if !path.starts_with('/') {
                 return invalid(field, format!("{path:?} must be an absolute path"));
             }
+        }
+        let size = &self.container_logs.max_size;
+        if !size.is_empty()
+            && !(size.trim_end_matches(['k', 'm', 'g']).parse::<u64>().is_ok_and(|n| n > 0)
+                && size.ends_with(['k', 'm', 'g']))
+        {
+            return invalid("container_logs.max_size", format!("{size:?} is not a Docker log size such as \"2m\""));
+        }
+        if self.container_logs.max_files == 0 {
+            return invalid("container_logs.max_files", "must be at least 1".into());
         }
         if self.gpu.visible_devices_from == VisibleDevicesFrom::Config && !self.gpu.allow_unscheduled {
             return invalid(

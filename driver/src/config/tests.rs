@@ -46,6 +46,18 @@ fn bad_plugin_inputs_name_the_field() {
         (plugin_bytes(&[("gpu", Value::object([("device_request", Value::int(3))]))]), "gpu.device_request"),
         (plugin_bytes(&[("no_such_option", Value::Bool(true))]), "no_such_option"),
         (plugin_bytes(&[("extra_labels", Value::List(vec![]))]), "extra_labels"),
+        (
+            plugin_bytes(&[("container_logs", Value::object([("max_size", Value::str("lots"))]))]),
+            "container_logs.max_size",
+        ),
+        (
+            plugin_bytes(&[("gpu", Value::object([("visible_devices_from", Value::str("config"))]))]),
+            "gpu.visible_devices_from",
+        ),
+        (
+            plugin_bytes(&[("auth", Value::object([("username", Value::str("u")), ("password", Value::str("p"))]))]),
+            "auth.server_address",
+        ),
     ];
     for (bytes, field) in cases {
         let err = decode_plugin_config(&bytes).unwrap_err();

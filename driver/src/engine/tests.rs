@@ -2,7 +2,7 @@ use super::*;
 use crate::config::{decode_task_config, TASK_SCHEMA};
 use crate::cty::{encode, Value};
 use crate::schema::default_value;
-use crate::task::NomadPort;
+use crate::task::{NomadDevice, NomadMount, NomadPort};
 
 fn cfg(pairs: &[(&str, Value)]) -> TaskConfig {
     let Value::Map(mut m) = default_value(TASK_SCHEMA, false) else { unreachable!() };
@@ -385,4 +385,60 @@ fn memory_max_becomes_the_limit_and_memory_the_reservation() {
     let p = plan(&cfg(&vllm()), &t, &PluginConfig::default(), &NodeFacts::default()).unwrap();
     assert_eq!(p.spec.memory_bytes, Some(4096 << 20));
     assert_eq!(p.spec.memory_reservation_bytes, Some(1024 << 20));
+}
+
+#[test]
+fn the_group_namespace_of_a_docker_task_is_joined_without_publishing() {
+    let mut t = task();
+    t.network_mode = NetworkMode::Group;
+    t.network_path = "/var/run/docker/netns/abc".into();
+    t.network_labels.insert(DOCKER_SANDBOX_LABEL.into(), "pausecontainer".into());
+    let p = plan(&cfg(&vllm()), &t, &PluginConfig::default(), &NodeFacts::default()).unwrap();
+    assert_eq!(p.spec.network_mode, "container:pausecontainer");
+    assert!(p.spec.ports.is_empty(), "Nomad maps the group's ports; we publish none");
+    assert!(p.spec.cmd.unwrap().windows(2).any(|w| w == ["--port", "8000"]), "the server listens on `to`");
+    // A namespace Nomad made by itself cannot be joined by Docker: refused, never a network of our own.
+    t.network_labels.clear();
+    let e = plan(&cfg(&vllm()), &t, &PluginConfig::default(), &NodeFacts::default()).unwrap_err();
+    assert!(e.to_string().contains("not created by a docker task"), "{e}");
+    let none = NomadTask { network_mode: NetworkMode::None, ..task() };
+    let p = plan(&cfg(&vllm()), &none, &PluginConfig::default(), &NodeFacts::default()).unwrap();
+    assert_eq!((p.spec.network_mode.as_str(), p.spec.ports.len()), ("none", 0));
+}
+
+#[test]
+fn resources_mounts_devices_and_logs_follow_the_docker_driver() {
+    let mib = 1 << 20;
+    let unlimited = NomadTask { memory_mb: 1024, memory_max_mb: -1, ..task() };
+    let p = plan(&cfg(&vllm()), &unlimited, &PluginConfig::default(), &NodeFacts::default()).unwrap();
+    assert_eq!((p.spec.memory_bytes, p.spec.memory_reservation_bytes), (None, Some(1024 * mib)));
+    let burst = NomadTask { memory_mb: 1024, memory_max_mb: 2048, ..task() };
+    let p = plan(&cfg(&vllm()), &burst, &PluginConfig::default(), &NodeFacts::default()).unwrap();
+    assert_eq!((p.spec.memory_bytes, p.spec.memory_reservation_bytes), (Some(2048 * mib), Some(1024 * mib)));
+
+    let mut t = task();
+    t.mounts = vec![
+        NomadMount {
+            host_path: "/h1".into(),
+            task_path: "/t1".into(),
+            readonly: true,
+            propagation: "host-to-task".into(),
+        },
+        NomadMount {
+            host_path: "/h2".into(),
+            task_path: "/t2".into(),
+            readonly: false,
+            propagation: "bidirectional".into(),
+        },
+        NomadMount { host_path: "/h3".into(), task_path: "/t3".into(), readonly: false, propagation: String::new() },
+    ];
+    t.devices =
+        vec![NomadDevice { host_path: "/dev/kfd".into(), task_path: "/dev/kfd".into(), permissions: String::new() }];
+    let p = plan(&cfg(&vllm()), &t, &PluginConfig::default(), &NodeFacts::default()).unwrap();
+    for b in ["/h1:/t1:ro,rslave", "/h2:/t2:rshared", "/h3:/t3", "/nomad/alloc/a1/alloc/logs:/alloc/logs:ro"] {
+        assert!(p.spec.binds.contains(&b.to_string()), "{b} in {:?}", p.spec.binds);
+    }
+    assert_eq!(p.spec.devices[0].container_path, "/dev/kfd");
+    assert_eq!(p.spec.devices[0].permissions, "rwm");
+    assert_eq!((p.spec.log_max_size.as_deref(), p.spec.log_max_files), (Some("2m"), 2));
 }

@@ -148,6 +148,24 @@ fn host_config(spec: &ContainerSpec) -> HostConfig {
         dns: non_empty(&spec.dns),
         dns_search: non_empty(&spec.dns_search),
         dns_options: non_empty(&spec.dns_options),
+        devices: Some(
+            spec.devices
+                .iter()
+                .map(|d| bollard::models::DeviceMapping {
+                    path_on_host: Some(d.host_path.clone()),
+                    path_in_container: Some(d.container_path.clone()),
+                    cgroup_permissions: Some(d.permissions.clone()),
+                })
+                .collect(),
+        )
+        .filter(|v: &Vec<_>| !v.is_empty()),
+        log_config: spec.log_max_size.as_ref().map(|size| bollard::models::HostConfigLogConfig {
+            typ: Some("json-file".into()),
+            config: Some(HashMap::from([
+                ("max-size".to_string(), size.clone()),
+                ("max-file".to_string(), spec.log_max_files.max(1).to_string()),
+            ])),
+        }),
         ..Default::default()
     }
 }
@@ -282,6 +300,7 @@ impl ContainerRuntime for DockerRuntime {
             Err(BollardError::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
             Err(e) => Err(self.api("inspect")(e)),
             Ok(c) => {
+                let stop_signal = c.config.as_ref().and_then(|cfg| cfg.stop_signal.clone()).filter(|s| !s.is_empty());
                 let s = c.state.unwrap_or_default();
                 Ok(Some(ContainerState {
                     running: s.running.unwrap_or(false),
@@ -290,6 +309,7 @@ impl ContainerRuntime for DockerRuntime {
                     pid: s.pid.unwrap_or(0),
                     error: s.error.unwrap_or_default(),
                     status: s.status.map(|st| st.to_string()).unwrap_or_default(),
+                    stop_signal,
                 }))
             }
         }

@@ -97,6 +97,20 @@ pub struct ContainerSpec {
     pub dns: Vec<String>,
     pub dns_search: Vec<String>,
     pub dns_options: Vec<String>,
+    /// Device-plugin devices.
+    pub devices: Vec<DeviceMapping>,
+    /// json-file log rotation (`max-size`), as the docker driver's default.
+    pub log_max_size: Option<String>,
+    /// json-file log files kept (`max-file`).
+    pub log_max_files: u32,
+}
+
+/// A host device in the container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceMapping {
+    pub host_path: String,
+    pub container_path: String,
+    pub permissions: String,
 }
 
 /// A container's state as inspected.
@@ -108,6 +122,8 @@ pub struct ContainerState {
     pub pid: i64,
     pub error: String,
     pub status: String,
+    /// The container's stop signal (the image's `STOPSIGNAL`), if it has one.
+    pub stop_signal: Option<String>,
 }
 
 /// Pull progress, summed over layers.
