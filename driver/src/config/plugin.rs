@@ -407,10 +407,10 @@ impl PluginConfig {
             }
         }
         let size = &self.container_logs.max_size;
-        if !size.is_empty()
-            && !(size.trim_end_matches(['k', 'm', 'g']).parse::<u64>().is_ok_and(|n| n > 0)
-                && size.ends_with(['k', 'm', 'g']))
-        {
+        let docker_size = |s: &str| {
+            s.ends_with(['k', 'm', 'g']) && s.trim_end_matches(['k', 'm', 'g']).parse::<u64>().is_ok_and(|n| n > 0)
+        };
+        if !size.is_empty() && !docker_size(size) {
             return invalid("container_logs.max_size", format!("{size:?} is not a Docker log size such as \"2m\""));
         }
         if self.container_logs.max_files == 0 {
