@@ -157,7 +157,6 @@ impl driver_server::Driver for Service {
             tracing::warn!(task_id = %config.id, error = %e, "start failed");
             Status::from(e)
         })?;
-        let port_map = started.port_map.iter().map(|(k, v)| (k.clone(), i32::from(*v))).collect();
         Ok(Response::new(pb::StartTaskResponse {
             result: pb::start_task_response::Result::Success as i32,
             driver_error_msg: String::new(),
@@ -168,7 +167,11 @@ impl driver_server::Driver for Service {
                 state: pb::TaskState::Running as i32,
                 driver_state: started.state.encode(),
             }),
-            network_override: Some(pb::NetworkOverride { port_map, addr: String::new(), auto_advertise: false }),
+            // No driver address (the server is reached through Nomad's own port
+            // mapping), so no network override: Nomad would otherwise rewrite the
+            // task's port env and service addresses from it
+            // (`client/serviceregistration/address.go`).
+            network_override: None,
         }))
     }
 
@@ -229,11 +232,7 @@ impl driver_server::Driver for Service {
                 result: exit.as_ref().map(exit_to_proto),
             }),
             driver: Some(pb::TaskDriverStatus { attributes }),
-            network_override: Some(pb::NetworkOverride {
-                port_map: e.state.port_map.iter().map(|(k, v)| (k.clone(), i32::from(*v))).collect(),
-                addr: String::new(),
-                auto_advertise: false,
-            }),
+            network_override: None,
         }))
     }
 

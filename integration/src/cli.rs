@@ -244,7 +244,14 @@ async fn run_job(a: RunArgs) -> Result<()> {
         let id = prepared.config.id.clone();
         println!("== StartTask {} ({id})", t.name);
         let resp = live.process.driver().start_task(StartTaskRequest { task: Some(prepared.config.clone()) }).await?;
-        let ports = resp.into_inner().network_override.map(|n| n.port_map).unwrap_or_default();
+        let _ = resp;
+        // The host ports Nomad gave the task (the driver reports no address of its own).
+        let ports: std::collections::BTreeMap<String, i32> = prepared
+            .config
+            .resources
+            .as_ref()
+            .map(|r| r.ports.iter().map(|p| (p.label.clone(), p.value)).collect())
+            .unwrap_or_default();
         let ready = live.wait_event(&id, "model server ready", Duration::from_secs(120)).await;
         for m in live.event_messages(&id) {
             println!("  event: {m}");

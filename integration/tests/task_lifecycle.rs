@@ -62,6 +62,13 @@ impl Sim {
             .await
             .unwrap_or_else(|e| panic!("StartTask failed: {e:?}"))
             .into_inner();
+        // Nomad uses a network override for the task's port env and service
+        // addresses (`client/serviceregistration/address.go`): only with an address.
+        assert!(
+            resp.network_override.as_ref().is_none_or(|n| !n.addr.is_empty()),
+            "a network override without a driver address: {:?}",
+            resp.network_override
+        );
         let handle = resp.handle.expect("StartTask must return a handle");
         assert_eq!(handle.config.as_ref().expect("handle.config must be set").id, t.config.id);
         assert_eq!(handle.state, TaskState::Running as i32);
