@@ -63,6 +63,7 @@ pub fn task_from_proto(c: &pb::TaskConfig) -> NomadTask {
         memory_max_mb: memory.map_or(0, |m| m.memory_max_mb),
         cpu_shares: alloc.and_then(|a| a.cpu.as_ref()).map_or(0, |c| c.cpu_shares),
         cpuset_cpus: linux.map(|l| l.cpuset_cpus.clone()).unwrap_or_default(),
+        percent_ticks: linux.map_or(0.0, |l| l.percent_ticks),
         ports,
         mounts: c
             .mounts
@@ -134,6 +135,7 @@ pub fn stats_to_proto(id: &str, u: &TaskUsage) -> pb::TaskStats {
     let cpu = pb::CpuUsage {
         system_mode: u.cpu_system_ms,
         user_mode: u.cpu_user_ms,
+        // (Percentages, as Nomad's drivers report them.)
         total_ticks: u.total_ticks,
         throttled_periods: u.raw.throttled_periods,
         throttled_time: u.raw.throttled_time_ns,

@@ -6,6 +6,7 @@
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
 pub mod cache;
+pub mod cgroup;
 pub mod config;
 pub mod convert;
 pub mod cty;

@@ -19,8 +19,10 @@ use crate::readiness;
 use crate::runtime::{ContainerRuntime, ExecOutput, GpuRequest, PullProgress, RuntimeError, Stats};
 use crate::task::{DriverState, NomadTask};
 
-/// How often a running container's cgroup OOM counter is read.
-const OOM_POLL: Duration = Duration::from_millis(200);
+/// How often a running container's cgroup OOM counter is read (an OOM kill of
+/// the container's main process is also in Docker's own state; the counter
+/// catches kills of other processes while the container runs on).
+const OOM_POLL: Duration = Duration::from_secs(1);
 /// How long StopTask waits after SIGKILL for the container to be gone.
 const KILL_WAIT: Duration = Duration::from_secs(30);
 /// How often the relay supervisor looks for the task's relay.
@@ -49,6 +51,8 @@ pub struct TaskEntry {
     /// Our own write ends of the log FIFOs, so logmon never sees EOF between relays.
     fifo_fds: Mutex<Vec<OwnedFd>>,
     cancel: CancellationToken,
+    /// Where its counters are (`None` inside: not looked up yet).
+    cgroup: Mutex<Option<Option<crate::cgroup::CgroupFiles>>>,
 }
 
 impl TaskEntry {
@@ -442,6 +446,7 @@ impl Driver {
             exit: rx,
             fifo_fds: Mutex::new(fds),
             cancel: CancellationToken::new(),
+            cgroup: Mutex::new(None),
         });
         self.tasks().insert(entry.task.id.clone(), entry.clone());
         tokio::spawn(run_exit_watch(self.clone(), entry.clone(), tx));
@@ -696,6 +701,23 @@ impl Driver {
         }
     }
 
+    /// The task's cgroup files, found once from its container's init process;
+    /// `None` to use Docker's stats (`AIMODEL_STATS_SOURCE=docker`, or no
+    /// readable cgroup, e.g. a remote engine).
+    async fn cgroup_of(&self, entry: &TaskEntry) -> Option<crate::cgroup::CgroupFiles> {
+        if std::env::var("AIMODEL_STATS_SOURCE").as_deref() == Ok("docker") {
+            return None;
+        }
+        if let Some(found) = entry.cgroup.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return found;
+        }
+        let pid = self.runtime().inspect(&entry.state.container_id).await.ok().flatten().map_or(0, |s| s.pid);
+        let found =
+            crate::cgroup::locate(pid, Path::new("/sys/fs/cgroup")).filter(|f| crate::cgroup::sample(f).is_some());
+        *entry.cgroup.lock().unwrap_or_else(|p| p.into_inner()) = Some(found.clone());
+        found
+    }
+
     /// The container id of a tracked task (for interactive exec).
     pub fn container_of(&self, id: &str) -> Result<String, DriverError> {
         Ok(self.entry(id)?.state.container_id.clone())
@@ -704,22 +726,29 @@ impl Driver {
     /// One usage sample; `prev` gives the CPU rate.
     pub async fn task_usage(&self, id: &str, prev: Option<&TaskUsage>) -> Result<TaskUsage, DriverError> {
         let entry = self.entry(id)?;
-        let raw = self.runtime().stats(&entry.state.container_id).await?;
-        let mut u = TaskUsage {
-            at: Some(SystemTime::now()),
-            cpu_user_ms: raw.cpu_user_ns as f64 / 1e6,
-            cpu_system_ms: raw.cpu_kernel_ns as f64 / 1e6,
-            raw,
-            ..Default::default()
+        let raw = match self.cgroup_of(&entry).await {
+            Some(files) => match crate::cgroup::sample(&files) {
+                Some(s) => s,
+                None => self.runtime().stats(&entry.state.container_id).await?,
+            },
+            None => self.runtime().stats(&entry.state.container_id).await?,
         };
+        let mut u = TaskUsage { at: Some(SystemTime::now()), raw, ..Default::default() };
         if let Some(p) = prev {
-            let d_cpu = raw.cpu_total_ns.saturating_sub(p.raw.cpu_total_ns) as f64;
-            let d_sys = raw.system_cpu_ns.saturating_sub(p.raw.system_cpu_ns) as f64;
-            if d_sys > 0.0 {
-                u.cpu_percent = d_cpu / d_sys * f64::from(raw.online_cpus) * 100.0;
-            }
+            let (cpu, sys) = cpu_percents(&p.raw, &raw);
+            u.cpu_percent = cpu;
+            (u.cpu_system_ms, u.cpu_user_ms) = sys;
         }
-        u.total_ticks = u.cpu_percent / 100.0 * cpu_mhz();
+        // Nomad's ticks (MHz-scaled): percent of the node's compute, per core, as
+        // the docker driver reports them. The node's compute is the task's share
+        // divided by the share's fraction (`LinuxResources.percent_ticks`).
+        let cores = f64::from(raw.online_cpus.max(1));
+        let node_ticks = if entry.task.percent_ticks > 0.0 && entry.task.cpu_shares > 0 {
+            entry.task.cpu_shares as f64 / entry.task.percent_ticks
+        } else {
+            cpu_mhz() * cores
+        };
+        u.total_ticks = u.cpu_percent / 100.0 * node_ticks / cores;
         if let Some(monitor) = self.gpus().await {
             let assigned = engine::assigned_gpus(&entry.task);
             if !assigned.is_empty() {
@@ -729,6 +758,26 @@ impl Driver {
         }
         Ok(u)
     }
+}
+
+/// Nomad's CPU figures between two samples (`drivers/docker/util/stats_posix.go`):
+/// the container's share of the host's CPU time times the cores, in percent;
+/// kernel and user time as percentages of the container's own CPU time times the
+/// cores (that is what Nomad calls system/user mode). Returns (percent, (system, user)).
+pub fn cpu_percents(prev: &Stats, now: &Stats) -> (f64, (f64, f64)) {
+    let cores = f64::from(now.online_cpus.max(1));
+    let pct = |new: u64, old: u64, new_total: u64, old_total: u64| {
+        let (n, d) = (new.saturating_sub(old), new_total.saturating_sub(old_total));
+        if n == 0 || d == 0 {
+            0.0
+        } else {
+            n as f64 / d as f64 * cores * 100.0
+        }
+    };
+    let percent = pct(now.cpu_total_ns, prev.cpu_total_ns, now.system_cpu_ns, prev.system_cpu_ns);
+    let system = pct(now.cpu_kernel_ns, prev.cpu_kernel_ns, now.cpu_total_ns, prev.cpu_total_ns);
+    let user = pct(now.cpu_user_ns, prev.cpu_user_ns, now.cpu_total_ns, prev.cpu_total_ns);
+    (percent, (system, user))
 }
 
 /// Accepts `SIGHUP`, `HUP`, `sighup` or a number; answers Docker's spelling.
@@ -801,7 +850,8 @@ fn read_oom_kills(files: &[PathBuf]) -> Option<u64> {
 async fn run_exit_watch(driver: Driver, entry: Arc<TaskEntry>, tx: watch::Sender<Option<ExitResult>>) {
     let rt = driver.runtime();
     let id = entry.state.container_id.clone();
-    let files = oom_files(&id);
+    // The one counter file this host has for the container, found once.
+    let files: Vec<PathBuf> = oom_files(&id).into_iter().filter(|f| f.exists()).take(1).collect();
     let mut oom_kills = read_oom_kills(&files).unwrap_or(0);
     let mut wait = Box::pin(rt.wait(&id));
     let waited = loop {
@@ -844,12 +894,19 @@ async fn run_exit_watch(driver: Driver, entry: Arc<TaskEntry>, tx: watch::Sender
 /// exited and no relay is left (the last one delivered everything and left).
 async fn run_relay_supervisor(driver: Driver, entry: Arc<TaskEntry>) {
     let container = entry.state.container_id.clone();
+    // The relay we last saw: checking that one process costs one read, where a
+    // scan of /proc costs one per process of the node, every second, per task.
+    let mut known = Some(entry.state.relay_pid).filter(|p| *p > 0);
     loop {
         tokio::select! {
             _ = entry.cancel.cancelled() => return,
             _ = tokio::time::sleep(RELAY_CHECK) => {}
         }
-        if logrelay::find_relay(&container).is_some() {
+        if known.is_some_and(|pid| logrelay::is_relay(pid, &container)) {
+            continue;
+        }
+        known = logrelay::find_relay(&container);
+        if known.is_some() {
             continue;
         }
         // No relay. A running container gets a new one that resumes from the
@@ -962,6 +1019,25 @@ fn agent_binary() -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_figures_are_nomads_percentages() {
+        let prev = Stats { cpu_total_ns: 1_000, system_cpu_ns: 10_000, online_cpus: 4, ..Stats::default() };
+        // 1000 ns of container CPU in 4000 ns of host CPU on 4 cores: one core, 100 %;
+        // 750 user / 250 kernel of that: 300 % and 100 % (Nomad's scale: times the cores).
+        let now = Stats {
+            cpu_total_ns: 2_000,
+            cpu_user_ns: 750,
+            cpu_kernel_ns: 250,
+            system_cpu_ns: 14_000,
+            online_cpus: 4,
+            ..Stats::default()
+        };
+        let (percent, (system, user)) = cpu_percents(&prev, &now);
+        assert!((percent - 100.0).abs() < 1e-9, "{percent}");
+        assert!((user - 300.0).abs() < 1e-9 && (system - 100.0).abs() < 1e-9, "{user} {system}");
+        assert_eq!(cpu_percents(&now, &now).0, 0.0, "no time passed: no division by zero");
+    }
 
     #[test]
     fn signals_are_normalised() {

@@ -297,12 +297,17 @@ async fn drain_rest(
 /// The pid of a live relay for `container`, found through /proc (the pid in a
 /// stored handle may be stale after a respawn, or recycled).
 pub fn find_relay(container: &str) -> Option<i32> {
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        let text = String::from_utf8_lossy(&cmd);
-        (text.contains(SUBCOMMAND) && text.contains(container) && !is_zombie(pid)).then_some(pid)
-    })
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|e| e.file_name().to_str()?.parse().ok().filter(|pid| is_relay(*pid, container)))
+}
+
+/// Whether `pid` is a live relay of `container` (one process checked, not all of /proc).
+pub fn is_relay(pid: i32, container: &str) -> bool {
+    let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let text = String::from_utf8_lossy(&cmd);
+    text.contains(SUBCOMMAND) && text.contains(container) && !is_zombie(pid)
 }
 
 fn is_zombie(pid: i32) -> bool {

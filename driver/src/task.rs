@@ -65,6 +65,8 @@ pub struct NomadTask {
     pub memory_mb: i64,
     pub memory_max_mb: i64,
     pub cpu_shares: i64,
+    /// The task's share of the node's compute (`LinuxResources.percent_ticks`).
+    pub percent_ticks: f64,
     pub cpuset_cpus: String,
     pub ports: Vec<NomadPort>,
     pub mounts: Vec<NomadMount>,

@@ -166,6 +166,139 @@ async fn lifecycle(runs: usize, tasks: usize) -> Result<()> {
     Ok(())
 }
 
+/// The CPU that TaskStats costs, with the counters read from each task's cgroup
+/// (the default) and from Docker's stats API (`AIMODEL_STATS_SOURCE=docker`),
+/// side by side in one run: the plugin's and dockerd's CPU per task per second
+/// that the stats streams add over the same tasks without them.
+async fn stats_bench(tasks: usize, secs: u64) -> Result<()> {
+    use aimodel_integration::support::{remove_containers_with_label, standin_image};
+    use aimodel_integration::task::TaskBuilder;
+    use aimodel_proto::drivers::{DestroyTaskRequest, StartTaskRequest, TaskStatsRequest};
+
+    let image = standin_image()?;
+    let bin = binary(DRIVER_BIN)?;
+    let dockerd = std::fs::read_dir("/proc")?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "dockerd"));
+    let alloc_label = aimodel_driver::engine::LABEL_ALLOC_ID;
+    let cfg = format!("engine = \"custom\"\nimage = \"{image}\"\nentrypoint = [\"/bin/sleep\"]\nargs = [\"3600\"]\n");
+    for (name, source) in [("cgroup files", None), ("Docker stats API", Some("docker"))] {
+        let (tmp, data, cache) = (tempfile::tempdir()?, tempfile::tempdir()?, tempfile::tempdir()?);
+        let client = format!(
+            "plugin \"nomad-driver-aimodel\" {{\n  config {{\n    hf_cache {{ host_path = \"{}\" }}\n    gpu {{ enabled = false }}\n  }}\n}}\n",
+            cache.path().display()
+        );
+        let mut env = vec![("TMPDIR", tmp.path().to_str().unwrap_or("/tmp"))];
+        if let Some(s) = source {
+            env.push(("AIMODEL_STATS_SOURCE", s));
+        }
+        let live = sequence::start(&bin, &client, &env).await?.live;
+        let mut d = live.process.driver();
+        let mut ids = Vec::new();
+        for i in 0..tasks {
+            let b = TaskBuilder::new(&format!("stats{i}"), &cfg);
+            let t = b.build(&live.task_schema, data.path())?;
+            d.start_task(StartTaskRequest { task: Some(t.config.clone()) }).await?;
+            ids.push((t.config.id.clone(), b.alloc_id.clone()));
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // The same tasks without stats streams: what running them costs anyway
+        // (exit and OOM watch, log relay supervision).
+        let pid = live.process.pid().as_raw();
+        let (idle_plugin, idle_dockerd) = (cpu_seconds(pid), dockerd.map_or(0.0, cpu_seconds));
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        let idle_plugin = cpu_seconds(pid) - idle_plugin;
+        let idle_dockerd = dockerd.map_or(0.0, cpu_seconds) - idle_dockerd;
+        let mut streams = Vec::new();
+        for (id, _) in &ids {
+            let req = TaskStatsRequest {
+                task_id: id.clone(),
+                collection_interval: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
+            };
+            let mut s = d.task_stats(req).await?.into_inner();
+            streams.push(tokio::spawn(async move {
+                let mut n = 0u64;
+                while let Ok(Some(_)) = s.message().await {
+                    n += 1;
+                }
+                n
+            }));
+        }
+        // Past the streams' first samples (the cgroup lookup happens once per task).
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (plugin_before, dockerd_before) = (cpu_seconds(pid), dockerd.map_or(0.0, cpu_seconds));
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        let plugin = cpu_seconds(pid) - plugin_before;
+        let docker = dockerd.map_or(0.0, cpu_seconds) - dockerd_before;
+        for s in &streams {
+            s.abort();
+        }
+        let per = |cpu: f64| cpu * 1000.0 / (tasks as f64 * secs as f64);
+        println!(
+            "| TaskStats from {name}, {tasks} tasks at 1 s, {secs} s | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms |",
+            per(plugin - idle_plugin),
+            per(docker - idle_dockerd),
+            per(idle_plugin),
+            per(plugin),
+        );
+        for (id, alloc) in &ids {
+            d.destroy_task(DestroyTaskRequest { task_id: id.clone(), force: true }).await?;
+            remove_containers_with_label(alloc_label, alloc);
+        }
+        live.kill().await?;
+    }
+    Ok(())
+}
+
+/// Node updates an idle node sends while other nodes write the shared cache:
+/// the plugin fingerprints every second for `secs` seconds while a writer
+/// appends to a file in the cache (a download on another node); every change
+/// of the merged node attributes (as the client merges them) would re-register
+/// the node and re-evaluate its jobs.
+async fn attributes_bench(secs: u64) -> Result<()> {
+    let bin = binary(DRIVER_BIN)?;
+    let (tmp, cache) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    std::fs::create_dir_all(cache.path().join("hub"))?;
+    let client = format!(
+        "plugin \"nomad-driver-aimodel\" {{\n  config {{\n    fingerprint_period = \"1s\"\n    hf_cache {{\n      host_path = \"{}\"\n      min_free = \"1MB\"\n    }}\n    gpu {{ enabled = false }}\n  }}\n}}\n",
+        cache.path().display()
+    );
+    let live = sequence::start(&bin, &client, &[("TMPDIR", tmp.path().to_str().unwrap_or("/tmp"))]).await?.live;
+    live.wait_fingerprints(2, Duration::from_secs(10)).await?;
+    let (_, before) = live.node_view();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (path, s2) = (cache.path().join("hub/another-node.incomplete"), stop.clone());
+    let writer = std::thread::spawn(move || -> std::io::Result<u64> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&path)?;
+        let chunk = vec![1u8; 1 << 20];
+        let mut n = 0;
+        while !s2.load(std::sync::atomic::Ordering::SeqCst) {
+            f.write_all(&chunk)?;
+            f.sync_data()?;
+            n += 1;
+            if n % 256 == 0 {
+                f.set_len(0)?; // keep the disk from filling
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(n)
+    });
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let written = writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    let fingerprints = live.fingerprints.lock().unwrap_or_else(|p| p.into_inner()).items.len();
+    let (_, after) = live.node_view();
+    let changes = after - before;
+    println!(
+        "| node attribute changes while {written} MiB were written into the cache, {secs} s, {fingerprints} fingerprints | {changes} | {:.0} per hour |",
+        changes as f64 * 3600.0 / secs as f64
+    );
+    live.kill().await?;
+    Ok(())
+}
+
 /// Quick validation against huggingface_hub's scan_cache_dir, deep
 /// verification against `openssl dgst -sha256`, side by side in one run.
 fn cache(python: &str) -> Result<()> {
@@ -355,6 +488,11 @@ fn main() -> Result<()> {
             args.get(2).and_then(|n| n.parse().ok()).unwrap_or(20),
         )),
         Some("gpu") => rt.block_on(gpu()),
+        Some("attributes") => rt.block_on(attributes_bench(args.get(1).and_then(|n| n.parse().ok()).unwrap_or(120))),
+        Some("stats") => rt.block_on(stats_bench(
+            args.get(1).and_then(|n| n.parse().ok()).unwrap_or(20),
+            args.get(2).and_then(|n| n.parse().ok()).unwrap_or(20),
+        )),
         Some("gpu-inner") => gpu_inner(args.get(1).map_or("", String::as_str)),
         Some("cache") => cache(args.get(1).map_or("target/pyenv/bin/python", String::as_str)),
         Some("prewarm") => rt.block_on(prewarm_bench(
@@ -384,7 +522,7 @@ fn main() -> Result<()> {
                 std::env::var_os("AIMODEL_IN_NETNS").is_some(),
             ))
         }
-        _ => bail!("usage: bench startup [RUNS] | bench lifecycle [RUNS] [TASKS] | bench cache [PYTHON] | bench gpu | bench prewarm [PYTHON] [ROUNDS] | bench prewarm-netem [PYTHON] [ROUNDS]"),
+        _ => bail!("usage: bench startup [RUNS] | bench lifecycle [RUNS] [TASKS] | bench stats [TASKS] [SECONDS] | bench attributes [SECONDS] | bench cache [PYTHON] | bench gpu | bench prewarm [PYTHON] [ROUNDS] | bench prewarm-netem [PYTHON] [ROUNDS]"),
     }
 }
 
