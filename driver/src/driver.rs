@@ -341,9 +341,13 @@ impl Driver {
     }
 
     /// Containers labelled as ours, created for this node, whose task this
-    /// plugin does not track. They are reported (log line and attribute), never
-    /// touched: they may belong to a task Nomad is about to recover, and
-    /// containers of other clients sharing the engine are not ours to judge.
+    /// plugin does not track (dangling: a StartTask whose answer was lost, a
+    /// plugin restart with lost state). They are reported (log line and
+    /// attribute) and, as the docker driver's reconciler does
+    /// (`drivers/docker/reconcile_dangling.go`), removed once older than
+    /// `gc.dangling_containers.creation_grace` unless that is disabled or a dry
+    /// run. Nothing is judged before the plugin has run for the orphan grace
+    /// (Nomad recovers its tasks first), nor containers of other clients.
     async fn scan_orphans(&self, runtime: &dyn ContainerRuntime) -> Option<usize> {
         let grace = std::env::var("AIMODEL_ORPHAN_GRACE")
             .ok()
@@ -356,25 +360,36 @@ impl Driver {
         let node = node.trim().to_string();
         let listed = runtime.list_labelled(crate::engine::LABEL_MANAGED, "true").await.ok()?;
         let tracked = self.tasks.ids();
-        let mut orphans: Vec<String> = listed
+        let dangling: Vec<crate::runtime::Listed> = listed
             .into_iter()
-            .filter(|(_, labels)| labels.get(crate::engine::LABEL_NODE) == Some(&node))
-            .filter(|(_, labels)| labels.get(crate::engine::LABEL_TASK_ID).is_none_or(|t| !tracked.contains(t)))
-            .map(|(id, labels)| {
-                format!(
-                    "{} ({})",
-                    &id[..12.min(id.len())],
-                    labels.get(crate::engine::LABEL_TASK_ID).cloned().unwrap_or_default()
-                )
-            })
+            .filter(|c| c.labels.get(crate::engine::LABEL_NODE) == Some(&node))
+            .filter(|c| c.labels.get(crate::engine::LABEL_TASK_ID).is_none_or(|t| !tracked.contains(t)))
             .collect();
-        orphans.sort();
-        let mut last = self.orphans.lock().unwrap_or_else(|p| p.into_inner());
-        if *last != orphans && !orphans.is_empty() {
-            tracing::warn!(node = %node, containers = %orphans.join(", "), "containers labelled as aimodel tasks of this node that Nomad no longer knows; left untouched");
+        let policy = self.config().gc.dangling_containers.clone();
+        let now = crate::timefmt::unix_now_secs();
+        let mut kept = Vec::new();
+        for c in dangling {
+            let task = c.labels.get(crate::engine::LABEL_TASK_ID).cloned().unwrap_or_default();
+            let short = c.id[..12.min(c.id.len())].to_string();
+            let old_enough = now.saturating_sub(c.created) >= policy.creation_grace.0.as_secs() as i64;
+            if policy.enabled && !policy.dry_run && old_enough {
+                match runtime.remove(&c.id, true).await {
+                    Ok(()) => {
+                        tracing::warn!(container = %short, task_id = %task, "removed a dangling container no task of this plugin owns");
+                        continue;
+                    }
+                    Err(e) => tracing::warn!(container = %short, error = %e, "cannot remove a dangling container"),
+                }
+            }
+            kept.push(format!("{short} ({task})"));
         }
-        let n = orphans.len();
-        *last = orphans;
+        kept.sort();
+        let mut last = self.orphans.lock().unwrap_or_else(|p| p.into_inner());
+        if *last != kept && !kept.is_empty() {
+            tracing::warn!(node = %node, containers = %kept.join(", "), "containers labelled as aimodel tasks of this node that Nomad no longer knows");
+        }
+        let n = kept.len();
+        *last = kept;
         Some(n)
     }
 

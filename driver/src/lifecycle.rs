@@ -626,10 +626,11 @@ impl Driver {
     async fn destroy_untracked(&self, id: &str) -> Result<(), DriverError> {
         let rt = self.runtime();
         let listed = rt.list_labelled(engine::LABEL_TASK_ID, id).await?;
-        for (container, labels) in listed {
-            if labels.get(engine::LABEL_MANAGED).map(String::as_str) != Some("true") {
+        for c in listed {
+            if c.labels.get(engine::LABEL_MANAGED).map(String::as_str) != Some("true") {
                 continue;
             }
+            let container = c.id;
             rt.remove(&container, true).await?;
             tracing::info!(task_id = %id, container = %container, "removed the container of an untracked task");
         }

@@ -41,6 +41,11 @@ pub fn parse_rfc3339_utc(s: &str) -> Option<(i64, u32)> {
     Some((days * 86_400 + h * 3600 + mi * 60 + sec, nanos))
 }
 
+/// Unix seconds now.
+pub fn unix_now_secs() -> i64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
 /// (secs, nanos) back to a SystemTime.
 pub fn from_parts(secs: i64, nanos: u32) -> SystemTime {
     UNIX_EPOCH + Duration::new(secs.max(0) as u64, nanos)

@@ -447,7 +447,19 @@ async fn a_dead_log_relay_is_replaced_and_resumes() {
 
 #[tokio::test]
 async fn orphans_are_reported_and_left_alone() {
-    let Some(mut sim) = Sim::start_with("fingerprint_period = \"300ms\"", &[("AIMODEL_ORPHAN_GRACE", "0s")]).await
+    orphans("gc {\n  dangling_containers {\n    dry_run = true\n  }\n}", false).await;
+}
+
+/// As the docker driver's reconciler: a dangling container of this node (no
+/// task owns it) is removed after the creation grace; another client's is not.
+#[tokio::test]
+async fn dangling_containers_of_this_node_are_removed() {
+    orphans("gc {\n  dangling_containers {\n    creation_grace = \"0s\"\n  }\n}", true).await;
+}
+
+async fn orphans(gc: &str, removed: bool) {
+    let Some(mut sim) =
+        Sim::start_with(&format!("fingerprint_period = \"300ms\"\n{gc}"), &[("AIMODEL_ORPHAN_GRACE", "0s")]).await
     else {
         return;
     };
@@ -472,6 +484,30 @@ async fn orphans_are_reported_and_left_alone() {
     };
     create(&node);
     create("another-client");
+    if removed {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while containers_with_label(LABEL_ALLOC_ID, &marker).len() != 1 {
+            assert!(Instant::now() < deadline, "the dangling container of this node was not removed");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let left = std::process::Command::new("docker")
+            .args(["inspect", "-f", "{{index .Config.Labels \"com.aimodel.node\"}}"])
+            .args(containers_with_label(LABEL_ALLOC_ID, &marker))
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&left.stdout).trim(),
+            "another-client",
+            "another client's container was removed"
+        );
+        assert_eq!(
+            containers_with_label(aimodel_driver::engine::LABEL_TASK_ID, &t.config.id).len(),
+            1,
+            "a tracked task's container was removed"
+        );
+        sim.destroy(&t.config.id).await;
+        return;
+    }
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let fps = sim.live.fingerprints.lock().unwrap().items.clone();

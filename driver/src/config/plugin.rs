@@ -174,6 +174,22 @@ const GC_SCHEMA: &[Field] = &[
     attr("container", "bool", Some("true"), "Remove the container when Nomad destroys the task."),
     attr("image", "bool", Some("false"), "Remove the image when no task uses it any more."),
     attr("image_delay", "string", Some(r#""3m""#), "How long an unused image is kept before removal."),
+    block(
+        "dangling_containers",
+        DANGLING_SCHEMA,
+        "Containers of this node labelled as aimodel tasks that no task owns (as the docker driver's reconciler).",
+    ),
+];
+
+const DANGLING_SCHEMA: &[Field] = &[
+    attr("enabled", "bool", Some("true"), "Remove dangling containers (checked at every fingerprint)."),
+    attr("dry_run", "bool", Some("false"), "Only report them (log and `driver.aimodel.orphans`)."),
+    attr(
+        "creation_grace",
+        "string",
+        Some(r#""5m""#),
+        "A container younger than this is never removed (its StartTask may still be answering).",
+    ),
 ];
 
 /// The decoded plugin configuration.
@@ -368,11 +384,32 @@ pub struct GcConfig {
     pub container: bool,
     pub image: bool,
     pub image_delay: Dur,
+    pub dangling_containers: DanglingConfig,
 }
 
 impl Default for GcConfig {
     fn default() -> Self {
-        GcConfig { container: true, image: false, image_delay: Dur(Duration::from_secs(180)) }
+        GcConfig {
+            container: true,
+            image: false,
+            image_delay: Dur(Duration::from_secs(180)),
+            dangling_containers: DanglingConfig::default(),
+        }
+    }
+}
+
+/// `gc { dangling_containers { ... } }`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DanglingConfig {
+    pub enabled: bool,
+    pub dry_run: bool,
+    pub creation_grace: Dur,
+}
+
+impl Default for DanglingConfig {
+    fn default() -> Self {
+        DanglingConfig { enabled: true, dry_run: false, creation_grace: Dur(Duration::from_secs(300)) }
     }
 }
 

@@ -17,7 +17,7 @@ use futures::stream::BoxStream;
 use futures::StreamExt;
 
 use super::{
-    ContainerRuntime, ContainerSpec, ContainerState, ExecOutput, ExecSession, GpuRequest, LogRecord, LogStream,
+    ContainerRuntime, ContainerSpec, ContainerState, ExecOutput, ExecSession, GpuRequest, Listed, LogRecord, LogStream,
     PullProgress, RuntimeError, RuntimeInfo, Stats,
 };
 use crate::config::RegistryAuth;
@@ -512,15 +512,20 @@ impl ContainerRuntime for DockerRuntime {
         Ok(if r.running.unwrap_or(false) { None } else { r.exit_code })
     }
 
-    async fn list_labelled(
-        &self,
-        label: &str,
-        value: &str,
-    ) -> Result<Vec<(String, BTreeMap<String, String>)>, RuntimeError> {
+    async fn list_labelled(&self, label: &str, value: &str) -> Result<Vec<Listed>, RuntimeError> {
         let filters = HashMap::from([("label".to_string(), vec![format!("{label}={value}")])]);
         let options = ListContainersOptions { all: true, filters: Some(filters), ..Default::default() };
         let list = self.client().await?.list_containers(Some(options)).await.map_err(self.api("list"))?;
-        Ok(list.into_iter().filter_map(|c| Some((c.id?, c.labels.unwrap_or_default().into_iter().collect()))).collect())
+        Ok(list
+            .into_iter()
+            .filter_map(|c| {
+                Some(Listed {
+                    id: c.id?,
+                    labels: c.labels.unwrap_or_default().into_iter().collect(),
+                    created: c.created.unwrap_or(0),
+                })
+            })
+            .collect())
     }
 }
 

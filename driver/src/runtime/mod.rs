@@ -169,6 +169,15 @@ pub struct Stats {
     pub mem_swap: u64,
 }
 
+/// A container found by label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub id: String,
+    pub labels: BTreeMap<String, String>,
+    /// Creation time, unix seconds.
+    pub created: i64,
+}
+
 /// Output of a finished exec.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ExecOutput {
@@ -239,9 +248,5 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// Exit code of a finished exec (`None` while running).
     async fn exec_exit_code(&self, exec_id: &str) -> Result<Option<i64>, RuntimeError>;
     /// Containers carrying `label=value`, with their labels.
-    async fn list_labelled(
-        &self,
-        label: &str,
-        value: &str,
-    ) -> Result<Vec<(String, BTreeMap<String, String>)>, RuntimeError>;
+    async fn list_labelled(&self, label: &str, value: &str) -> Result<Vec<Listed>, RuntimeError>;
 }
