@@ -241,6 +241,9 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             if let Some(e) = record_err {
                 eprintln!("aimodel-agent: could not record {model} as warm for the driver: {e}");
             }
+            for path in &s.repaired {
+                println!("{repo}@{rev}: {path}: the cached blob was corrupt; downloaded again");
+            }
             let secs = s.elapsed.as_secs_f64().max(1e-9);
             println!(
                 "{repo}@{rev} = {}: {} files, {:.1} MB, {:.1} MB downloaded in {:.1} s ({:.1} MB/s)",
@@ -259,7 +262,12 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             for f in &r.findings {
                 println!("  {f}");
             }
-            let state = if r.is_complete() { "complete" } else { "INCOMPLETE" };
+            let corrupt = r.findings.iter().any(|f| matches!(f, hf_cache::Finding::HashMismatch { .. }));
+            let state = match (r.is_complete(), corrupt) {
+                (true, _) => "complete",
+                (false, true) => "CORRUPT (run aimodel-agent prewarm to fetch the corrupt files again)",
+                (false, false) => "INCOMPLETE",
+            };
             println!(
                 "{repo}@{rev}: {state} ({} files, {:.1} MB{})",
                 r.files.len(),
