@@ -316,7 +316,8 @@ async fn keep_warm(cfg: Arc<AgentConfig>, hub: Hub, spec: ModelSpec, shared: Sha
         tracing::warn!(repo = %spec.repo, error = %e, "could not write the warm record");
     }
     let mut g = lock(&shared);
-    let downloaded = progress.downloaded.load(Ordering::SeqCst);
+    // Taken, not read: an abandonment may have counted part of it already.
+    let downloaded = progress.downloaded.swap(0, Ordering::SeqCst);
     g.counters.downloaded_bytes += downloaded;
     let failed = r.is_err();
     if failed {
@@ -483,12 +484,24 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             let wanted = wanted_set(&cfg, &from_nomad);
             let due: Vec<ModelSpec> = {
                 let mut g = lock(&shared);
-                g.models.retain(|k, _| wanted.contains_key(k));
-                // A model nobody wants any more is not worth finishing.
+                // A model nobody wants any more is not worth finishing: its task
+                // is aborted (which aborts its blob downloads, prewarm's AbortAll).
                 in_flight.retain(|k, h| {
                     let keep = wanted.contains_key(k);
                     if !keep {
+                        tracing::info!(revision = %k.1, "abandoning {}: no longer wanted", k.0);
                         h.abort();
+                    }
+                    keep
+                });
+                let Shared { models, counters, .. } = &mut *g;
+                models.retain(|k, m| {
+                    let keep = wanted.contains_key(k);
+                    if !keep {
+                        // Its bytes stay counted: the counter never goes down.
+                        if let Some(p) = &m.progress {
+                            counters.downloaded_bytes += p.downloaded.swap(0, Ordering::SeqCst);
+                        }
                     }
                     keep
                 });
