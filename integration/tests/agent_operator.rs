@@ -127,3 +127,93 @@ async fn a_model_whose_job_is_removed_is_abandoned_and_its_downloads_stop() {
     assert!(samples.windows(2).all(|w| w[0] <= w[1]), "the downloaded-bytes counter went down: {samples:?}");
     assert!(samples.last().is_some_and(|&v| v >= 2 << 20), "the abandoned bytes were dropped: {samples:?}");
 }
+
+fn write_config(home: &Path, port: u16, extra: &str) -> std::path::PathBuf {
+    let cfg = home.join("agent.hcl");
+    std::fs::write(
+        &cfg,
+        format!("hf_home = \"{}\"\nlisten = \"127.0.0.1:{port}\"\ninterval = \"1h\"\n{extra}", home.display()),
+    )
+    .unwrap();
+    cfg
+}
+
+async fn wait_health(port: u16, within: Duration, want: &str, log: &Path) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let (status, body) = http_get(port, "/health").await;
+        if status.contains(want) {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/health not {want} within {within:?}: {status} {body}\nlog:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_fails_while_the_cache_is_not_writable_and_recovers() {
+    let hub_server = FaultHub::start(vec![1, 2, 3]).await.unwrap();
+    let home = tempfile::tempdir().unwrap();
+    // The agent's state directory is a regular file: nothing can be written there (root included).
+    let state = home.path().join("aimodel");
+    std::fs::write(&state, b"not a directory").unwrap();
+    let port = free_port();
+    let cfg = write_config(home.path(), port, "");
+    let log = home.path().join("agent.log");
+    let _agent = spawn_agent(&cfg, &hub_server.endpoint(), &log);
+
+    let body = wait_health(port, Duration::from_secs(30), "503", &log).await;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["status"], "unhealthy", "{body}");
+    let reasons = v["reasons"].to_string();
+    assert!(reasons.contains("the cache is not writable") && reasons.contains("aimodel"), "{body}");
+    let m = http_body(port, "/metrics").await;
+    assert_eq!(metric(&m, "aimodel_agent_cache_writable"), Some(0), "{m}");
+    assert_eq!(metric(&m, "aimodel_agent_healthy"), Some(0), "{m}");
+    let st: serde_json::Value = serde_json::from_str(&http_body(port, "/status").await).unwrap();
+    assert_eq!(st["health"]["ok"], false, "{st:#}");
+
+    // Fixed: the next probe finds it writable.
+    std::fs::remove_file(&state).unwrap();
+    let body = wait_health(port, Duration::from_secs(30), "200", &log).await;
+    assert_eq!(body.trim(), "{\"status\":\"ok\"}");
+    let m = http_body(port, "/metrics").await;
+    assert_eq!(metric(&m, "aimodel_agent_cache_writable"), Some(1), "{m}");
+    assert_eq!(metric(&m, "aimodel_agent_healthy"), Some(1), "{m}");
+    let st: serde_json::Value = serde_json::from_str(&http_body(port, "/status").await).unwrap();
+    assert_eq!(st["health"]["ok"], true, "{st:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_fails_when_every_recent_prewarm_failed_and_metrics_say_which() {
+    // A hub that is not there: every prewarm fails.
+    let closed = free_port();
+    let home = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cfg = write_config(home.path(), port, "models = [{ repo = \"org/m\" }]\n");
+    let log = home.path().join("agent.log");
+    let _agent = spawn_agent(&cfg, &format!("http://127.0.0.1:{closed}"), &log);
+
+    let body = wait_health(port, Duration::from_secs(60), "503", &log).await;
+    assert!(body.contains("prewarms failed") && body.contains("org/m@main"), "{body}");
+    let m = http_body(port, "/metrics").await;
+    let failures = m
+        .lines()
+        .find_map(|l| l.strip_prefix("aimodel_agent_model_failures_total{repo=\"org/m\",revision=\"main\"} "))
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(failures.is_some_and(|f| f >= 1), "{m}");
+    assert!(!m.contains("aimodel_agent_model_last_success_timestamp_seconds{"), "{m}");
+    let st: serde_json::Value = serde_json::from_str(&http_body(port, "/status").await).unwrap();
+    assert_eq!(st["health"]["ok"], false, "{st:#}");
+    // /status and /metrics agree on the counters.
+    assert!(st["counters"]["model_failures"]["org/m@main"].as_u64().is_some_and(|f| f >= 1), "{st:#}");
+    assert_eq!(
+        st["counters"]["downloaded_bytes"].as_u64(),
+        metric(&m, "aimodel_agent_downloaded_bytes_total"),
+        "{st:#}\n{m}"
+    );
+}

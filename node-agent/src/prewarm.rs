@@ -15,8 +15,8 @@ use reqwest::header::{HeaderMap, RANGE};
 use sha2::Digest;
 use tokio::io::AsyncWriteExt;
 
-use hf_cache::layout::{is_commit, RepoId, RepoPaths, TreeEntry};
 use hf_cache::layout::CompletionRecord;
+use hf_cache::layout::{is_commit, RepoId, RepoPaths, TreeEntry};
 use hf_cache::publish::{
     check_present_blob, link_file, read_completion, record_completion_hashed, write_ref, write_tree, PresentBlob,
 };
@@ -308,9 +308,7 @@ async fn prewarm_inner(
     let published: BTreeMap<String, TreeEntry> = items.iter().map(|i| (i.path.clone(), entry_of(i))).collect();
     let (p, c) = (paths.clone(), commit.clone());
     let hashed = found.hashed.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    tokio::task::spawn_blocking(move || {
-        record_completion_hashed(&p, &c, &published, filtered, trusted_since, &hashed)
-    })
+    tokio::task::spawn_blocking(move || record_completion_hashed(&p, &c, &published, filtered, trusted_since, &hashed))
         .await
         .map_err(|e| io(&paths.completion(&commit), e))?
         .map_err(|e| io(&paths.completion(&commit), e))?;
