@@ -27,7 +27,9 @@ locals {
   # waits (the template restarts the task when the list changes).
   router_script = <<-EOT
     set -f
-    workers="$NOMAD_TASK_DIR/workers.txt"
+    dir="$NOMAD_TASK_DIR"
+    [ -n "$dir" ] || dir=/local
+    workers="$dir/workers.txt"
     while [ -z "$(tr -d '[:space:]' < "$workers" 2>/dev/null)" ]; do
       echo "no sglang-worker registered in Consul yet; waiting" >&2
       sleep 10

@@ -4,7 +4,7 @@
 //! against Docker with the engine image swapped for the local stand-in.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aimodel_driver::config::{decode_plugin_config, decode_task_config, PLUGIN_SCHEMA, TASK_SCHEMA};
@@ -125,7 +125,11 @@ fn expected(engine: &str) -> &'static [&'static str] {
     match engine {
         "vllm" => &["--model ", "--served-model-name ", "--host 0.0.0.0", "--port "],
         "sglang" => &["-m sglang.launch_server", "--model-path ", "--port "],
-        "sglang-router" => &["-m sglang_router.launch_router", "--worker-urls ${WORKER_URLS}"],
+        "sglang-router" => &[
+            "-m sglang_router.launch_router",
+            "--host 0.0.0.0 --port ",
+            "--worker-urls http://10.0.0.1:20001 http://10.0.0.2:20002",
+        ],
         "ollama" => &["serve"],
         "ray" => &["start --block", "--dashboard-host=0.0.0.0"],
         _ => &[],
@@ -159,6 +163,11 @@ async fn every_stack_runs_through_the_simulator() {
             }
             let prepared = t.prepare(&live.task_schema, &ctx, Some(STANDIN_IMAGE), data.path()).unwrap();
             let id = prepared.config.id.clone();
+            if cfg.engine.as_str() == "sglang-router" {
+                // What the job's template renders from Consul (two registered workers).
+                let local = Path::new(&prepared.config.alloc_dir).join(&t.name).join("local");
+                std::fs::write(local.join("workers.txt"), "http://10.0.0.1:20001\nhttp://10.0.0.2:20002\n").unwrap();
+            }
             live.process
                 .driver()
                 .start_task(StartTaskRequest { task: Some(prepared.config.clone()) })
@@ -392,7 +401,8 @@ fn the_client_configuration_declares_every_volume_device_and_driver_the_jobs_nee
             }
         }
     }
-    for want in ["host_volume hf-cache", "host_volume ollama-models", "device nvidia/gpu", "driver aimodel", "driver exec"]
+    for want in
+        ["host_volume hf-cache", "host_volume ollama-models", "device nvidia/gpu", "driver aimodel", "driver exec"]
     {
         assert!(needs.iter().any(|(_, n)| n == want), "no job needs {want}: {needs:?}");
     }
