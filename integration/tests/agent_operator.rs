@@ -38,8 +38,9 @@ fn aimodel_job(id: &str, model: &str) -> serde_json::Value {
     })
 }
 
-fn spawn_agent(cfg: &Path, endpoint: &str, log: &Path) -> tokio::process::Child {
+fn spawn_agent(cfg: &Path, endpoint: &str, log: &Path, format: &str) -> tokio::process::Child {
     tokio::process::Command::new(binary("aimodel-agent").unwrap())
+        .env("AIMODEL_LOG_FORMAT", format)
         .args(["run", "--config"])
         .arg(cfg)
         .env("HF_ENDPOINT", endpoint)
@@ -87,7 +88,7 @@ async fn a_model_whose_job_is_removed_is_abandoned_and_its_downloads_stop() {
     )
     .unwrap();
     let log = home.path().join("agent.log");
-    let _agent = spawn_agent(&cfg, &hub_server.endpoint(), &log);
+    let _agent = spawn_agent(&cfg, &hub_server.endpoint(), &log, "text");
     let served = || hub_server.log.lock().unwrap().body_bytes.get("slow/big").copied().unwrap_or(0);
     let mut samples: Vec<u64> = Vec::new();
 
@@ -164,7 +165,7 @@ async fn health_fails_while_the_cache_is_not_writable_and_recovers() {
     let port = free_port();
     let cfg = write_config(home.path(), port, "");
     let log = home.path().join("agent.log");
-    let _agent = spawn_agent(&cfg, &hub_server.endpoint(), &log);
+    let _agent = spawn_agent(&cfg, &hub_server.endpoint(), &log, "text");
 
     let body = wait_health(port, Duration::from_secs(30), "503", &log).await;
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -186,6 +187,12 @@ async fn health_fails_while_the_cache_is_not_writable_and_recovers() {
     assert_eq!(metric(&m, "aimodel_agent_healthy"), Some(1), "{m}");
     let st: serde_json::Value = serde_json::from_str(&http_body(port, "/status").await).unwrap();
     assert_eq!(st["health"]["ok"], true, "{st:#}");
+    // stderr is a file, not a terminal: no colours; AIMODEL_LOG=debug shows our
+    // modules, not HTTP/2 frames.
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("the cache is not writable") && logged.contains("aimodel_agent"), "{logged}");
+    assert!(!logged.contains('\u{1b}'), "ANSI escapes in a non-terminal log:\n{logged}");
+    assert!(!logged.lines().any(|l| l.contains(" h2::") || l.contains(" hyper")), "{logged}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,7 +203,7 @@ async fn health_fails_when_every_recent_prewarm_failed_and_metrics_say_which() {
     let port = free_port();
     let cfg = write_config(home.path(), port, "models = [{ repo = \"org/m\" }]\n");
     let log = home.path().join("agent.log");
-    let _agent = spawn_agent(&cfg, &format!("http://127.0.0.1:{closed}"), &log);
+    let _agent = spawn_agent(&cfg, &format!("http://127.0.0.1:{closed}"), &log, "json");
 
     let body = wait_health(port, Duration::from_secs(60), "503", &log).await;
     assert!(body.contains("prewarms failed") && body.contains("org/m@main"), "{body}");
@@ -216,4 +223,12 @@ async fn health_fails_when_every_recent_prewarm_failed_and_metrics_say_which() {
         metric(&m, "aimodel_agent_downloaded_bytes_total"),
         "{st:#}\n{m}"
     );
+    // AIMODEL_LOG_FORMAT=json: every line is one JSON object.
+    let logged = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = logged
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines.iter().any(|v| v["message"] == "prewarm failed" && v["repo"] == "org/m"), "{logged}");
 }

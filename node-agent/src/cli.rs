@@ -563,17 +563,11 @@ pub async fn run(args: Args) -> Result<ExitCode> {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            init_logging();
+            crate::logging::init();
             crate::daemon::run(cfg).await?;
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("AIMODEL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
 /// `3m`, `2h`, `5d`: how long ago.
