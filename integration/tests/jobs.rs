@@ -577,3 +577,37 @@ fn every_hcl_block_in_the_docs_parses() {
     }
     assert!(blocks >= 3, "found only {blocks} hcl blocks");
 }
+
+/// install.md's build and install commands name the workspace's packages and put
+/// the binaries where `jobs/client.hcl` (plugin_dir) and the agent's system job
+/// (its exec command) look for them.
+#[test]
+fn the_install_commands_match_the_packages_client_config_and_agent_job() {
+    let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    let install = std::fs::read_to_string(root.join("docs/install.md")).unwrap();
+    let sh = install.split("```sh").nth(1).and_then(|b| b.split("```").next()).unwrap();
+    let package = |dir: &str| {
+        let toml = std::fs::read_to_string(root.join(dir).join("Cargo.toml")).unwrap();
+        toml.lines().find_map(|l| l.strip_prefix("name = ")).unwrap().trim_matches('"').to_string()
+    };
+    for p in [package("driver"), package("node-agent")] {
+        assert!(sh.contains(&format!("-p {p}")), "install.md does not build {p}:\n{sh}");
+    }
+    let client: hcl::Body = hcl::parse(&std::fs::read_to_string(jobs_dir().join("client.hcl")).unwrap()).unwrap();
+    let plugin_dir = attr_str(&client, "plugin_dir", &hcl::eval::Context::new()).unwrap();
+    assert!(
+        sh.contains(&format!("target/release/{} {plugin_dir}/", package("driver"))),
+        "the plugin is not installed into {plugin_dir}:\n{sh}"
+    );
+    let text = std::fs::read_to_string(jobs_dir().join(AGENT_JOB)).unwrap();
+    let body: hcl::Body = hcl::parse(&text).unwrap();
+    let ctx = eval_context(&body, &BTreeMap::new()).unwrap();
+    let job = block(&body, "job")[0];
+    let task = block(&block(&job.body, "group")[0].body, "task")[0];
+    let command = attr_str(&block(&task.body, "config")[0].body, "command", &ctx).unwrap();
+    let dir = Path::new(&command).parent().unwrap().display().to_string();
+    assert!(
+        sh.contains(&format!("target/release/aimodel-agent {dir}/")),
+        "the agent is not installed where the system job runs it ({command}):\n{sh}"
+    );
+}
