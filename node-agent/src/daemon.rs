@@ -781,4 +781,38 @@ mod tests {
         sync_pins(&parse("{ repo = \"o/pinned\" }"));
         assert_eq!(state.pins().into_iter().map(|p| p.repo).collect::<Vec<_>>(), ["o/theirs"]);
     }
+
+    #[test]
+    fn health_names_each_reason_and_gives_nomad_a_grace_period() {
+        let mut g = Shared { started: Some(Instant::now()), ..Shared::default() };
+        assert!(health(&g).is_empty());
+        g.cache_error = Some("/c/aimodel: Not a directory".into());
+        assert_eq!(health(&g), ["the cache is not writable: /c/aimodel: Not a directory"]);
+        g.cache_error = None;
+
+        // Nomad failing, but it answered 10 s ago: within the grace period.
+        let status = Arc::new(Mutex::new(NomadStatus {
+            last_error: Some("connection refused".into()),
+            last_ok: Some(unix_now() - 10),
+            ..NomadStatus::default()
+        }));
+        g.nomad = Some(status.clone());
+        assert!(health(&g).is_empty());
+        status.lock().unwrap().last_ok = Some(unix_now() - 300);
+        let why = health(&g);
+        assert!(
+            why.len() == 1
+                && why[0].starts_with("nomad has not answered for ")
+                && why[0].ends_with("connection refused"),
+            "{why:?}"
+        );
+        status.lock().unwrap().last_error = None;
+        assert!(health(&g).is_empty());
+
+        // Every recent prewarm failed → unhealthy; one success among them → healthy.
+        g.recent.extend([false, false]);
+        assert!(health(&g)[0].starts_with("the last 2 prewarms failed"), "{:?}", health(&g));
+        g.recent.push_back(true);
+        assert!(health(&g).is_empty());
+    }
 }
