@@ -115,8 +115,8 @@ fn arguments_are_checked_with_reasons() {
 
 #[test]
 fn every_flag_has_help() {
-    for sub in ["prewarm", "verify", "status", "gc", "pin", "unpin", "run"] {
-        let out = agent(&[sub, "-h"]);
+    for sub in ["", "prewarm", "verify", "status", "gc", "pin", "unpin", "run"] {
+        let out = agent(&[sub, "-h"].into_iter().filter(|a| !a.is_empty()).collect::<Vec<_>>());
         assert!(out.status.success(), "{}", text(&out));
         let help = String::from_utf8_lossy(&out.stdout).into_owned();
         for line in help.lines().filter(|l| l.trim_start().starts_with('-') || l.starts_with("  <")) {
