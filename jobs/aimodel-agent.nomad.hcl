@@ -8,7 +8,10 @@
 #   nomad job run jobs/aimodel-agent.nomad.hcl
 # Nomad is reached through the task API socket (${NOMAD_SECRETS_DIR}/api.sock, Nomad >= 1.5)
 # with the task's workload identity: no token is stored and none crosses the network.
-# The binary is installed beside the plugin (docs/install.md): /usr/local/bin/aimodel-agent.
+# The binary is installed at /usr/local/bin/aimodel-agent on every client (docs/install.md §4):
+# the exec driver's chroot contains /usr (its default chroot_env), not the client's plugin_dir.
+# The task runs as root: the cache is owned by root (the driver's `prewarm = true` writes it as
+# root too); jobs/client.hcl takes root off the exec driver's `user.denylist` for that.
 
 variable "region" {
   type    = string
@@ -79,6 +82,7 @@ job "aimodel-agent" {
 
     task "agent" {
       driver = "exec"
+      user   = "root"
 
       config {
         command = "/usr/local/bin/aimodel-agent"

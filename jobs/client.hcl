@@ -4,9 +4,41 @@
 
 client {
   enabled = true
+
+  # The shared HF cache: the NFS export mounted at the same path on every client
+  # (docs/install.md §2). The model servers, the node agent and the driver's
+  # hf_cache.host_path below all name this one directory (it is HF_HOME).
+  host_volume "hf-cache" {
+    path      = "/mnt/hf-cache"
+    read_only = false
+  }
+
+  # Ollama's own model store (jobs/ollama.nomad.hcl), local to the node.
+  host_volume "ollama-models" {
+    path      = "/opt/ollama/models"
+    read_only = false
+  }
+
+  # The node agent's system job runs with the exec driver as root (it writes the
+  # root-owned cache, as the driver's prewarm does); Nomad refuses exec tasks as
+  # root unless root is taken off this list (docs/install.md §4).
+  options = {
+    "user.denylist" = "Administrator"
+  }
 }
 
 plugin_dir = "/opt/nomad/plugins"
+
+# Nomad's NVIDIA device plugin (nomad-device-nvidia, installed in plugin_dir):
+# it fingerprints the GPUs as the `nvidia/gpu` devices every GPU jobspec asks
+# for, and Nomad assigns them (NVIDIA_VISIBLE_DEVICES) to the aimodel driver,
+# which passes exactly those UUIDs to Docker (docs/install.md §1).
+plugin "nomad-device-nvidia" {
+  config {
+    enabled            = true
+    fingerprint_period = "1m"
+  }
+}
 
 plugin "nomad-driver-aimodel" {
   config {

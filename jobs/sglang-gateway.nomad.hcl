@@ -20,6 +20,24 @@ variable "workers" {
   default = 2
 }
 
+locals {
+  # Runs the router with each worker URL of local/workers.txt as its own argument
+  # (`sh -c SCRIPT NAME ARGS...`: the driver's --host/--port arrive as "$@"; the
+  # URLs are split on whitespace, never globbed). With no worker registered yet it
+  # waits (the template restarts the task when the list changes).
+  router_script = <<-EOT
+    set -f
+    dir="$NOMAD_TASK_DIR"
+    [ -n "$dir" ] || dir=/local
+    workers="$dir/workers.txt"
+    while [ -z "$(tr -d '[:space:]' < "$workers" 2>/dev/null)" ]; do
+      echo "no sglang-worker registered in Consul yet; waiting" >&2
+      sleep 10
+    done
+    exec python3 -m sglang_router.launch_router "$@" --worker-urls $(cat "$workers")
+    EOT
+}
+
 job "sglang" {
   region      = var.region
   datacenters = var.datacenters
@@ -119,20 +137,23 @@ job "sglang" {
     task "router" {
       driver = "aimodel"
 
-      # The worker list comes from Consul; the router is re-rendered when it changes.
+      # The worker list comes from Consul, one URL per line; the router restarts
+      # when it changes. Each URL becomes its own argument (--worker-urls A B ...);
+      # before any worker is registered the list is empty and the router waits
+      # instead of starting with a bogus empty URL.
       template {
-        destination = "local/workers.env"
-        env         = true
+        destination = "local/workers.txt"
         change_mode = "restart"
         data        = <<-EOT
-        WORKER_URLS={{ range $i, $s := service "sglang-worker" }}{{ if $i }} {{ end }}http://{{ $s.Address }}:{{ $s.Port }}{{ end }}
+        {{ range service "sglang-worker" }}http://{{ .Address }}:{{ .Port }}
+        {{ end }}
         EOT
       }
 
       config {
         engine = "sglang-router"
         port   = "http"
-        args   = ["--worker-urls", "${WORKER_URLS}"]
+        entrypoint = ["/bin/sh", "-c", local.router_script, "sglang-router"]
       }
 
       resources {

@@ -40,7 +40,9 @@ job "vllm" {
       port "http" {}
     }
 
-    # Only nodes whose client has the shared cache volume and a healthy cache.
+    # Only nodes whose client declares the shared cache volume, and whose cache the
+    # driver found writable (its other health checks — NFS, free space, a hung
+    # mount — mark the whole driver unhealthy, which keeps tasks off by itself).
     volume "hf-cache" {
       type      = "host"
       source    = "hf-cache"

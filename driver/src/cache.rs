@@ -141,13 +141,16 @@ impl ModelCheck {
     pub fn failure_message(&self, hub: &Path) -> String {
         let shown: Vec<&str> = self.findings.iter().take(8).map(String::as_str).collect();
         let more = self.findings.len().saturating_sub(shown.len());
+        // `hub` is `<host_path>/hub`; the agent's --hf-home is `host_path` (HF_HOME).
+        let home = hub.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(hub);
         format!(
-            "model {}@{} is not complete in the HF cache at {}: {}{}. Fix: aimodel-agent prewarm {}@{}",
+            "model {}@{} is not complete in the HF cache at {}: {}{}. Fix: aimodel-agent --hf-home {} prewarm {}@{}",
             self.repo,
             self.revision,
             hub.display(),
             shown.join("; "),
             if more > 0 { format!(" (and {more} more)") } else { String::new() },
+            home.display(),
             self.repo,
             self.revision
         )
@@ -347,5 +350,21 @@ mod tests {
         });
         assert!(started.elapsed() < Duration::from_secs(5));
         assert!(st.problems.iter().any(|p| p.contains("cache probe timed out after 0.3s")), "{:?}", st.problems);
+    }
+
+    #[test]
+    fn the_fix_command_names_the_cache() {
+        let c = ModelCheck {
+            repo: "org/m".into(),
+            revision: "main".into(),
+            commit: None,
+            complete: false,
+            verifiable: false,
+            files: 0,
+            bytes: 0,
+            findings: vec!["refs/main is missing".into()],
+        };
+        let m = c.failure_message(Path::new("/mnt/hf-cache/hub"));
+        assert!(m.ends_with("Fix: aimodel-agent --hf-home /mnt/hf-cache prewarm org/m@main"), "{m}");
     }
 }

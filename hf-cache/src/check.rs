@@ -81,7 +81,7 @@ impl Finding {
             Finding::Missing { .. } => "missing",
             Finding::Dangling { .. } => "dangling",
             Finding::WrongSize { .. } => "wrong size",
-            Finding::HashMismatch { .. } => "hash mismatch",
+            Finding::HashMismatch { .. } => "corrupt",
             Finding::Partial { .. } => "leftover partial",
             Finding::Unexpected { .. } => "unexpected file",
             Finding::BadLink { .. } => "bad link",
@@ -104,7 +104,7 @@ impl fmt::Display for Finding {
                 write!(f, "{path}: {actual} bytes, expected {expected}")
             }
             Finding::HashMismatch { path, expected, actual } => {
-                write!(f, "{path}: content hashes to {actual}, expected {expected}")
+                write!(f, "{path}: corrupt: content hashes to {actual}, expected {expected}")
             }
             Finding::Partial { path, file } => write!(f, "{path}: partial download {file} left behind"),
             Finding::Unexpected { path } => write!(f, "{path}: not in the commit's listing"),

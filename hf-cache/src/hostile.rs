@@ -291,7 +291,7 @@ fn an_overwritten_blob_is_modified() {
     let r = check(&hub, &RepoId::model("o/m"), "main", Mode::Quick);
     assert_eq!(r.findings, [Finding::Modified { path: "model.safetensors".into() }]);
     assert!(r.findings[0].to_string().contains("verify --deep"));
-    assert_eq!(kinds(&hub, "o/m", Mode::Deep), ["hash mismatch"]);
+    assert_eq!(kinds(&hub, "o/m", Mode::Deep), ["corrupt"]);
     // A prewarm (publish) hashes it before recording, and refuses the poison.
     let e = publish_snapshot(&hub, &RepoId::model("o/m"), COMMIT, "main", &files()).unwrap_err();
     assert!(e.to_string().contains("hashes to"), "{e}");

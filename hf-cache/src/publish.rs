@@ -168,6 +168,55 @@ pub fn record_completion(
     filtered: bool,
     trusted_since: SystemTime,
 ) -> std::io::Result<CompletionRecord> {
+    record_completion_hashed(paths, commit, listing, filtered, trusted_since, &BTreeMap::new())
+}
+
+/// A blob already in place at its listed size, as a prewarm finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PresentBlob {
+    /// The commit's completion record vouches for it: same blob, unchanged since recorded.
+    Recorded,
+    /// Hashed now and sound; `ctime` as it was then (see [`record_completion_hashed`]).
+    Sound { ctime: (i64, i64) },
+    /// Its content does not hash to its name: it must be fetched again.
+    Corrupt { actual: String },
+}
+
+/// Decides whether a present blob of `path` can be kept: vouched for by
+/// `record` (the commit's completion record), else hashed now.
+pub fn check_present_blob(
+    paths: &RepoPaths,
+    record: Option<&CompletionRecord>,
+    path: &str,
+    entry: &TreeEntry,
+) -> std::io::Result<PresentBlob> {
+    let hub = paths.root.parent().unwrap_or(Path::new("."));
+    let b = crate::check::open_blob(hub, paths, entry.etag())
+        .map_err(|e| std::io::Error::other(format!("{path}: blob {}: {e}", entry.etag())))?;
+    let ctime = (b.stat.st_ctime, b.stat.st_ctime_nsec);
+    let recorded = record
+        .and_then(|r| r.files.get(path))
+        .is_some_and(|f| f.entry.etag() == entry.etag() && ctime <= (f.ctime, f.ctime_nsec));
+    if recorded {
+        return Ok(PresentBlob::Recorded);
+    }
+    let actual = crate::check::hash_blob(&b, entry.lfs_sha256.is_some())?;
+    if actual != entry.etag() {
+        return Ok(PresentBlob::Corrupt { actual });
+    }
+    Ok(PresentBlob::Sound { ctime })
+}
+
+/// [`record_completion`], trusting the blobs in `hashed` (etag → the ctime
+/// they had when [`check_present_blob`] hashed them) while that ctime is unchanged.
+pub fn record_completion_hashed(
+    paths: &RepoPaths,
+    commit: &str,
+    listing: &BTreeMap<String, TreeEntry>,
+    filtered: bool,
+    trusted_since: SystemTime,
+    hashed: &BTreeMap<String, (i64, i64)>,
+) -> std::io::Result<CompletionRecord> {
     if !is_commit(commit) {
         return Err(invalid(format!("{commit:?} is not a commit")));
     }
@@ -210,6 +259,7 @@ pub fn record_completion(
         }
         let ctime = (b.stat.st_ctime, b.stat.st_ctime_nsec);
         let vouched = ctime >= since
+            || hashed.get(entry.etag()) == Some(&ctime)
             || old
                 .as_ref()
                 .and_then(|o| o.files.get(path))

@@ -49,7 +49,7 @@ fn each_corruption_is_named() {
     std::fs::write(paths.blob(lfs.etag()), vec![8u8; 5000]).unwrap();
     // Quick mode reads no content, but the blob changed after the record: modified.
     assert_eq!(kinds(d.path(), &repo, Mode::Quick), ["modified"]);
-    assert_eq!(kinds(d.path(), &repo, Mode::Deep), ["hash mismatch"]);
+    assert_eq!(kinds(d.path(), &repo, Mode::Deep), ["corrupt"]);
     std::fs::remove_file(paths.blob(lfs.etag())).unwrap();
     assert_eq!(kinds(d.path(), &repo, Mode::Quick), ["dangling"]);
     std::fs::write(paths.blob(lfs.etag()), vec![7u8; 5000]).unwrap();

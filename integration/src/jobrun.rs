@@ -40,7 +40,7 @@ fn label(b: &Block) -> String {
 }
 
 /// The evaluation context of a jobspec: `var.<name>` from variable defaults,
-/// overridden by `vars`.
+/// overridden by `vars`, and `local.<name>` from `locals` blocks.
 pub fn eval_context(body: &Body, vars: &BTreeMap<String, String>) -> Result<EvalContext<'static>> {
     let mut values = hcl::Map::new();
     let empty = EvalContext::new();
@@ -55,6 +55,15 @@ pub fn eval_context(body: &Body, vars: &BTreeMap<String, String>) -> Result<Eval
     }
     let mut ctx = EvalContext::new();
     ctx.declare_var("var", hcl::Value::Object(values));
+    // `locals { … }`: evaluated with the variables (not with each other).
+    let mut locals = hcl::Map::new();
+    for l in blocks(body, "locals") {
+        for a in l.body.attributes() {
+            let v = a.expr.evaluate(&ctx).map_err(|e| anyhow::anyhow!("local.{}: {e}", a.key.as_str()))?;
+            locals.insert(a.key.as_str().to_string(), v);
+        }
+    }
+    ctx.declare_var("local", hcl::Value::Object(locals));
     Ok(ctx)
 }
 

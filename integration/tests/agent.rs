@@ -30,13 +30,13 @@ fn weights() -> Vec<u8> {
     (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect()
 }
 
-/// "… 3.0 MB downloaded …" from the summary line.
+/// "… 2.9 MiB downloaded …" from the summary line, in MB (1e6 bytes).
 fn downloaded_mb(summary: &str) -> f64 {
     summary
         .split(", ")
-        .find(|p| p.contains("MB downloaded"))
-        .and_then(|p| p.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
+        .find_map(|p| p.split_once(" downloaded").map(|(n, _)| n.to_string()))
+        .and_then(|n| hf_cache::units::parse_bytes(&n).ok())
+        .map(|b| b as f64 / 1e6)
         .unwrap_or(-1.0)
 }
 

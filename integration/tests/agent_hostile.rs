@@ -120,7 +120,8 @@ async fn absurd_option_values_are_usage_errors() {
         ("--stall-timeout", "0s", "positive"),
         ("--deadline", "0", "positive"),
         ("--deadline", "100000h", "between"),
-        ("--range-size", "1", "between 1MiB and 4GiB"),
+        ("--range-size", "1B", "between 1MiB and 4GiB"),
+        ("--range-size", "1", "has no unit"),
     ] {
         let r = agent(tmp.path(), "http://127.0.0.1:9", &["prewarm", "a/b", flag, value]).await;
         assert_eq!(r.code, Some(2), "{flag} {value}: {}", r.err);

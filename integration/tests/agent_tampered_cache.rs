@@ -64,7 +64,7 @@ async fn an_unverifiable_snapshot_is_refused_until_one_prewarm_records_it() {
     // One prewarm fetches nothing (the blobs are there) and records it.
     let out = agent(cache.path(), &hub.endpoint(), &["prewarm", "org/m"]).await;
     assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("0.0 MB downloaded"), "{}", text(&out));
+    assert!(text(&out).contains(", 0 B downloaded"), "{}", text(&out));
     assert!(paths.completion(COMMIT).is_file());
     let out = agent(cache.path(), &hub.endpoint(), &["verify", "org/m"]).await;
     assert!(out.status.success(), "{}", text(&out));
@@ -86,9 +86,48 @@ async fn an_unverifiable_snapshot_is_refused_until_one_prewarm_records_it() {
     let out = agent(cache.path(), &hub.endpoint(), &["verify", "org/m"]).await;
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
     assert!(text(&out).contains("modified after the model was recorded complete"), "{}", text(&out));
+}
+
+/// A blob corrupted in place (right size, wrong content): `verify --deep` calls
+/// it corrupt, `prewarm` downloads it again, and the model verifies again.
+#[tokio::test]
+async fn a_corrupt_blob_is_reported_and_repaired_by_prewarm() {
+    let src = tempfile::tempdir().unwrap();
+    let (hub, files) = hub(src.path()).await;
+    let cache = tempfile::tempdir().unwrap();
+    let repo = RepoId::model("org/m");
+    let paths = RepoPaths::new(cache.path(), &repo);
     let out = agent(cache.path(), &hub.endpoint(), &["prewarm", "org/m"]).await;
-    assert!(!out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("hashes to"), "{}", text(&out));
+    assert!(out.status.success(), "{}", text(&out));
+    let lfs = files.iter().find(|f| f.lfs).unwrap();
+    let etag = hf_cache::publish::entry_for(&lfs.bytes, true).etag().to_string();
+    let blob = paths.blob(&etag);
+    let size = std::fs::metadata(&blob).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&blob).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"poison", 10).unwrap();
+    drop(f);
+    assert_eq!(std::fs::metadata(&blob).unwrap().len(), size);
+
+    let out = agent(cache.path(), &hub.endpoint(), &["verify", "--deep", "org/m"]).await;
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let said = text(&out);
+    assert!(said.contains("corrupt") && said.contains("CORRUPT"), "{said}");
+    assert!(!said.contains("INCOMPLETE"), "{said}");
+
+    let out = agent(cache.path(), &hub.endpoint(), &["prewarm", "org/m"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let said = text(&out);
+    assert!(said.contains(&format!("{}: the cached blob was corrupt; downloaded again", lfs.path)), "{said}");
+    assert!(!said.contains(", 0 B downloaded"), "{said}");
+    assert_eq!(std::fs::read(&blob).unwrap(), lfs.bytes, "the blob was not fetched again");
+    assert!(paths.blobs().join(format!("{etag}.corrupt")).is_file(), "the corrupt blob was not set aside");
+
+    let out = agent(cache.path(), &hub.endpoint(), &["verify", "--deep", "org/m"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("complete"), "{}", text(&out));
+    // And a second prewarm has nothing to repair.
+    let out = agent(cache.path(), &hub.endpoint(), &["prewarm", "org/m"]).await;
+    assert!(out.status.success() && !text(&out).contains("corrupt"), "{}", text(&out));
 }
 
 #[tokio::test]

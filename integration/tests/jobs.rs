@@ -4,7 +4,7 @@
 //! against Docker with the engine image swapped for the local stand-in.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aimodel_driver::config::{decode_plugin_config, decode_task_config, PLUGIN_SCHEMA, TASK_SCHEMA};
@@ -125,7 +125,11 @@ fn expected(engine: &str) -> &'static [&'static str] {
     match engine {
         "vllm" => &["--model ", "--served-model-name ", "--host 0.0.0.0", "--port "],
         "sglang" => &["-m sglang.launch_server", "--model-path ", "--port "],
-        "sglang-router" => &["-m sglang_router.launch_router", "--worker-urls ${WORKER_URLS}"],
+        "sglang-router" => &[
+            "-m sglang_router.launch_router",
+            "--host 0.0.0.0 --port ",
+            "--worker-urls http://10.0.0.1:20001 http://10.0.0.2:20002",
+        ],
         "ollama" => &["serve"],
         "ray" => &["start --block", "--dashboard-host=0.0.0.0"],
         _ => &[],
@@ -159,6 +163,11 @@ async fn every_stack_runs_through_the_simulator() {
             }
             let prepared = t.prepare(&live.task_schema, &ctx, Some(STANDIN_IMAGE), data.path()).unwrap();
             let id = prepared.config.id.clone();
+            if cfg.engine.as_str() == "sglang-router" {
+                // What the job's template renders from Consul (two registered workers).
+                let local = Path::new(&prepared.config.alloc_dir).join(&t.name).join("local");
+                std::fs::write(local.join("workers.txt"), "http://10.0.0.1:20001\nhttp://10.0.0.2:20002\n").unwrap();
+            }
             live.process
                 .driver()
                 .start_task(StartTaskRequest { task: Some(prepared.config.clone()) })
@@ -333,4 +342,272 @@ fn placement_rules_name_attributes_the_driver_reports() {
         }
     }
     assert!(seen > 0);
+}
+
+/// Drivers a Nomad client has built in (enabled without a plugin block; raw_exec is not).
+const BUILTIN_DRIVERS: &[&str] = &["docker", "exec", "java", "qemu"];
+
+/// What the client configuration declares: host volumes, plugins (by file name).
+fn client_declares() -> (BTreeSet<String>, BTreeSet<String>) {
+    let text = std::fs::read_to_string(jobs_dir().join("client.hcl")).unwrap();
+    let body: hcl::Body = hcl::parse(&text).unwrap();
+    let volumes = block(&body, "client")
+        .iter()
+        .flat_map(|c| block(&c.body, "host_volume"))
+        .filter_map(|v| v.labels.first().map(|l| l.as_str().to_string()))
+        .collect();
+    let plugins =
+        block(&body, "plugin").iter().filter_map(|p| p.labels.first().map(|l| l.as_str().to_string())).collect();
+    (volumes, plugins)
+}
+
+#[test]
+fn the_client_configuration_declares_every_volume_device_and_driver_the_jobs_need() {
+    let (volumes, plugins) = client_declares();
+    let mut needs = Vec::new();
+    for (name, text) in all_jobs() {
+        let body: hcl::Body = hcl::parse(&text).unwrap();
+        let ctx = eval_context(&body, &BTreeMap::new()).unwrap();
+        for job in block(&body, "job") {
+            for group in block(&job.body, "group") {
+                for v in block(&group.body, "volume") {
+                    if attr_str(&v.body, "type", &ctx).as_deref() == Some("host") {
+                        let src = attr_str(&v.body, "source", &ctx).expect("a host volume's source");
+                        needs.push((name.clone(), format!("host_volume {src}")));
+                        assert!(volumes.contains(&src), "{name}: host volume {src:?} is not declared in client.hcl");
+                    }
+                }
+                for task in block(&group.body, "task") {
+                    let driver = attr_str(&task.body, "driver", &ctx).expect("a task's driver");
+                    needs.push((name.clone(), format!("driver {driver}")));
+                    assert!(
+                        BUILTIN_DRIVERS.contains(&driver.as_str())
+                            || plugins.contains(&format!("nomad-driver-{driver}")),
+                        "{name}: driver {driver:?} has no plugin block in client.hcl"
+                    );
+                    for res in block(&task.body, "resources") {
+                        for dev in block(&res.body, "device") {
+                            let d = dev.labels.first().map(|l| l.as_str().to_string()).unwrap_or_default();
+                            needs.push((name.clone(), format!("device {d}")));
+                            // `vendor/type[/model]`: the NVIDIA device plugin provides nvidia/gpu.
+                            let vendor = d.split('/').next().unwrap_or_default();
+                            assert!(
+                                vendor == "nvidia" && plugins.contains("nomad-device-nvidia"),
+                                "{name}: device {d:?} needs a device plugin block in client.hcl"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for want in
+        ["host_volume hf-cache", "host_volume ollama-models", "device nvidia/gpu", "driver aimodel", "driver exec"]
+    {
+        assert!(needs.iter().any(|(_, n)| n == want), "no job needs {want}: {needs:?}");
+    }
+}
+
+#[test]
+fn the_node_agent_job_runs_as_the_cache_owner_from_a_path_inside_the_exec_chroot() {
+    let text = std::fs::read_to_string(jobs_dir().join(AGENT_JOB)).unwrap();
+    let body: hcl::Body = hcl::parse(&text).unwrap();
+    let ctx = eval_context(&body, &BTreeMap::new()).unwrap();
+    let job = block(&body, "job")[0];
+    let task = block(&block(&job.body, "group")[0].body, "task")[0];
+    assert_eq!(attr_str(&task.body, "driver", &ctx).as_deref(), Some("exec"));
+    assert_eq!(attr_str(&task.body, "user", &ctx).as_deref(), Some("root"));
+    let command = attr_str(&block(&task.body, "config")[0].body, "command", &ctx).unwrap();
+    assert!(command.starts_with("/usr/"), "{command}: outside the exec driver's default chroot_env");
+    assert!(!block(&task.body, "identity").is_empty(), "the task API socket needs the workload identity");
+    // Root is allowed for exec tasks on the client (Nomad's default user.denylist has root).
+    let client = std::fs::read_to_string(jobs_dir().join("client.hcl")).unwrap();
+    let cbody: hcl::Body = hcl::parse(&client).unwrap();
+    let options = block(&cbody, "client")[0].body.attributes().find(|a| a.key.as_str() == "options").unwrap();
+    let denied = match hcl::eval::Evaluate::evaluate(&options.expr, &hcl::eval::Context::new()).unwrap() {
+        hcl::Value::Object(o) => o.get("user.denylist").and_then(|v| v.as_str().map(str::to_string)),
+        v => panic!("options = {v:?}"),
+    };
+    assert!(denied.as_deref().is_some_and(|d| !d.split(',').any(|u| u.trim() == "root")), "{denied:?}");
+}
+
+/// The router's entrypoint script, run by /bin/sh with a stand-in `python3`
+/// that prints its arguments one per line.
+fn run_router_script(workers: Option<&str>) -> std::process::Child {
+    let text = std::fs::read_to_string(jobs_dir().join("sglang-gateway.nomad.hcl")).unwrap();
+    let body: hcl::Body = hcl::parse(&text).unwrap();
+    let ctx = eval_context(&body, &BTreeMap::new()).unwrap();
+    let job = block(&body, "job")[0];
+    let router = block(&job.body, "group").into_iter().find(|g| g.labels[0].as_str() == "router").unwrap();
+    let task = block(&router.body, "task")[0];
+    let config = &block(&task.body, "config")[0].body;
+    let entrypoint = {
+        use hcl::eval::Evaluate;
+        let e = config.attributes().find(|a| a.key.as_str() == "entrypoint").unwrap();
+        match e.expr.evaluate(&ctx).unwrap() {
+            hcl::Value::Array(v) => v.into_iter().map(|x| x.as_str().unwrap().to_string()).collect::<Vec<_>>(),
+            v => panic!("entrypoint {v:?}"),
+        }
+    };
+    assert_eq!(&entrypoint[..2], ["/bin/sh", "-c"]);
+    let dir = tempfile::tempdir().unwrap().keep();
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::write(bin.join("python3"), "#!/bin/sh\nfor a in \"$@\"; do echo \"$a\"; done\n").unwrap();
+    std::fs::set_permissions(bin.join("python3"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    if let Some(w) = workers {
+        std::fs::write(dir.join("workers.txt"), w).unwrap();
+    }
+    std::process::Command::new(&entrypoint[0])
+        .args(&entrypoint[1..])
+        // What the driver appends for engine = "sglang-router" (driver/src/engine.rs).
+        .args(["--host", "0.0.0.0", "--port", "30000"])
+        .env("NOMAD_TASK_DIR", &dir)
+        .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn the_sglang_router_gets_each_worker_as_its_own_argument_and_waits_for_the_first() {
+    // Two workers as the template renders them (one URL per line, a trailing newline).
+    let out = run_router_script(Some("http://10.0.0.1:20001\nhttp://10.0.0.2:20002\n")).wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let args: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+    assert_eq!(
+        args,
+        [
+            "-m",
+            "sglang_router.launch_router",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "30000",
+            "--worker-urls",
+            "http://10.0.0.1:20001",
+            "http://10.0.0.2:20002"
+        ]
+    );
+    // No worker yet (the template renders only a newline): it waits, and starts nothing.
+    let mut child = run_router_script(Some("\n"));
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stderr, &mut line).unwrap();
+    assert!(line.contains("no sglang-worker registered"), "{line}");
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.stdout.is_empty(), "the router started without workers: {}", String::from_utf8_lossy(&out.stdout));
+}
+
+/// Every template string (`"…${…}…"`, heredocs) of a body parses, as Nomad's
+/// jobspec parser would require (`${attr.a/b}` is a division, not a name).
+fn templates_parse(body: &hcl::Body) -> Result<(), String> {
+    fn expr(e: &hcl::Expression) -> Result<(), String> {
+        match e {
+            hcl::Expression::TemplateExpr(t) => {
+                let tpl = hcl::Template::from_expr(t).map_err(|e| format!("{t}: {e}"))?;
+                for el in tpl.elements() {
+                    let hcl::template::Element::Interpolation(i) = el else { continue };
+                    // Nomad keeps `${attr.…}` (node, meta, device) for the scheduler only
+                    // when it is a plain name; `a/b` inside it is a division of unknowns.
+                    let plain = matches!(i.expr, hcl::Expression::Traversal(_) | hcl::Expression::Variable(_));
+                    let text = i.expr.to_string();
+                    let runtime = ["attr.", "node.", "meta.", "device."].iter().any(|r| text.contains(r));
+                    if runtime && !plain {
+                        return Err(format!("{t}: ${{{text}}} is not a plain attribute name (escape it as $${{…}})"));
+                    }
+                }
+                Ok(())
+            }
+            hcl::Expression::Array(v) => v.iter().try_for_each(expr),
+            hcl::Expression::Object(o) => o.values().try_for_each(expr),
+            _ => Ok(()),
+        }
+    }
+    for s in body.iter() {
+        match s {
+            hcl::Structure::Attribute(a) => expr(&a.expr)?,
+            hcl::Structure::Block(b) => templates_parse(&b.body)?,
+        }
+    }
+    Ok(())
+}
+
+/// Every ```hcl block of the docs parses as HCL (as a jobspec or client configuration).
+#[test]
+fn every_hcl_block_in_the_docs_parses() {
+    let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    let mut files = vec![root.join("README.md")];
+    files.extend(
+        std::fs::read_dir(root.join("docs"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "md")),
+    );
+    // The check catches an unescaped `/` inside `${attr…}`, and passes the jobspecs' escaped form.
+    let bad = hcl::parse("attribute = \"${attr.driver.aimodel.warm.mistralai/Mistral-7B-Instruct-v0.3}\"").unwrap();
+    assert!(templates_parse(&bad).is_err());
+    let good = hcl::parse("attribute = \"$${attr.driver.aimodel.warm.mistralai/Mistral-7B-Instruct-v0.3}\"").unwrap();
+    assert_eq!(templates_parse(&good), Ok(()));
+    let mut blocks = 0;
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        let mut code: Option<Vec<&str>> = None;
+        for line in text.lines() {
+            match (&mut code, line.trim()) {
+                (None, "```hcl") => code = Some(Vec::new()),
+                (Some(c), "```") => {
+                    let c = c.join("\n");
+                    let body = hcl::parse(&c)
+                        .unwrap_or_else(|e| panic!("{}: a ```hcl block does not parse: {e}\n{c}", f.display()));
+                    if let Err(e) = templates_parse(&body) {
+                        panic!("{}: a string of a ```hcl block does not parse: {e}\n{c}", f.display());
+                    }
+                    blocks += 1;
+                    code = None;
+                }
+                (Some(c), _) => c.push(line),
+                (None, _) => {}
+            }
+        }
+        assert!(code.is_none(), "{}: an unterminated ```hcl block", f.display());
+    }
+    assert!(blocks >= 3, "found only {blocks} hcl blocks");
+}
+
+/// install.md's build and install commands name the workspace's packages and put
+/// the binaries where `jobs/client.hcl` (plugin_dir) and the agent's system job
+/// (its exec command) look for them.
+#[test]
+fn the_install_commands_match_the_packages_client_config_and_agent_job() {
+    let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    let install = std::fs::read_to_string(root.join("docs/install.md")).unwrap();
+    let sh = install.split("```sh").nth(1).and_then(|b| b.split("```").next()).unwrap();
+    let package = |dir: &str| {
+        let toml = std::fs::read_to_string(root.join(dir).join("Cargo.toml")).unwrap();
+        toml.lines().find_map(|l| l.strip_prefix("name = ")).unwrap().trim_matches('"').to_string()
+    };
+    for p in [package("driver"), package("node-agent")] {
+        assert!(sh.contains(&format!("-p {p}")), "install.md does not build {p}:\n{sh}");
+    }
+    let client: hcl::Body = hcl::parse(&std::fs::read_to_string(jobs_dir().join("client.hcl")).unwrap()).unwrap();
+    let plugin_dir = attr_str(&client, "plugin_dir", &hcl::eval::Context::new()).unwrap();
+    assert!(
+        sh.contains(&format!("target/release/{} {plugin_dir}/", package("driver"))),
+        "the plugin is not installed into {plugin_dir}:\n{sh}"
+    );
+    let text = std::fs::read_to_string(jobs_dir().join(AGENT_JOB)).unwrap();
+    let body: hcl::Body = hcl::parse(&text).unwrap();
+    let ctx = eval_context(&body, &BTreeMap::new()).unwrap();
+    let job = block(&body, "job")[0];
+    let task = block(&block(&job.body, "group")[0].body, "task")[0];
+    let command = attr_str(&block(&task.body, "config")[0].body, "command", &ctx).unwrap();
+    let dir = Path::new(&command).parent().unwrap().display().to_string();
+    assert!(
+        sh.contains(&format!("target/release/aimodel-agent {dir}/")),
+        "the agent is not installed where the system job runs it ({command}):\n{sh}"
+    );
 }

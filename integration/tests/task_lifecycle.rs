@@ -582,7 +582,8 @@ async fn incomplete_models_do_not_start_and_complete_ones_are_pinned() {
         sim.live.process.driver().start_task(StartTaskRequest { task: Some(t.config.clone()) }).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert_eq!(aimodel_driver::error::recoverable_detail(&err), Some(true), "Nomad must retry while the cache warms");
-    assert!(err.message().contains("aimodel-agent prewarm org/gated@main"), "{}", err.message());
+    assert!(err.message().contains(" prewarm org/gated@main"), "{}", err.message());
+    assert!(err.message().contains("Fix: aimodel-agent --hf-home "), "{}", err.message());
     assert!(err.message().contains("the repo is not in the cache"), "{}", err.message());
     assert!(containers_with_label(LABEL_ALLOC_ID, &b.alloc_id).is_empty());
 

@@ -23,12 +23,18 @@ use crate::prewarm::{prewarm, record_if_warm, Options, Progress};
 #[derive(Debug, Parser)]
 #[command(name = "aimodel-agent", version)]
 pub struct Args {
-    /// The hub cache directory; default `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else ~/.cache/huggingface/hub.
-    #[arg(long, global = true)]
+    /// The hub cache directory itself (`HF_HOME/hub`, holding `models--*`); a directory that looks like
+    /// HF_HOME (a `hub/` inside, no `models--*`) is refused: use --hf-home for that.
+    /// Default: `--config`'s hf_home, else `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else ~/.cache/huggingface/hub.
+    #[arg(long, global = true, value_name = "DIR", conflicts_with = "hf_home")]
     pub cache: Option<PathBuf>,
-    /// The agent configuration (HCL): its `hf_home` is the cache unless `--cache` is given, and its
-    /// pinned models are kept by `gc` and shown by `status`.
-    #[arg(long, global = true)]
+    /// The HF_HOME directory (the driver's `hf_cache.host_path`, the agent's `hf_home`); the hub cache is
+    /// `DIR/hub`.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub hf_home: Option<PathBuf>,
+    /// The agent configuration (HCL): its `hf_home` is the cache unless `--cache` or `--hf-home` is given,
+    /// and its pinned models are kept by `gc` and shown by `status`.
+    #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Cmd,
@@ -39,11 +45,13 @@ pub struct Args {
 pub enum Cmd {
     /// Download REPO[@REV] into the cache (every blob once across nodes), verified.
     Prewarm {
-        /// `org/name` or `org/name@revision`.
+        /// `org/name` or `org/name@revision` (a branch, tag or 40-hex commit; default `main`).
         model: String,
-        #[arg(long)]
+        /// Only files matching this glob (`*` crosses `/`); repeatable. Without it, every file.
+        #[arg(long, value_name = "GLOB")]
         include: Vec<String>,
-        #[arg(long)]
+        /// Leave out files matching this glob; repeatable.
+        #[arg(long, value_name = "GLOB")]
         exclude: Vec<String>,
         /// Files downloaded at once (1 to 64).
         #[arg(long, default_value = "4", value_parser = parse_count)]
@@ -70,14 +78,23 @@ pub enum Cmd {
         #[arg(long, default_value = "24h", value_parser = parse_deadline)]
         deadline: Duration,
     },
-    /// Check REPO[@REV] in the cache; `--deep` hashes every blob.
+    /// Check REPO[@REV] in the cache; `--deep` hashes every blob. Exit 0 complete, 3 incomplete or corrupt.
     Verify {
+        /// `org/name` or `org/name@revision` (default `main`).
         model: String,
+        /// Also hash every blob against its name (reads every byte; finds corrupt blobs).
         #[arg(long)]
         deep: bool,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Every cached model: commit, size, complete or not, last use, pinned.
-    Status,
+    Status {
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Evict least-recently-used models until the target holds (never pinned, in-use or downloading ones).
     Gc {
         /// Evict until the cache filesystem has this much free (`200GiB`).
@@ -97,11 +114,20 @@ pub enum Cmd {
         /// Show what would be evicted; change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Pin REPO (`org/name`) for every node's gc: it is never evicted until unpinned.
-    Pin { repo: String },
+    Pin {
+        /// `org/name`.
+        repo: String,
+    },
     /// Remove the shared pin of REPO (a `pin = true` manifest entry pins it again).
-    Unpin { repo: String },
+    Unpin {
+        /// `org/name`.
+        repo: String,
+    },
     /// The node agent: keep the manifest's models (and Nomad's) warm, serve /health, /status, /metrics.
     Run {
         /// Only check the configuration and print what would be prewarmed.
@@ -110,7 +136,13 @@ pub enum Cmd {
     },
 }
 
+/// A size with a unit (`200GiB`, `512MB`); a bare number other than 0 is refused
+/// (`--target-free 10` is far more likely to mean 10 GiB than 10 bytes).
 fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    if t != "0" && !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return Err(format!("{s:?} has no unit: write e.g. \"{t}GiB\" (binary) or \"{t}GB\" (decimal)"));
+    }
     hf_cache::units::parse_bytes(s)
 }
 
@@ -164,12 +196,33 @@ fn parse_range_size(s: &str) -> Result<u64, String> {
     Ok(n)
 }
 
-fn hub_dir(arg: &Option<PathBuf>, cfg: Option<&AgentConfig>) -> PathBuf {
-    arg.clone()
+/// Refuses a `--cache DIR` that looks like HF_HOME: a `hub/` inside and no `models--*`.
+fn check_cache_arg(dir: &std::path::Path) -> Result<()> {
+    let has_models = std::fs::read_dir(dir)
+        .map(|rd| rd.flatten().any(|e| e.file_name().to_string_lossy().starts_with("models--")))
+        .unwrap_or(false);
+    if dir.join("hub").is_dir() && !has_models {
+        anyhow::bail!(
+            "--cache {d} looks like HF_HOME (it has hub/ and no models--* folders): --cache is the hub \
+             directory (HF_HOME/hub); use --hf-home {d} (or --cache {d}/hub)",
+            d = dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn hub_dir(args: &Args, cfg: Option<&AgentConfig>) -> Result<PathBuf> {
+    if let Some(c) = &args.cache {
+        check_cache_arg(c)?;
+    }
+    Ok(args
+        .cache
+        .clone()
+        .or_else(|| args.hf_home.as_ref().map(|h| h.join("hub")))
         .or_else(|| cfg.map(AgentConfig::hub_dir))
         .or_else(|| std::env::var_os("HF_HUB_CACHE").map(PathBuf::from))
         .or_else(|| std::env::var_os("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/huggingface/hub"))
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/huggingface/hub")))
 }
 
 /// `org/name`, nothing that could name another path.
@@ -196,7 +249,12 @@ pub async fn run(args: Args) -> Result<ExitCode> {
         Some(p) => Some(AgentConfig::load(p)?),
         None => None,
     };
-    let dir = hub_dir(&args.cache, cfg.as_ref());
+    if matches!(args.command, Cmd::Run { .. }) && (args.cache.is_some() || args.hf_home.is_some()) {
+        anyhow::bail!(
+            "run takes the cache from the configuration's hf_home (--config); it does not use --cache or --hf-home"
+        );
+    }
+    let dir = hub_dir(&args, cfg.as_ref())?;
     let pinned = cfg.as_ref().map(AgentConfig::pinned).unwrap_or_default();
     match args.command {
         Cmd::Prewarm {
@@ -241,38 +299,71 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             if let Some(e) = record_err {
                 eprintln!("aimodel-agent: could not record {model} as warm for the driver: {e}");
             }
+            for path in &s.repaired {
+                println!("{repo}@{rev}: {path}: the cached blob was corrupt; downloaded again");
+            }
             let secs = s.elapsed.as_secs_f64().max(1e-9);
             println!(
-                "{repo}@{rev} = {}: {} files, {:.1} MB, {:.1} MB downloaded in {:.1} s ({:.1} MB/s)",
+                "{repo}@{rev} = {}: {} files, {}, {} downloaded in {:.1} s ({}/s)",
                 s.commit,
                 s.files,
-                s.bytes as f64 / 1e6,
-                s.downloaded as f64 / 1e6,
+                human_bytes(s.bytes),
+                human_bytes(s.downloaded),
                 secs,
-                s.downloaded as f64 / 1e6 / secs
+                human_bytes((s.downloaded as f64 / secs) as u64)
             );
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Verify { model, deep } => {
+        Cmd::Verify { model, deep, json } => {
             let (repo, rev) = split(&model);
+            check_repo_id(&repo)?;
+            if !hf_cache::layout::is_safe_revision(&rev) {
+                anyhow::bail!("{rev:?} is not a revision (a branch, tag or commit)");
+            }
             let r = check(&dir, &RepoId::model(&repo), &rev, if deep { Mode::Deep } else { Mode::Quick });
+            let corrupt = r.findings.iter().any(|f| matches!(f, hf_cache::Finding::HashMismatch { .. }));
+            let state = match (r.is_complete(), corrupt) {
+                (true, _) => "complete",
+                (false, true) => "corrupt",
+                (false, false) => "incomplete",
+            };
+            let code = if r.is_complete() { ExitCode::SUCCESS } else { ExitCode::from(3) };
+            if json {
+                let v = serde_json::json!({
+                    "repo": repo,
+                    "revision": rev,
+                    "commit": r.commit,
+                    "state": state,
+                    "deep": deep,
+                    "files": r.files.len(),
+                    "bytes": r.total_bytes(),
+                    "verifiable": r.verifiable,
+                    "findings": r.findings.iter().map(|f| serde_json::json!({"kind": f.kind(), "text": f.to_string()})).collect::<Vec<_>>(),
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(code);
+            }
             for f in &r.findings {
                 println!("  {f}");
             }
-            let state = if r.is_complete() { "complete" } else { "INCOMPLETE" };
+            let shown = match state {
+                "complete" => "complete",
+                "corrupt" => "CORRUPT (run aimodel-agent prewarm to fetch the corrupt files again)",
+                _ => "INCOMPLETE",
+            };
             println!(
-                "{repo}@{rev}: {state} ({} files, {:.1} MB{})",
+                "{repo}@{rev}: {shown} ({} files, {}{})",
                 r.files.len(),
-                r.total_bytes() as f64 / 1e6,
+                human_bytes(r.total_bytes()),
                 if r.verifiable || r.commit.is_none() {
                     ""
                 } else {
                     ", no trees listing and no completion record: unverifiable, run aimodel-agent prewarm"
                 }
             );
-            Ok(if r.is_complete() { ExitCode::SUCCESS } else { ExitCode::from(3) })
+            Ok(code)
         }
-        Cmd::Status => {
+        Cmd::Status { json } => {
             let state = StateDir::for_hub(&dir);
             let shared: Vec<String> = state.pins().into_iter().map(|p| p.repo).collect();
             let mut rows = Vec::new();
@@ -282,26 +373,60 @@ pub async fn run(args: Args) -> Result<ExitCode> {
                 let refs = std::fs::read_dir(e.path().join("refs"))
                     .map(|rd| rd.flatten().map(|r| r.file_name().to_string_lossy().to_string()).collect::<Vec<_>>())
                     .unwrap_or_default();
-                let used =
-                    state.last_used(&repo.id).map(|t| format!("{} ago", ago(t))).unwrap_or_else(|| "never used".into());
-                let pin = if pinned.contains(&repo.id) || shared.contains(&repo.id) { "  pinned" } else { "" };
+                let used = state.last_used(&repo.id);
+                let pinned = pinned.contains(&repo.id) || shared.contains(&repo.id);
                 for rev in refs {
                     let r = check(&dir, &repo, &rev, Mode::Quick);
-                    rows.push(format!(
-                        "{repo}@{rev}  {}  {}  {}  {used}{pin}",
-                        r.commit.as_deref().unwrap_or("-"),
-                        human_bytes(r.total_bytes()),
-                        if r.is_complete() { "complete" } else { "incomplete" }
-                    ));
+                    rows.push((repo.id.clone(), rev, r, used, pinned));
                 }
             }
-            rows.sort();
-            for r in rows {
-                println!("{r}");
+            rows.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+            if json {
+                let unix = |t: std::time::SystemTime| {
+                    t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default()
+                };
+                let models: Vec<serde_json::Value> = rows
+                    .iter()
+                    .map(|(repo, rev, r, used, pinned)| {
+                        serde_json::json!({
+                            "repo": repo,
+                            "revision": rev,
+                            "commit": r.commit,
+                            "bytes": r.total_bytes(),
+                            "complete": r.is_complete(),
+                            "last_used": used.map(unix),
+                            "pinned": pinned,
+                        })
+                    })
+                    .collect();
+                let v = serde_json::json!({ "cache": dir, "models": models });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("cache {}", dir.display());
+            if rows.is_empty() {
+                println!("empty cache: no models");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let width = rows.iter().map(|(repo, rev, ..)| repo.len() + rev.len() + 1).max().unwrap_or(0).max(5);
+            println!(
+                "{:<width$}  {:<40}  {:>10}  {:<10}  {:<12}  PINNED",
+                "MODEL", "COMMIT", "SIZE", "STATE", "LAST USED"
+            );
+            for (repo, rev, r, used, pin) in rows {
+                println!(
+                    "{:<width$}  {:<40}  {:>10}  {:<10}  {:<12}  {}",
+                    format!("{repo}@{rev}"),
+                    r.commit.as_deref().unwrap_or("-"),
+                    human_bytes(r.total_bytes()),
+                    if r.is_complete() { "complete" } else { "incomplete" },
+                    used.map(|t| format!("{} ago", ago(t))).unwrap_or_else(|| "never".into()),
+                    if pin { "pinned" } else { "" }
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Gc { target_free, max_size, pin, in_use_ttl, dry_run } => {
+        Cmd::Gc { target_free, max_size, pin, in_use_ttl, dry_run, json } => {
             for r in &pin {
                 check_repo_id(r)?;
                 if !dry_run {
@@ -329,11 +454,47 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             .await?;
             let (plan, done) = match outcome {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    println!("{e}: another agent is collecting this cache; nothing done");
+                    let msg = format!("{e}: another agent is collecting this cache; nothing done");
+                    if json {
+                        println!("{}", serde_json::json!({ "cache": dir, "busy": true, "error": msg }));
+                    } else {
+                        println!("{msg}");
+                    }
                     return Ok(ExitCode::from(5));
                 }
                 r => r.with_context(|| format!("gc of {}", dir.display()))?,
             };
+            let freed: u64 = done.iter().map(|(_, b)| b).sum();
+            let code = if plan.reaches_target { ExitCode::SUCCESS } else { ExitCode::from(4) };
+            if json {
+                let models: Vec<serde_json::Value> = plan
+                    .models
+                    .iter()
+                    .map(|m| {
+                        let evicted = done.iter().any(|(r, _)| r == &m.repo);
+                        serde_json::json!({
+                            "repo": m.repo,
+                            "bytes": m.bytes,
+                            "last_used": m.last_used.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default(),
+                            "keep": m.keep.as_ref().map(ToString::to_string),
+                            "would_evict": plan.evict.contains(&m.repo),
+                            "evicted": evicted,
+                        })
+                    })
+                    .collect();
+                let v = serde_json::json!({
+                    "cache": dir,
+                    "dry_run": dry_run,
+                    "total_bytes": plan.total,
+                    "free_bytes": plan.free,
+                    "models": models,
+                    "evicted": done.iter().map(|(r, _)| r).collect::<Vec<_>>(),
+                    "freed_bytes": freed,
+                    "reaches_target": plan.reaches_target,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(code);
+            }
             println!(
                 "cache {}: {} in {} models, {} free",
                 dir.display(),
@@ -356,7 +517,6 @@ pub async fn run(args: Args) -> Result<ExitCode> {
                 };
                 println!("  {:<50} {:>10}  used {} ago  {verdict}", m.repo, human_bytes(m.bytes), ago(m.last_used));
             }
-            let freed: u64 = done.iter().map(|(_, b)| b).sum();
             if dry_run {
                 println!("dry run: would evict {} models", plan.evict.len());
             } else {
@@ -403,17 +563,11 @@ pub async fn run(args: Args) -> Result<ExitCode> {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            init_logging();
+            crate::logging::init();
             crate::daemon::run(cfg).await?;
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("AIMODEL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
 /// `3m`, `2h`, `5d`: how long ago.

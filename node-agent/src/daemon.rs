@@ -53,7 +53,18 @@ pub struct Counters {
     pub evicted_bytes: u64,
     pub cache_bytes: u64,
     pub cache_free_bytes: u64,
+    /// Failed prewarms per `repo@revision` since the start.
+    pub model_failures: BTreeMap<String, u64>,
+    /// Whether the last gc pass could reach its target (none before the first pass with a target).
+    pub gc_target_reachable: Option<bool>,
 }
+
+/// Prewarm outcomes remembered for `/health`.
+const RECENT: usize = 5;
+/// How long Nomad may fail to answer before `/health` reports it.
+const NOMAD_GRACE: Duration = Duration::from_secs(60);
+/// How often the cache is probed for writes.
+const PROBE_EVERY: Duration = Duration::from_secs(5);
 
 /// Everything `/status` shows.
 #[derive(Debug, Default)]
@@ -63,6 +74,96 @@ pub struct Shared {
     /// The Nomad watcher's own status, read when `/status` is served.
     pub nomad: Option<Arc<Mutex<NomadStatus>>>,
     pub gc_last: Option<serde_json::Value>,
+    /// Why the last write probe of the cache failed (`None`: writable, or not probed yet).
+    pub cache_error: Option<String>,
+    /// The last prewarm outcomes (true: the model ended complete), newest last.
+    pub recent: std::collections::VecDeque<bool>,
+    pub started: Option<Instant>,
+}
+
+/// Why the agent cannot do its job now (empty: healthy): the cache is not
+/// writable, Nomad (when configured) has not answered for `NOMAD_GRACE`, or
+/// every recent prewarm failed.
+pub fn health(g: &Shared) -> Vec<String> {
+    let mut why = Vec::new();
+    if let Some(e) = &g.cache_error {
+        why.push(format!("the cache is not writable: {e}"));
+    }
+    if let Some(n) = &g.nomad {
+        let n = n.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = &n.last_error {
+            let since_ok = n.last_ok.map(|t| Duration::from_secs(unix_now().saturating_sub(t)));
+            let since_start = g.started.map(|t| t.elapsed()).unwrap_or_default();
+            if since_ok.unwrap_or(since_start) >= NOMAD_GRACE {
+                let d = since_ok.unwrap_or(since_start).as_secs();
+                why.push(format!("nomad has not answered for {d}s: {e}"));
+            }
+        }
+    }
+    if !g.recent.is_empty() && g.recent.iter().all(|ok| !ok) {
+        let last = g
+            .models
+            .values()
+            .filter(|m| m.state == "failed")
+            .find_map(|m| m.last_error.as_ref().map(|e| format!("{}@{}: {e}", m.repo, m.revision)));
+        why.push(format!(
+            "the last {} prewarms failed{}",
+            g.recent.len(),
+            last.map(|l| format!(" ({l})")).unwrap_or_default()
+        ));
+    }
+    why
+}
+
+/// Bytes fetched from the hub since the start: finished prewarms plus running ones.
+fn downloaded_total(g: &Shared) -> u64 {
+    let live: u64 =
+        g.models.values().filter_map(|m| m.progress.as_ref()).map(|p| p.downloaded.load(Ordering::SeqCst)).sum();
+    g.counters.downloaded_bytes + live
+}
+
+/// Tries to create and remove a file in the state directory and in the hub
+/// cache directory: the agent's two places of writing.
+fn probe_cache(hub_dir: &std::path::Path) -> std::io::Result<()> {
+    let name = format!(".health-probe-{}-{}", std::process::id(), hf_cache::safefs::random_hex(4));
+    let state = hf_cache::state::StateDir::for_hub(hub_dir);
+    let root =
+        state.open_root().map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", state.root().display())))?;
+    hf_cache::safefs::write_atomic_at(&root, std::ffi::OsStr::new(&name), b"ok")
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", state.root().display())))?;
+    let _ = hf_cache::safefs::remove_at(&root, std::ffi::OsStr::new(&name));
+    let p = hub_dir.join(&name);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&p)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", hub_dir.display())))?;
+    std::fs::remove_file(&p)
+}
+
+/// Probes the cache every `PROBE_EVERY` (a hung mount counts as not writable).
+async fn probe_loop(cfg: Arc<AgentConfig>, shared: SharedRef) {
+    loop {
+        let hub = cfg.hub_dir();
+        let r =
+            tokio::time::timeout(Duration::from_secs(10), tokio::task::spawn_blocking(move || probe_cache(&hub))).await;
+        let err = match r {
+            Ok(Ok(Ok(()))) => None,
+            Ok(Ok(Err(e))) => Some(e.to_string()),
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some("a write probe did not finish within 10s (a hung mount?)".to_string()),
+        };
+        {
+            let mut g = lock(&shared);
+            if err.is_some() && g.cache_error.is_none() {
+                tracing::warn!(error = err.as_deref().unwrap_or_default(), "the cache is not writable");
+            } else if err.is_none() && g.cache_error.is_some() {
+                tracing::info!("the cache is writable again");
+            }
+            g.cache_error = err;
+        }
+        tokio::time::sleep(PROBE_EVERY).await;
+    }
 }
 
 type SharedRef = Arc<Mutex<Shared>>;
@@ -86,11 +187,16 @@ pub fn status_json(cfg: &AgentConfig, s: &SharedRef) -> serde_json::Value {
             serde_json::to_value(m).unwrap_or_default()
         })
         .collect();
+    let reasons = health(&g);
+    let mut counters = serde_json::to_value(&g.counters).unwrap_or_default();
+    // The same number as /metrics: finished prewarms plus running ones.
+    counters["downloaded_bytes"] = downloaded_total(&g).into();
     serde_json::json!({
         "node": node_name(),
         "hf_home": cfg.hf_home,
+        "health": { "ok": reasons.is_empty(), "reasons": reasons },
         "models": models,
-        "counters": g.counters,
+        "counters": counters,
         "nomad": g.nomad.as_ref().map(|n| n.lock().unwrap_or_else(|p| p.into_inner()).clone()),
         "gc": g.gc_last,
     })
@@ -101,11 +207,12 @@ fn label(v: &str) -> String {
 }
 
 /// The `/metrics` page (Prometheus text format 0.0.4).
-pub fn metrics_text(s: &SharedRef) -> String {
+pub fn metrics_text(cfg: &AgentConfig, s: &SharedRef) -> String {
     let g = lock(s);
     let in_flight = g.models.values().filter(|m| m.state == "downloading").count();
-    let live: u64 =
-        g.models.values().filter_map(|m| m.progress.as_ref()).map(|p| p.downloaded.load(Ordering::SeqCst)).sum();
+    let downloaded = downloaded_total(&g);
+    let healthy = health(&g).is_empty();
+    let nomad = g.nomad.as_ref().map(|n| n.lock().unwrap_or_else(|p| p.into_inner()).clone());
     let c = &g.counters;
     let mut out = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, lines: Vec<(String, u64)>| {
@@ -118,7 +225,7 @@ pub fn metrics_text(s: &SharedRef) -> String {
         "aimodel_agent_downloaded_bytes_total",
         "counter",
         "Bytes fetched from the hub by this agent.",
-        vec![(String::new(), c.downloaded_bytes + live)],
+        vec![(String::new(), downloaded)],
     );
     metric(
         "aimodel_agent_downloads_in_flight",
@@ -162,6 +269,56 @@ pub fn metrics_text(s: &SharedRef) -> String {
         })
         .collect();
     metric("aimodel_agent_model_warm", "gauge", "1 when the model is complete in the cache.", warm);
+    let labels = |key: &str| {
+        let (repo, rev) = key.split_once('@').unwrap_or((key, ""));
+        format!("{{repo=\"{}\",revision=\"{}\"}}", label(repo), label(rev))
+    };
+    metric(
+        "aimodel_agent_model_failures_total",
+        "counter",
+        "Failed prewarms of one model since the agent started.",
+        c.model_failures.iter().map(|(k, v)| (labels(k), *v)).collect(),
+    );
+    metric(
+        "aimodel_agent_model_last_success_timestamp_seconds",
+        "gauge",
+        "Unix time of the model's last check that found it complete.",
+        g.models
+            .values()
+            .filter_map(|m| m.last_ok.map(|t| (labels(&format!("{}@{}", m.repo, m.revision)), t)))
+            .collect(),
+    );
+    metric(
+        "aimodel_agent_gc_target_reachable",
+        "gauge",
+        "1 when the last gc pass could reach its target (absent before a gc with a target ran).",
+        c.gc_target_reachable.map(|r| vec![(String::new(), u64::from(r))]).unwrap_or_default(),
+    );
+    if let Some(gc) = &cfg.gc {
+        let mut targets = Vec::new();
+        if let Some(t) = gc.target_free {
+            targets.push(("{kind=\"target_free\"}".to_string(), t.0));
+        }
+        if let Some(t) = gc.max_size {
+            targets.push(("{kind=\"max_size\"}".to_string(), t.0));
+        }
+        metric("aimodel_agent_gc_target_bytes", "gauge", "The gc watermarks of the configuration.", targets);
+    }
+    if let Some(n) = nomad {
+        metric(
+            "aimodel_agent_nomad_errors_total",
+            "counter",
+            "Failed Nomad job list or job reads.",
+            vec![(String::new(), n.errors)],
+        );
+    }
+    metric(
+        "aimodel_agent_cache_writable",
+        "gauge",
+        "1 when the last write probe of the cache succeeded.",
+        vec![(String::new(), u64::from(g.cache_error.is_none()))],
+    );
+    metric("aimodel_agent_healthy", "gauge", "1 when /health answers 200.", vec![(String::new(), u64::from(healthy))]);
     out
 }
 
@@ -235,7 +392,15 @@ async fn answer(
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or("/"));
     let path = path.split('?').next().unwrap_or("/");
     let (status, ctype, body) = match (method, path) {
-        ("GET", "/health") => ("200 OK", "application/json", "{\"status\":\"ok\"}\n".to_string()),
+        ("GET", "/health") => {
+            let why = health(&lock(shared));
+            if why.is_empty() {
+                ("200 OK", "application/json", "{\"status\":\"ok\"}\n".to_string())
+            } else {
+                let body = serde_json::json!({ "status": "unhealthy", "reasons": why });
+                ("503 Service Unavailable", "application/json", body.to_string() + "\n")
+            }
+        }
         ("GET", "/status") if cfg.status_token.as_ref().is_some_and(|t| !authorized(head, &t.0)) => {
             ("401 Unauthorized", "text/plain", "/status needs Authorization: Bearer <status_token>\n".into())
         }
@@ -243,7 +408,7 @@ async fn answer(
             let v = status_json(cfg, shared);
             ("200 OK", "application/json", serde_json::to_string_pretty(&v).unwrap_or_default() + "\n")
         }
-        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics_text(shared)),
+        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics_text(cfg, shared)),
         ("GET", _) => ("404 Not Found", "text/plain", "try /health, /status or /metrics\n".into()),
         _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
     };
@@ -316,7 +481,8 @@ async fn keep_warm(cfg: Arc<AgentConfig>, hub: Hub, spec: ModelSpec, shared: Sha
         tracing::warn!(repo = %spec.repo, error = %e, "could not write the warm record");
     }
     let mut g = lock(&shared);
-    let downloaded = progress.downloaded.load(Ordering::SeqCst);
+    // Taken, not read: an abandonment may have counted part of it already.
+    let downloaded = progress.downloaded.swap(0, Ordering::SeqCst);
     g.counters.downloaded_bytes += downloaded;
     let failed = r.is_err();
     if failed {
@@ -339,6 +505,15 @@ async fn keep_warm(cfg: Arc<AgentConfig>, hub: Hub, spec: ModelSpec, shared: Sha
         }
     }
     m.failures = if complete { 0 } else { m.failures + 1 };
+    let key_text = format!("{}@{}", spec.repo, spec.revision);
+    if failed {
+        *g.counters.model_failures.entry(key_text).or_default() += 1;
+    }
+    g.recent.push_back(complete);
+    while g.recent.len() > RECENT {
+        g.recent.pop_front();
+    }
+    let Some(m) = g.models.get_mut(&key) else { return };
     if complete {
         m.state = "warm".into();
         m.commit = local.as_ref().and_then(|l| l.commit.clone());
@@ -425,6 +600,9 @@ fn gc_pass(cfg: &AgentConfig, protected: Vec<String>, shared: &SharedRef) {
                 "reaches_target": plan.reaches_target,
                 "kept": plan.models.iter().filter_map(|m| m.keep.as_ref().map(|k| (m.repo.clone(), k.to_string()))).collect::<BTreeMap<_, _>>(),
             }));
+            if gc.target_free.is_some() || gc.max_size.is_some() {
+                g.counters.gc_target_reachable = Some(plan.reaches_target);
+            }
             if !plan.reaches_target {
                 tracing::warn!("gc cannot reach its target: the rest is pinned, in use or wanted");
             }
@@ -452,6 +630,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(cfg.hub_dir())
         .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", cfg.hub_dir().display()))?;
     let shared: SharedRef = Arc::default();
+    lock(&shared).started = Some(Instant::now());
+    tokio::spawn(probe_loop(cfg.clone(), shared.clone()));
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
@@ -483,12 +663,24 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             let wanted = wanted_set(&cfg, &from_nomad);
             let due: Vec<ModelSpec> = {
                 let mut g = lock(&shared);
-                g.models.retain(|k, _| wanted.contains_key(k));
-                // A model nobody wants any more is not worth finishing.
+                // A model nobody wants any more is not worth finishing: its task
+                // is aborted (which aborts its blob downloads, prewarm's AbortAll).
                 in_flight.retain(|k, h| {
                     let keep = wanted.contains_key(k);
                     if !keep {
+                        tracing::info!(revision = %k.1, "abandoning {}: no longer wanted", k.0);
                         h.abort();
+                    }
+                    keep
+                });
+                let Shared { models, counters, .. } = &mut *g;
+                models.retain(|k, m| {
+                    let keep = wanted.contains_key(k);
+                    if !keep {
+                        // Its bytes stay counted: the counter never goes down.
+                        if let Some(p) = &m.progress {
+                            counters.downloaded_bytes += p.downloaded.swap(0, Ordering::SeqCst);
+                        }
                     }
                     keep
                 });
@@ -588,5 +780,39 @@ mod tests {
         // This node's manifest stops pinning it: its own pin goes, the other node's stays.
         sync_pins(&parse("{ repo = \"o/pinned\" }"));
         assert_eq!(state.pins().into_iter().map(|p| p.repo).collect::<Vec<_>>(), ["o/theirs"]);
+    }
+
+    #[test]
+    fn health_names_each_reason_and_gives_nomad_a_grace_period() {
+        let mut g = Shared { started: Some(Instant::now()), ..Shared::default() };
+        assert!(health(&g).is_empty());
+        g.cache_error = Some("/c/aimodel: Not a directory".into());
+        assert_eq!(health(&g), ["the cache is not writable: /c/aimodel: Not a directory"]);
+        g.cache_error = None;
+
+        // Nomad failing, but it answered 10 s ago: within the grace period.
+        let status = Arc::new(Mutex::new(NomadStatus {
+            last_error: Some("connection refused".into()),
+            last_ok: Some(unix_now() - 10),
+            ..NomadStatus::default()
+        }));
+        g.nomad = Some(status.clone());
+        assert!(health(&g).is_empty());
+        status.lock().unwrap().last_ok = Some(unix_now() - 300);
+        let why = health(&g);
+        assert!(
+            why.len() == 1
+                && why[0].starts_with("nomad has not answered for ")
+                && why[0].ends_with("connection refused"),
+            "{why:?}"
+        );
+        status.lock().unwrap().last_error = None;
+        assert!(health(&g).is_empty());
+
+        // Every recent prewarm failed → unhealthy; one success among them → healthy.
+        g.recent.extend([false, false]);
+        assert!(health(&g)[0].starts_with("the last 2 prewarms failed"), "{:?}", health(&g));
+        g.recent.push_back(true);
+        assert!(health(&g).is_empty());
     }
 }

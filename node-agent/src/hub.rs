@@ -25,6 +25,10 @@ pub enum HubError {
     Status { url: String, status: u16, attempts: u32 },
     #[error("{url}: {reason}")]
     Transport { url: String, reason: String },
+    #[error(
+        "HF_ENDPOINT {endpoint:?} is not usable: {reason} (expected an http(s) URL such as https://huggingface.co)"
+    )]
+    Endpoint { endpoint: String, reason: String },
     #[error("unexpected answer from {url}: {reason}")]
     Protocol { url: String, reason: String },
     #[error("refusing the tree listing from {url}: {reason}")]
@@ -37,6 +41,31 @@ pub enum HubError {
     TooManyPages { url: String, max: usize },
     #[error("{url}: refusing the next page link {link:?}: {reason} (the token goes only to the endpoint's scheme, host and port)")]
     ForeignLink { url: String, link: String, reason: String },
+}
+
+/// What failed, from the innermost causes of a reqwest error (its own text
+/// only repeats the URL): "connection refused", "dns error: …", "timed out".
+fn transport_reason(e: &reqwest::Error) -> String {
+    let mut causes = Vec::new();
+    let mut src = std::error::Error::source(e);
+    while let Some(c) = src {
+        let t = c.to_string();
+        if !t.is_empty() && !causes.iter().any(|x: &String| x.contains(&t)) {
+            causes.push(t);
+        }
+        src = c.source();
+    }
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connect failed"
+    } else {
+        "request failed"
+    };
+    match causes.last() {
+        Some(inner) => format!("{kind}: {inner}"),
+        None => kind.to_string(),
+    }
 }
 
 /// One file of a commit, as the tree API lists it.
@@ -93,6 +122,17 @@ impl Hub {
 
     /// A client for `endpoint`.
     pub fn new(endpoint: &str, token: Option<String>) -> Result<Self, HubError> {
+        let bad = |reason: &str| HubError::Endpoint { endpoint: endpoint.into(), reason: reason.into() };
+        let parsed = reqwest::Url::parse(endpoint).map_err(|e| bad(&e.to_string()))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(bad(&format!("the scheme {:?} is not http or https", parsed.scheme())));
+        }
+        if parsed.host_str().is_none_or(str::is_empty) {
+            return Err(bad("no host"));
+        }
+        if parsed.query().is_some() || parsed.fragment().is_some() {
+            return Err(bad("a query or fragment"));
+        }
         let http = Client::builder()
             .connect_timeout(Duration::from_secs(20))
             .read_timeout(Duration::from_secs(60))
@@ -148,7 +188,15 @@ impl Hub {
                     let _ = e;
                     tokio::time::sleep(delay).await;
                 }
-                Err(e) => return Err(HubError::Transport { url: url.into(), reason: e.to_string() }),
+                Err(e) => {
+                    let host = reqwest::Url::parse(url).ok().and_then(|u| u.host_str().map(str::to_string));
+                    let reason = format!(
+                        "cannot reach {} after {attempt} attempts: {}",
+                        host.unwrap_or_else(|| url.to_string()),
+                        transport_reason(&e)
+                    );
+                    return Err(HubError::Transport { url: url.into(), reason });
+                }
             }
             delay = (delay * 2).min(Duration::from_secs(16));
         }

@@ -7,5 +7,6 @@ pub mod config;
 pub mod daemon;
 pub mod hub;
 pub mod lease;
+pub mod logging;
 pub mod nomad;
 pub mod prewarm;

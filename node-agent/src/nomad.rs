@@ -30,6 +30,10 @@ pub struct NomadStatus {
     pub jobs: BTreeMap<String, Vec<String>>,
     pub last_error: Option<String>,
     pub queries: u64,
+    /// Failed job list or job reads since the start (`aimodel_agent_nomad_errors_total`).
+    pub errors: u64,
+    /// Unix seconds of the last job list Nomad answered.
+    pub last_ok: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -294,7 +298,11 @@ pub async fn watch(cfg: NomadConfig, tx: watch::Sender<BTreeSet<Wanted>>, status
             Err(e) => {
                 // Keep what we knew (the wanted set keeps its gc protection) and back off.
                 tracing::warn!(error = %e, "nomad job list failed");
-                status.lock().unwrap_or_else(|p| p.into_inner()).last_error = Some(e);
+                {
+                    let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
+                    st.last_error = Some(e);
+                    st.errors += 1;
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));
                 continue;
@@ -330,6 +338,8 @@ pub async fn watch(cfg: NomadConfig, tx: watch::Sender<BTreeSet<Wanted>>, status
                 .map(|(k, (_, m))| (k.clone(), m.iter().map(|w| format!("{}@{}", w.repo, w.revision)).collect()))
                 .collect();
             st.last_error = failed.clone();
+            st.errors += u64::from(failed.is_some());
+            st.last_ok = Some(hf_cache::state::unix_now());
         }
         tx.send_if_modified(|cur| {
             if *cur == wanted {

@@ -15,8 +15,11 @@ use reqwest::header::{HeaderMap, RANGE};
 use sha2::Digest;
 use tokio::io::AsyncWriteExt;
 
+use hf_cache::layout::CompletionRecord;
 use hf_cache::layout::{is_commit, RepoId, RepoPaths, TreeEntry};
-use hf_cache::publish::{link_file, record_completion, write_ref, write_tree};
+use hf_cache::publish::{
+    check_present_blob, link_file, read_completion, record_completion_hashed, write_ref, write_tree, PresentBlob,
+};
 
 use crate::hub::{Hub, HubError, TreeItem, ATTEMPTS, MAX_FILE_SIZE};
 use crate::lease::{acquire, is_released, live_token, remove_if, Acquired, Lease};
@@ -151,6 +154,17 @@ pub struct Summary {
     /// Bytes this process fetched from the hub.
     pub downloaded: u64,
     pub elapsed: Duration,
+    /// Files whose blob was corrupt (did not hash to its name) and was fetched again.
+    pub repaired: Vec<String>,
+}
+
+/// What a prewarm knows about the blobs it found in place: the commit's
+/// completion record, the blobs it hashed, the corrupt ones it replaced.
+#[derive(Debug, Default)]
+struct Found {
+    record: Option<CompletionRecord>,
+    hashed: std::sync::Mutex<BTreeMap<String, (i64, i64)>>,
+    repaired: std::sync::Mutex<Vec<String>>,
 }
 
 /// `*` and `?` globs (a `*` also crosses `/`, like fnmatch in huggingface_hub).
@@ -255,15 +269,21 @@ async fn prewarm_inner(
             .collect(),
     );
 
+    let found = {
+        let (p, c) = (paths.clone(), commit.clone());
+        let record = tokio::task::spawn_blocking(move || read_completion(&p, &c)).await.unwrap_or_default();
+        Arc::new(Found { record, ..Found::default() })
+    };
+
     let sem = Arc::new(tokio::sync::Semaphore::new(o.concurrency.max(1)));
     let mut jobs = AbortAll(Vec::new());
     for item in items.clone() {
         let (hub, paths, o, progress, sem) = (hub.clone(), paths.clone(), o.clone(), progress.clone(), sem.clone());
-        let (repo, commit, partials) = (repo.to_string(), commit.clone(), with_partials.clone());
+        let (repo, commit, partials, found) = (repo.to_string(), commit.clone(), with_partials.clone(), found.clone());
         jobs.0.push(tokio::spawn(async move {
             let _permit = sem.acquire_owned().await;
             let partials = partials.contains(entry_of(&item).etag());
-            fetch_blob(&hub, &repo, &commit, &item, &paths, &o, &progress, until, partials).await
+            fetch_blob(&hub, &repo, &commit, &item, &paths, &o, &progress, until, partials, &found).await
         }));
     }
     for j in jobs.0.iter_mut() {
@@ -275,7 +295,7 @@ async fn prewarm_inner(
     // Publish order (hf_cache::publish): blobs (above) → snapshot links →
     // trees listing → completion record → ref last. Blobs changed since this
     // prewarm started were verified by a download; any other is vouched for by
-    // an earlier record or hashed by record_completion.
+    // an earlier record, hashed by fetch_blob (found.hashed) or by record_completion.
     let trusted_since = std::time::SystemTime::now() - started.elapsed();
     for item in &items {
         link_file(&paths, &commit, &item.path, entry_of(item).etag()).map_err(|e| io(&paths.snapshot(&commit), e))?;
@@ -287,19 +307,22 @@ async fn prewarm_inner(
     }
     let published: BTreeMap<String, TreeEntry> = items.iter().map(|i| (i.path.clone(), entry_of(i))).collect();
     let (p, c) = (paths.clone(), commit.clone());
-    tokio::task::spawn_blocking(move || record_completion(&p, &c, &published, filtered, trusted_since))
+    let hashed = found.hashed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    tokio::task::spawn_blocking(move || record_completion_hashed(&p, &c, &published, filtered, trusted_since, &hashed))
         .await
         .map_err(|e| io(&paths.completion(&commit), e))?
         .map_err(|e| io(&paths.completion(&commit), e))?;
     if revision != commit {
         write_ref(&paths, revision, &commit).map_err(|e| io(&paths.refs(revision), e))?;
     }
+    let repaired = std::mem::take(&mut *found.repaired.lock().unwrap_or_else(|p| p.into_inner()));
     Ok(Summary {
         commit,
         files: items.len(),
         bytes: total,
         downloaded: progress.downloaded.load(Ordering::SeqCst),
         elapsed: started.elapsed(),
+        repaired,
     })
 }
 
@@ -366,6 +389,16 @@ fn prepare_partial(dir: &Path, etag: &str, token: &str, took_over: Option<&str>,
     mine
 }
 
+/// Moves a corrupt blob to `blobs/<etag>.corrupt` (kept for inspection, replacing
+/// an earlier one; safe to delete), so that it is downloaded again.
+fn set_aside(blob: &Path, dir: &Path, etag: &str) -> std::io::Result<()> {
+    match std::fs::rename(blob, dir.join(format!("{etag}.corrupt"))) {
+        // Another agent set it aside first.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
+}
+
 fn is_token(t: &str) -> bool {
     !t.is_empty() && t.len() <= 64 && t.bytes().all(|b| b.is_ascii_hexdigit())
 }
@@ -383,6 +416,7 @@ async fn fetch_blob(
     progress: &Progress,
     until: Option<Instant>,
     partials: bool,
+    found: &Found,
 ) -> Result<(), PrewarmError> {
     let entry = entry_of(item);
     let (etag, size) = (entry.etag().to_string(), entry.content_size());
@@ -394,7 +428,27 @@ async fn fetch_blob(
     let lease_path = dir.join(format!("{etag}.lease"));
     let url = hub.file_url(repo, commit, &item.path);
     let mut lost = 0;
+    // A blob in place before this prewarm is kept only if the completion record
+    // vouches for it or it hashes right; one that appears later was published
+    // (verified) by another agent while we waited.
+    let mut first = true;
     loop {
+        if std::mem::take(&mut first) && present(&blob, size) {
+            let (p, rec, path, e) = (paths.clone(), found.record.clone(), item.path.clone(), entry.clone());
+            let state = blocking(move || check_present_blob(&p, rec.as_ref(), &path, &e)).await;
+            match state.map_err(|e| io(&blob, e))? {
+                PresentBlob::Recorded => {}
+                PresentBlob::Sound { ctime } => {
+                    found.hashed.lock().unwrap_or_else(|p| p.into_inner()).insert(etag.clone(), ctime);
+                }
+                PresentBlob::Corrupt { actual } => {
+                    tracing::warn!(repo, path = %item.path, blob = %etag, %actual, "corrupt blob: fetching it again");
+                    set_aside(&blob, &dir, &etag).map_err(|e| io(&blob, e))?;
+                    found.repaired.lock().unwrap_or_else(|p| p.into_inner()).push(item.path.clone());
+                    continue;
+                }
+            }
+        }
         if present(&blob, size) {
             // A partial of a present blob whose holder no longer holds the lease
             // would mark the model incomplete forever.
