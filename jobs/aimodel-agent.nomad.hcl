@@ -10,8 +10,9 @@
 # with the task's workload identity: no token is stored and none crosses the network.
 # The binary is installed at /usr/local/bin/aimodel-agent on every client (docs/install.md §4):
 # the exec driver's chroot contains /usr (its default chroot_env), not the client's plugin_dir.
-# The task runs as root: the cache is owned by root (the driver's `prewarm = true` writes it as
-# root too); jobs/client.hcl takes root off the exec driver's `user.denylist` for that.
+# The task runs as `aimodel`, the cache's owner (docs/install.md §2: a system user of that name
+# on every client, `chown aimodel: /mnt/hf-cache`); the plugin, root, creates what it adds to the
+# cache as that owner. Nomad's default user.denylist keeps root out of exec tasks, and we leave it so.
 
 variable "region" {
   type    = string
@@ -82,7 +83,7 @@ job "aimodel-agent" {
 
     task "agent" {
       driver = "exec"
-      user   = "root"
+      user   = "aimodel"
 
       config {
         command = "/usr/local/bin/aimodel-agent"

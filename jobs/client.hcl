@@ -18,13 +18,6 @@ client {
     path      = "/opt/ollama/models"
     read_only = false
   }
-
-  # The node agent's system job runs with the exec driver as root (it writes the
-  # root-owned cache, as the driver's prewarm does); Nomad refuses exec tasks as
-  # root unless root is taken off this list (docs/install.md §4).
-  options = {
-    "user.denylist" = "Administrator"
-  }
 }
 
 plugin_dir = "/opt/nomad/plugins"

@@ -547,6 +547,17 @@ impl Driver {
         if let Some(v) = task.env.get("HF_TOKEN") {
             cmd.env("HF_TOKEN", v);
         }
+        // The cache's owner writes the cache: the node agent may run as a user of
+        // its own, and must be able to resume, replace and collect what this
+        // prewarm leaves (the plugin itself is root).
+        if nix::unistd::geteuid().is_root() {
+            if let Ok(m) = std::fs::metadata(&self.config().hf_cache.host_path) {
+                use std::os::unix::fs::MetadataExt;
+                if m.uid() != 0 {
+                    cmd.uid(m.uid()).gid(m.gid());
+                }
+            }
+        }
         cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).kill_on_drop(true);
         let mut child = cmd.spawn().map_err(|e| DriverError::Cache { message: format!("{}: {e}", bin.display()) })?;
         let mut lines = tokio::io::BufReader::new(child.stderr.take().expect("piped")).lines();

@@ -124,29 +124,44 @@ pub fn open_dir_path_at(dir: impl AsFd, path: &Path) -> std::io::Result<OwnedFd>
     Ok(cur)
 }
 
-/// Creates `name` below `dir` if absent (mode 0755), then opens it as a real directory.
+/// Creates `name` below `dir` if absent (mode 0755), then opens it as a real
+/// directory. A directory root creates is given to the owner of its parent, so
+/// the cache stays its owner's (the node agent may run as a user of its own
+/// while the plugin, root, adds its state directories).
 pub fn ensure_dir_at(dir: impl AsFd, name: &OsStr) -> std::io::Result<OwnedFd> {
-    match nix::sys::stat::mkdirat(&dir, name, Mode::from_bits_truncate(0o755)) {
-        Ok(()) | Err(Errno::EEXIST) => {}
+    let created = match nix::sys::stat::mkdirat(&dir, name, Mode::from_bits_truncate(0o755)) {
+        Ok(()) => true,
+        Err(Errno::EEXIST) => false,
         Err(e) => return Err(nix_err(Path::new(name), e)),
-    }
-    open_dir_at(dir, name)
-}
-
-/// Creates `path` and its parents (following the parents, which belong to the
-/// operator), then opens it, refusing a symlink as its final component.
-pub fn ensure_dir(path: &Path) -> std::io::Result<OwnedFd> {
-    match std::fs::create_dir_all(path) {
-        Ok(()) => {}
-        // A symlink to nowhere, or a file: open_dir says which.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => {
-            if std::fs::symlink_metadata(path).is_err() {
-                return Err(e);
-            }
+    };
+    let fd = open_dir_at(&dir, name)?;
+    if created && nix::unistd::geteuid().is_root() {
+        let parent = nix::sys::stat::fstat(&dir).map_err(|e| nix_err(Path::new(name), e))?;
+        if parent.st_uid != 0 || parent.st_gid != 0 {
+            let (uid, gid) = (nix::unistd::Uid::from_raw(parent.st_uid), nix::unistd::Gid::from_raw(parent.st_gid));
+            nix::unistd::fchown(&fd, Some(uid), Some(gid)).map_err(|e| nix_err(Path::new(name), e))?;
         }
     }
-    open_dir(path)
+    Ok(fd)
+}
+
+/// Creates `path` and its parents (following the parents that exist, which
+/// belong to the operator; each new one owned as [`ensure_dir_at`] says), then
+/// opens it, refusing a symlink as its final component.
+pub fn ensure_dir(path: &Path) -> std::io::Result<OwnedFd> {
+    if std::fs::symlink_metadata(path).is_ok() {
+        // There: a real directory, or refused (a symlink or a file).
+        return open_dir(path);
+    }
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().ok_or_else(|| refuse(path, "no directory name"))?;
+    let parent_fd = if parent.is_dir() {
+        // An existing parent is the operator's (it may be a symlink, e.g. to the NFS mount).
+        OwnedFd::from(std::fs::File::open(parent)?)
+    } else {
+        ensure_dir(parent)?
+    };
+    ensure_dir_at(&parent_fd, name)
 }
 
 /// One entry of a directory listing.
@@ -293,6 +308,30 @@ pub fn write_atomic_at(dir: impl AsFd, name: &OsStr, bytes: &[u8]) -> std::io::R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn directories_root_creates_belong_to_the_owner_of_their_parent() {
+        if !nix::unistd::geteuid().is_root() {
+            return; // only root can give a directory away (the plugin is root)
+        }
+        let d = tempfile::tempdir().unwrap();
+        let cache = d.path().join("cache");
+        std::fs::create_dir(&cache).unwrap();
+        let owner = (nix::unistd::Uid::from_raw(4242), nix::unistd::Gid::from_raw(4343));
+        nix::unistd::chown(&cache, Some(owner.0), Some(owner.1)).unwrap();
+        ensure_dir(&cache.join("aimodel/in-use")).unwrap();
+        for p in [cache.join("aimodel"), cache.join("aimodel/in-use")] {
+            let m = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&p).unwrap());
+            assert_eq!(m, 4242, "{} is not the cache owner's", p.display());
+        }
+        // A root-owned parent keeps root's children root's.
+        let rooted = d.path().join("rooted");
+        ensure_dir(&rooted.join("x")).unwrap();
+        assert_eq!(std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(rooted.join("x")).unwrap()), 0);
+        // A symlink as the final component is still refused.
+        std::os::unix::fs::symlink("/etc", cache.join("link")).unwrap();
+        assert!(ensure_dir(&cache.join("link")).is_err());
+    }
 
     #[test]
     fn links_devices_fifos_and_big_files_are_refused() {

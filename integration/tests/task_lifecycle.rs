@@ -685,7 +685,21 @@ async fn prewarm_true_fetches_a_missing_model_with_the_agent() {
     let hub = FaultHub::start(vec![3u8; 200_000]).await.unwrap();
     let decoy = FaultHub::start(vec![9u8; 10]).await.unwrap();
     let endpoint = hub.endpoint();
-    let Some(mut sim) = Sim::start_with("", &[("HF_ENDPOINT", endpoint.as_str())]).await else { return };
+    // The agent binary where any user may run it: the prewarm runs as the cache's owner.
+    let bindir = tempfile::tempdir().unwrap();
+    let agent = bindir.path().join("aimodel-agent");
+    std::fs::copy(binary("aimodel-agent").unwrap(), &agent).unwrap();
+    for p in [bindir.path(), agent.as_path()] {
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let env = [("HF_ENDPOINT", endpoint.as_str()), ("AIMODEL_AGENT_BIN", agent.to_str().unwrap())];
+    let Some(mut sim) = Sim::start_with("", &env).await else { return };
+    // A cache owned by a user of its own (the node agent's), as docs/install.md sets it up.
+    let owner = nix::unistd::geteuid().is_root().then_some(4242u32);
+    if let Some(uid) = owner {
+        let (u, g) = (nix::unistd::Uid::from_raw(uid), nix::unistd::Gid::from_raw(uid));
+        nix::unistd::chown(sim._cache.path(), Some(u), Some(g)).unwrap();
+    }
     let cfg = |model: &str| {
         format!(
             "engine = \"vllm\"\nimage = \"{}\"\nmodel = \"{model}\"\nport = \"http\"\nprewarm = true\n",
@@ -709,6 +723,17 @@ async fn prewarm_true_fetches_a_missing_model_with_the_agent() {
     assert!(
         hf_cache::check(&hubdir, &hf_cache::RepoId::model("org/fetched"), "main", hf_cache::Mode::Deep).is_complete()
     );
+    if let Some(uid) = owner {
+        // Written as the cache's owner, so that owner's agent can resume, replace and collect it.
+        use std::os::unix::fs::MetadataExt;
+        let repo = hubdir.join("models--org--fetched");
+        for e in [hubdir.clone(), repo.clone(), repo.join("blobs"), sim._cache.path().join("aimodel")] {
+            assert_eq!(std::fs::metadata(&e).unwrap().uid(), uid, "{} is not the cache owner's", e.display());
+        }
+        for b in std::fs::read_dir(repo.join("blobs")).unwrap().flatten() {
+            assert_eq!(b.metadata().unwrap().uid(), uid, "{:?}", b.path());
+        }
+    }
     sim.destroy(&t.config.id).await;
 
     let b = TaskBuilder::new("absent", &cfg("fault/missing"))
