@@ -237,6 +237,9 @@ struct Net {
     /// Where the host reaches it (ip, port).
     host: Option<(String, u16)>,
     port_map: BTreeMap<String, u16>,
+    /// The address the server binds: every address of its own namespace, or,
+    /// on the node's network, the one Nomad picked for the port.
+    bind: String,
 }
 
 /// Resolves the network: which ports to publish, which port the server listens
@@ -262,15 +265,36 @@ fn network(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, default_po
         Some("host") => true,
         _ => false,
     };
+    let any = "0.0.0.0".to_string();
     if host_network {
-        let (inside, host) = match chosen {
-            Some(p) => (p.value, Some(("127.0.0.1".to_string(), p.value))),
-            None => (default_port, Some(("127.0.0.1".to_string(), default_port))),
+        // On the node's network the server binds the address Nomad assigned to
+        // the port (`host_network`), not every interface.
+        let ip = |p: &crate::task::NomadPort| {
+            if p.host_ip.is_empty() || p.host_ip == "0.0.0.0" {
+                None
+            } else {
+                Some(p.host_ip.clone())
+            }
         };
-        return Ok(Net { mode: "host".into(), bindings: Vec::new(), inside, host, port_map });
+        let (inside, host, bind) = match chosen {
+            Some(p) => (
+                p.value,
+                Some((ip(p).unwrap_or_else(|| "127.0.0.1".into()), p.value)),
+                ip(p).unwrap_or_else(|| any.clone()),
+            ),
+            None => (default_port, Some(("127.0.0.1".to_string(), default_port)), any.clone()),
+        };
+        return Ok(Net { mode: "host".into(), bindings: Vec::new(), inside, host, port_map, bind });
     }
     if cfg.network_mode.as_deref() == Some("none") || task.network_mode == NetworkMode::None {
-        return Ok(Net { mode: "none".into(), bindings: Vec::new(), inside: default_port, host: None, port_map });
+        return Ok(Net {
+            mode: "none".into(),
+            bindings: Vec::new(),
+            inside: default_port,
+            host: None,
+            port_map,
+            bind: any,
+        });
     }
     if task.network_mode == NetworkMode::Group {
         // The group's namespace. Created by a docker task (a Connect sidecar, a
@@ -285,7 +309,14 @@ fn network(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, default_po
                 }
                 None => (default_port, None),
             };
-            return Ok(Net { mode: format!("container:{sandbox}"), bindings: Vec::new(), inside, host, port_map });
+            return Ok(Net {
+                mode: format!("container:{sandbox}"),
+                bindings: Vec::new(),
+                inside,
+                host,
+                port_map,
+                bind: any,
+            });
         }
         if !task.network_path.is_empty() {
             // Docker cannot join a namespace by path, and a namespace of our own
@@ -331,7 +362,7 @@ fn network(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, default_po
         }
         None => (default_port, None),
     };
-    Ok(Net { mode: "bridge".into(), bindings, inside, host, port_map })
+    Ok(Net { mode: "bridge".into(), bindings, inside, host, port_map, bind: any })
 }
 
 /// Builds the container for a task.
@@ -355,7 +386,7 @@ pub fn plan(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, facts: &N
     }
     let image = image_for(cfg, plugin)?;
     let (default_port, health_path) = engine_defaults(cfg.engine);
-    let Net { mode: network_mode, bindings: ports, inside: port, host, port_map } =
+    let Net { mode: network_mode, bindings: ports, inside: port, host, port_map, bind } =
         network(cfg, task, plugin, default_port)?;
     let gpus = gpu_request(cfg, task, plugin)?;
     let flags = load_flags(cfg, facts);
@@ -368,7 +399,7 @@ pub fn plan(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, facts: &N
 
     let (mut entrypoint, mut cmd): (Option<Vec<String>>, Vec<String>) = match cfg.engine {
         Engine::Vllm => {
-            let mut c = s(&["--model", &model, "--revision", &revision, "--host", "0.0.0.0", "--port", &p]);
+            let mut c = s(&["--model", &model, "--revision", &revision, "--host", &bind, "--port", &p]);
             c.extend(s(&["--served-model-name", &served]));
             if let Some(n) = &tp {
                 c.extend(s(&["--tensor-parallel-size", n]));
@@ -379,7 +410,7 @@ pub fn plan(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, facts: &N
             (None, c)
         }
         Engine::Sglang => {
-            let mut c = s(&["--model-path", &model, "--revision", &revision, "--host", "0.0.0.0", "--port", &p]);
+            let mut c = s(&["--model-path", &model, "--revision", &revision, "--host", &bind, "--port", &p]);
             c.extend(s(&["--served-model-name", &served]));
             if let Some(n) = &tp {
                 c.extend(s(&["--tp-size", n]));
@@ -390,18 +421,19 @@ pub fn plan(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, facts: &N
             (Some(s(&["python3", "-m", "sglang.launch_server"])), c)
         }
         Engine::SglangRouter => {
-            (Some(s(&["python3", "-m", "sglang_router.launch_router"])), s(&["--host", "0.0.0.0", "--port", &p]))
+            (Some(s(&["python3", "-m", "sglang_router.launch_router"])), s(&["--host", &bind, "--port", &p]))
         }
         Engine::Ollama => (None, s(&["serve"])),
         Engine::Tgi => {
-            let mut c = s(&["--model-id", &model, "--revision", &revision, "--hostname", "0.0.0.0", "--port", &p]);
+            let mut c = s(&["--model-id", &model, "--revision", &revision, "--hostname", &bind, "--port", &p]);
             if let Some(n) = &tp {
                 c.extend(s(&["--num-shard", n]));
             }
             (None, c)
         }
         Engine::Ray => {
-            let mut c = s(&["ray", "start", "--block", "--dashboard-host=0.0.0.0"]);
+            let mut c = s(&["ray", "start", "--block"]);
+            c.push(format!("--dashboard-host={bind}"));
             if cfg.port.is_some() {
                 c.push(format!("--dashboard-port={p}"));
             }
@@ -484,7 +516,7 @@ pub fn plan(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, facts: &N
         env.insert("TRANSFORMERS_OFFLINE".into(), "1".into());
     }
     if cfg.engine == Engine::Ollama {
-        env.insert("OLLAMA_HOST".into(), format!("0.0.0.0:{port}"));
+        env.insert("OLLAMA_HOST".into(), format!("{bind}:{port}"));
     }
     env.insert("AIMODEL_PORT".into(), p.clone());
     if !model.is_empty() {

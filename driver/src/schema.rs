@@ -120,7 +120,8 @@ pub fn markdown_table(fields: &[Field]) -> String {
 
 /// The value Nomad would send for an empty `config {}` body: every attribute
 /// present, defaults applied, blocks null. With `fill_blocks`, absent blocks are
-/// replaced by their own defaults (what an empty `block {}` would give).
+/// replaced by their own defaults (what an empty `block {}` would give: its own
+/// nested blocks absent, so null).
 pub fn default_value(fields: &[Field], fill_blocks: bool) -> crate::cty::Value {
     use crate::cty::Value;
     let map = fields
@@ -129,7 +130,7 @@ pub fn default_value(fields: &[Field], fill_blocks: bool) -> crate::cty::Value {
             let v = match &f.kind {
                 Kind::Attr { default: Some(lit), .. } => literal_value(lit),
                 Kind::Attr { .. } => Value::Null,
-                Kind::Block(nested) if fill_blocks => default_value(nested, true),
+                Kind::Block(nested) if fill_blocks => default_value(nested, false),
                 Kind::Block(_) => Value::Null,
             };
             (f.name.to_string(), v)

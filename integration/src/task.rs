@@ -129,6 +129,8 @@ pub struct TaskBuilder {
     pub isolation: Option<NetworkIsolationSpec>,
     /// Device-plugin devices (`TaskConfig.devices`).
     pub devices: Vec<pb::Device>,
+    /// The host address Nomad picked for the ports (`host_network`).
+    pub port_ip: String,
 }
 
 impl TaskBuilder {
@@ -151,6 +153,7 @@ impl TaskBuilder {
             node_name: "sim-node".into(),
             isolation: None,
             devices: Vec::new(),
+            port_ip: "127.0.0.1".into(),
         }
     }
 
@@ -206,7 +209,8 @@ impl TaskBuilder {
         for (label, value, to) in &self.ports {
             env.insert(format!("NOMAD_PORT_{label}"), if *to > 0 { to } else { value }.to_string());
             env.insert(format!("NOMAD_HOST_PORT_{label}"), value.to_string());
-            env.insert(format!("NOMAD_ADDR_{label}"), format!("127.0.0.1:{value}"));
+            env.insert(format!("NOMAD_ADDR_{label}"), format!("{}:{value}", self.port_ip));
+            env.insert(format!("NOMAD_IP_{label}"), self.port_ip.clone());
         }
         env.extend(self.env.clone());
         let config = pb::TaskConfig {
@@ -236,7 +240,7 @@ impl TaskBuilder {
                         label: label.clone(),
                         value: i32::from(*value),
                         to: i32::from(*to),
-                        host_ip: "127.0.0.1".into(),
+                        host_ip: self.port_ip.clone(),
                     })
                     .collect(),
             }),

@@ -1135,3 +1135,33 @@ fn the_cgroup_counters_of_a_spinning_container_are_read() {
     assert!(ours.cpu_user_ns > ours.cpu_kernel_ns, "{ours:?}");
     assert!(ours.mem_usage > 0 && ours.system_cpu_ns > ours.cpu_total_ns, "{ours:?}");
 }
+
+/// The seed's jobs: no group network, `port "http" { to = 8000 host_network = … }`
+/// and a server started on `${NOMAD_PORT_http}`. As with the docker driver, the
+/// server listens on `to` inside the container and is reachable on the address
+/// Nomad picked for the port, and on no other address of the host.
+#[tokio::test]
+async fn a_port_is_reachable_on_its_host_network_address_only() {
+    let Some(mut sim) = Sim::start().await else { return };
+    let value = free_port();
+    let cfg = custom(
+        "port = \"http\"\nentrypoint = [\"/bin/sh\", \"-c\", \"exec /bin/standin --port $NOMAD_PORT_http\"]\nreadiness {\n  path = \"/health\"\n  interval = \"200ms\"\n}",
+    );
+    let mut b = TaskBuilder::new("lan", &cfg).port("http", value, 8000);
+    b.port_ip = "127.0.0.2".into();
+    let (t, _) = sim.start_task(&b).await;
+    sim.live.wait_event(&t.config.id, "model server ready after", Duration::from_secs(20)).await.unwrap();
+    let out = t.stdout.clone().unwrap();
+    out.wait_for(Duration::from_secs(10), |s| s.contains("listening on 0.0.0.0:8000")).await.unwrap();
+    let reach = |ip: &'static str| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(mut s) = tokio::net::TcpStream::connect((ip, value)).await else { return String::new() };
+        let _ = s.write_all(b"GET /health HTTP/1.0\r\nHost: x\r\n\r\n").await;
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body).await;
+        body
+    };
+    assert!(reach("127.0.0.2").await.starts_with("HTTP/1."), "not reachable on the address Nomad picked");
+    assert_eq!(reach("127.0.0.1").await, "", "reachable on another address of the host");
+    sim.destroy(&t.config.id).await;
+}

@@ -85,7 +85,9 @@ fn host_network_is_an_operator_opt_in() {
     let p = plan(&cfg(&c), &task(), &plugin, &NodeFacts::default()).unwrap();
     assert_eq!(p.spec.network_mode, "host");
     assert!(p.spec.ports.is_empty());
-    assert!(p.spec.cmd.unwrap().windows(2).any(|w| w == ["--port", "23456"]));
+    let cmd = p.spec.cmd.unwrap();
+    assert!(cmd.windows(2).any(|w| w == ["--port", "23456"]));
+    assert!(cmd.windows(2).any(|w| w == ["--host", "10.0.0.5"]), "binds the address Nomad picked: {cmd:?}");
     let mut grouped = task();
     grouped.network_mode = NetworkMode::Group;
     assert_eq!(plan(&cfg(&c), &grouped, &plugin, &NodeFacts::default()).unwrap_err().field(), Some("network_mode"));

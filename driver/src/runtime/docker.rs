@@ -104,15 +104,16 @@ fn split_image(image: &str) -> (String, String) {
 }
 
 fn host_config(spec: &ContainerSpec) -> HostConfig {
+    // Each port for TCP and UDP, as the docker driver publishes Nomad's ports.
     let port_bindings: HashMap<String, Option<Vec<DockerPortBinding>>> = spec
         .ports
         .iter()
-        .map(|p| {
+        .flat_map(|p| {
             let binding = DockerPortBinding {
                 host_ip: Some(p.host_ip.clone()).filter(|s| !s.is_empty()),
                 host_port: Some(p.host_port.to_string()),
             };
-            (format!("{}/tcp", p.container_port), Some(vec![binding]))
+            ["tcp", "udp"].map(|proto| (format!("{}/{proto}", p.container_port), Some(vec![binding.clone()])))
         })
         .collect();
     let device_requests = spec.gpus.as_ref().map(|g| match g {
@@ -276,8 +277,13 @@ impl ContainerRuntime for DockerRuntime {
             env: Some(spec.env.clone()),
             labels: Some(spec.labels.clone().into_iter().collect()),
             user: spec.user.clone(),
-            exposed_ports: Some(spec.ports.iter().map(|p| format!("{}/tcp", p.container_port)).collect())
-                .filter(|v: &Vec<String>| !v.is_empty()),
+            exposed_ports: Some(
+                spec.ports
+                    .iter()
+                    .flat_map(|p| ["tcp", "udp"].map(|proto| format!("{}/{proto}", p.container_port)))
+                    .collect(),
+            )
+            .filter(|v: &Vec<String>| !v.is_empty()),
             host_config: Some(host_config(spec)),
             ..Default::default()
         };
