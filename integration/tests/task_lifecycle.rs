@@ -1101,7 +1101,9 @@ async fn cpu_stats_are_percentages_like_the_docker_drivers() {
     // Bounded by the cores (cumulative milliseconds of a spinning process would
     // pass that within seconds); well above zero even when other tests share the CPU.
     assert!(cpu.percent > 5.0 && cpu.percent <= 100.0 * cores + 5.0, "one spinning core: {cpu:?}");
-    assert!(cpu.user_mode > cpu.system_mode && cpu.user_mode <= 100.0 * cores + 5.0, "{cpu:?}");
+    // User time is tick-accounted and total time exact (cgroup v1), so their ratio
+    // can pass 1 a little; cumulative milliseconds would be in the thousands.
+    assert!(cpu.user_mode > cpu.system_mode && cpu.user_mode <= 150.0 * cores, "{cpu:?}");
     assert!(cpu.system_mode >= 0.0, "{cpu:?}");
     assert!(cpu.total_ticks > 0.0, "{cpu:?}");
     assert!(last.memory.clone().unwrap().usage > 0);
