@@ -125,6 +125,24 @@ pub fn sample(files: &CgroupFiles) -> Option<Stats> {
     Some(s)
 }
 
+/// How often a shared-cores task's cpuset follows Nomad's (`drivers/docker/cpuset.go`).
+pub const CPUSET_SYNC: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Copies the cores Nomad grants a task (`<cpuset_cgroup>/cpuset.cpus.effective`,
+/// which changes as other tasks reserve cores) into the container's own cgroup
+/// (`cpuset.cpus`), as the docker driver's cpuset fixer does: Docker cannot put a
+/// container in a cgroup Nomad manages. Returns the value written, when it
+/// differs from `previous`; cgroup v2 only (Nomad manages cores on v2).
+pub fn sync_cpuset(nomad_cgroup: &Path, container: &CgroupFiles, previous: Option<&str>) -> Option<String> {
+    let CgroupFiles::V2(dir) = container else { return None };
+    let current = read(&nomad_cgroup.join("cpuset.cpus.effective"))?;
+    if previous == Some(current.as_str()) {
+        return None;
+    }
+    std::fs::write(dir.join("cpuset.cpus"), &current).ok()?;
+    Some(current)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,6 +162,24 @@ mod tests {
         let v2 = "0::/system.slice/docker-abc.scope\n";
         assert_eq!(locate_in(v2, root), Some(CgroupFiles::V2(root.join("system.slice/docker-abc.scope"))));
         assert_eq!(locate_in("", root), None);
+    }
+
+    #[test]
+    fn shared_cores_follow_nomads_cgroup() {
+        let d = tempfile::tempdir().unwrap();
+        let (nomad, container) = (d.path().join("nomad"), d.path().join("container"));
+        std::fs::create_dir_all(&nomad).unwrap();
+        std::fs::create_dir_all(&container).unwrap();
+        std::fs::write(nomad.join("cpuset.cpus.effective"), "0-3\n").unwrap();
+        let c = CgroupFiles::V2(container.clone());
+        assert_eq!(sync_cpuset(&nomad, &c, None).as_deref(), Some("0-3\n"));
+        assert_eq!(std::fs::read_to_string(container.join("cpuset.cpus")).unwrap(), "0-3\n");
+        assert_eq!(sync_cpuset(&nomad, &c, Some("0-3\n")), None, "unchanged: nothing written");
+        std::fs::write(nomad.join("cpuset.cpus.effective"), "2-3\n").unwrap();
+        assert_eq!(sync_cpuset(&nomad, &c, Some("0-3\n")).as_deref(), Some("2-3\n"));
+        assert_eq!(std::fs::read_to_string(container.join("cpuset.cpus")).unwrap(), "2-3\n");
+        let v1 = CgroupFiles::V1 { cpu: container.clone(), cpuacct: container.clone(), memory: container };
+        assert_eq!(sync_cpuset(&nomad, &v1, None), None, "v1: Nomad does not manage shared cores there");
     }
 
     #[test]

@@ -64,6 +64,7 @@ pub fn task_from_proto(c: &pb::TaskConfig) -> NomadTask {
         cpu_shares: alloc.and_then(|a| a.cpu.as_ref()).map_or(0, |c| c.cpu_shares),
         cpuset_cpus: linux.map(|l| l.cpuset_cpus.clone()).unwrap_or_default(),
         percent_ticks: linux.map_or(0.0, |l| l.percent_ticks),
+        cpuset_cgroup: linux.map(|l| l.cpuset_cgroup.clone()).unwrap_or_default(),
         ports,
         mounts: c
             .mounts

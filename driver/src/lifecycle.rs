@@ -450,6 +450,9 @@ impl Driver {
         });
         self.tasks().insert(entry.task.id.clone(), entry.clone());
         tokio::spawn(run_exit_watch(self.clone(), entry.clone(), tx));
+        if !entry.task.cpuset_cgroup.is_empty() && entry.task.cpuset_cpus.is_empty() {
+            tokio::spawn(run_cpuset_sync(self.clone(), entry.clone()));
+        }
         if !entry.state.logs_disabled {
             tokio::spawn(run_relay_supervisor(self.clone(), entry.clone()));
         }
@@ -899,6 +902,27 @@ async fn run_exit_watch(driver: Driver, entry: Arc<TaskEntry>, tx: watch::Sender
     *entry.completed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(SystemTime::now());
     tracing::info!(task_id = %entry.task.id, exit_code = result.exit_code, oom = result.oom_killed, "task exited");
     let _ = tx.send(Some(result));
+}
+
+/// A task on Nomad's shared cores: its container's cpuset follows the cores
+/// Nomad leaves to the shared partition (`drivers/docker/cpuset.go`).
+async fn run_cpuset_sync(driver: Driver, entry: Arc<TaskEntry>) {
+    let nomad_cgroup = PathBuf::from(&entry.task.cpuset_cgroup);
+    let mut previous: Option<String> = None;
+    loop {
+        tokio::select! {
+            _ = entry.cancel.cancelled() => return,
+            _ = tokio::time::sleep(crate::cgroup::CPUSET_SYNC) => {}
+        }
+        if entry.exit_result().is_some() {
+            return;
+        }
+        let Some(files) = driver.cgroup_of(&entry).await else { continue };
+        if let Some(v) = crate::cgroup::sync_cpuset(&nomad_cgroup, &files, previous.as_deref()) {
+            tracing::debug!(task_id = %entry.task.id, cpus = %v.trim(), "cpuset follows Nomad's shared cores");
+            previous = Some(v);
+        }
+    }
 }
 
 /// Keeps a log relay alive for a running task: if the relay dies (killed, OOM),

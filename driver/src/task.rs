@@ -68,6 +68,8 @@ pub struct NomadTask {
     /// The task's share of the node's compute (`LinuxResources.percent_ticks`).
     pub percent_ticks: f64,
     pub cpuset_cpus: String,
+    /// Nomad's cgroup for a task on shared cores (`LinuxResources.cpuset_cgroup`).
+    pub cpuset_cgroup: String,
     pub ports: Vec<NomadPort>,
     pub mounts: Vec<NomadMount>,
     pub network_mode: NetworkMode,
