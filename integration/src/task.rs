@@ -131,6 +131,9 @@ pub struct TaskBuilder {
     pub devices: Vec<pb::Device>,
     /// The host address Nomad picked for the ports (`host_network`).
     pub port_ip: String,
+    /// What Nomad's volume hook mounts (host volumes, CSI volumes): `TaskConfig.mounts`
+    /// (`client/allocrunner/taskrunner/volume_hook.go`).
+    pub mounts: Vec<pb::Mount>,
 }
 
 impl TaskBuilder {
@@ -154,6 +157,7 @@ impl TaskBuilder {
             isolation: None,
             devices: Vec::new(),
             port_ip: "127.0.0.1".into(),
+            mounts: Vec::new(),
         }
     }
 
@@ -259,6 +263,7 @@ impl TaskBuilder {
                     .then(|| NetworkIsolationSpec { mode: NetworkIsolationMode::Group as i32, ..Default::default() })
             }),
             devices: self.devices.clone(),
+            mounts: self.mounts.clone(),
             ..Default::default()
         };
         Ok(PreparedTask { config, alloc_dir, stdout, stderr })

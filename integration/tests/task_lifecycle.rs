@@ -1018,6 +1018,16 @@ async fn group_namespace_memory_devices_logs_and_stop_signal_reach_docker() {
         ..Default::default()
     });
     b.memory_max_mb = -1;
+    // The volume hook's mounts: a read-only host volume (a CSI volume arrives the same way).
+    let volume = tempfile::tempdir().unwrap();
+    std::fs::write(volume.path().join("weights"), "w").unwrap();
+    b.mounts = vec![aimodel_proto::drivers::Mount {
+        task_path: "/volume".into(),
+        host_path: volume.path().display().to_string(),
+        readonly: true,
+        propagation_mode: "private".into(),
+        ..Default::default()
+    }];
     b.devices = vec![Device {
         task_path: "/dev/aimodel-null".into(),
         host_path: "/dev/null".into(),
@@ -1045,6 +1055,9 @@ async fn group_namespace_memory_devices_logs_and_stop_signal_reach_docker() {
     assert_eq!(docker_out(&["inspect", "-f", "{{.HostConfig.MemoryReservation}}", c]), (256u64 << 20).to_string());
     assert_eq!(docker_out(&["inspect", "-f", "{{.HostConfig.LogConfig.Type}} {{index .HostConfig.LogConfig.Config \"max-size\"}} {{index .HostConfig.LogConfig.Config \"max-file\"}}", c]), "json-file 2m 2");
     docker_out(&["exec", c, "test", "-c", "/dev/aimodel-null"]);
+    docker_out(&["exec", c, "test", "-f", "/volume/weights"]);
+    let write = std::process::Command::new("docker").args(["exec", c, "touch", "/volume/poison"]).output().unwrap();
+    assert!(!write.status.success() && !volume.path().join("poison").exists(), "a read-only volume was written");
     sim.destroy(&t.config.id).await;
     let _ = std::process::Command::new("docker").args(["rm", "-f", &sandbox]).output();
 
