@@ -195,6 +195,27 @@ async fn health_fails_while_the_cache_is_not_writable_and_recovers() {
     assert!(!logged.lines().any(|l| l.contains(" h2::") || l.contains(" hyper")), "{logged}");
 }
 
+/// Nomad configured and not answering (nothing listens at its address): once
+/// `nomad.health_grace` has passed, `/health` fails and says so; the metric of
+/// the watch's errors counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_fails_while_nomad_does_not_answer() {
+    let hub_server = FaultHub::start(vec![1, 2, 3]).await.unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let (port, nomad_port) = (free_port(), free_port());
+    let cfg = write_config(
+        home.path(),
+        port,
+        &format!("nomad {{\n  address = \"http://127.0.0.1:{nomad_port}\"\n  health_grace = \"2s\"\n}}\n"),
+    );
+    let log = home.path().join("agent.log");
+    let _agent = spawn_agent(&cfg, &hub_server.endpoint(), &log, "text");
+    let body = wait_health(port, Duration::from_secs(30), "503", &log).await;
+    assert!(body.contains("nomad has not answered") && body.contains(&nomad_port.to_string()), "{body}");
+    let m = http_body(port, "/metrics").await;
+    assert!(m.lines().any(|l| l.starts_with("aimodel_agent_nomad_errors_total") && !l.ends_with(" 0")), "{m}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_fails_when_every_recent_prewarm_failed_and_metrics_say_which() {
     // A hub that is not there: every prewarm fails.

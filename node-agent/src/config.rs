@@ -109,6 +109,13 @@ pub struct NomadConfig {
     /// Send the token over plain http to a host other than this one.
     #[serde(default)]
     pub insecure_http: bool,
+    /// `/health` fails once Nomad has not answered for this long.
+    #[serde(default = "default_health_grace")]
+    pub health_grace: Dur,
+}
+
+fn default_health_grace() -> Dur {
+    Dur(Duration::from_secs(60))
 }
 
 /// A secret from the configuration: `Debug` never shows it.
@@ -130,6 +137,7 @@ impl std::fmt::Debug for NomadConfig {
             .field("namespace", &self.namespace)
             .field("wait", &self.wait)
             .field("insecure_http", &self.insecure_http)
+            .field("health_grace", &self.health_grace)
             .finish()
     }
 }

@@ -62,7 +62,6 @@ pub struct Counters {
 /// Prewarm outcomes remembered for `/health`.
 const RECENT: usize = 5;
 /// How long Nomad may fail to answer before `/health` reports it.
-const NOMAD_GRACE: Duration = Duration::from_secs(60);
 /// How often the cache is probed for writes.
 const PROBE_EVERY: Duration = Duration::from_secs(5);
 
@@ -82,7 +81,7 @@ pub struct Shared {
 }
 
 /// Why the agent cannot do its job now (empty: healthy): the cache is not
-/// writable, Nomad (when configured) has not answered for `NOMAD_GRACE`, or
+/// writable, Nomad (when configured) has not answered for `nomad.health_grace`, or
 /// every recent prewarm failed.
 pub fn health(g: &Shared) -> Vec<String> {
     let mut why = Vec::new();
@@ -94,7 +93,7 @@ pub fn health(g: &Shared) -> Vec<String> {
         if let Some(e) = &n.last_error {
             let since_ok = n.last_ok.map(|t| Duration::from_secs(unix_now().saturating_sub(t)));
             let since_start = g.started.map(|t| t.elapsed()).unwrap_or_default();
-            if since_ok.unwrap_or(since_start) >= NOMAD_GRACE {
+            if since_ok.unwrap_or(since_start) >= Duration::from_secs(n.health_grace_secs) {
                 let d = since_ok.unwrap_or(since_start).as_secs();
                 why.push(format!("nomad has not answered for {d}s: {e}"));
             }
@@ -794,6 +793,7 @@ mod tests {
         let status = Arc::new(Mutex::new(NomadStatus {
             last_error: Some("connection refused".into()),
             last_ok: Some(unix_now() - 10),
+            health_grace_secs: 60,
             ..NomadStatus::default()
         }));
         g.nomad = Some(status.clone());

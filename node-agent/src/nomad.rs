@@ -34,6 +34,8 @@ pub struct NomadStatus {
     pub errors: u64,
     /// Unix seconds of the last job list Nomad answered.
     pub last_ok: Option<u64>,
+    /// `/health` fails once Nomad has not answered for this long (`nomad.health_grace`).
+    pub health_grace_secs: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -274,7 +276,11 @@ pub async fn watch(cfg: NomadConfig, tx: watch::Sender<BTreeSet<Wanted>>, status
     let address = resolve_address(cfg.address.as_deref());
     let token = cfg.token.clone().or_else(|| std::env::var("NOMAD_TOKEN").ok()).filter(|t| !t.is_empty());
     let client = Client::new(&address, token);
-    status.lock().unwrap_or_else(|p| p.into_inner()).address = address.clone();
+    {
+        let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
+        st.address = address.clone();
+        st.health_grace_secs = cfg.health_grace.0.as_secs();
+    }
     let wait = cfg.wait.0.max(Duration::from_secs(1));
     let mut index = 0u64;
     let mut jobs: BTreeMap<String, (u64, Vec<Wanted>)> = BTreeMap::new();
