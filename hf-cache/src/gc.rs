@@ -98,7 +98,9 @@ fn blob_bytes(paths: &RepoPaths) -> u64 {
     safefs::list_dir(&dir)
         .unwrap_or_default()
         .into_iter()
-        .filter(|e| e.is_file() && e.name_str().is_some_and(|n| !n.contains('.')))
+        // Blobs, and the corrupt copies a repair set aside (kept for inspection,
+        // they take space until the repo goes).
+        .filter(|e| e.is_file() && e.name_str().is_some_and(|n| !n.contains('.') || n.ends_with(".corrupt")))
         .filter_map(|e| e.stat.map(|s| s.st_size.max(0) as u64))
         .sum()
 }
@@ -535,6 +537,21 @@ mod tests {
         state.clear_in_use("t").unwrap();
         assert_eq!(evict(&hub, "o/m", policy.in_use_ttl).unwrap(), Some(10));
         assert_eq!(evict(&hub, "o/m", policy.in_use_ttl).unwrap(), None, "already gone");
+    }
+
+    #[test]
+    fn corrupt_copies_count_as_the_repos_bytes_and_go_with_it() {
+        let d = tempfile::tempdir().unwrap();
+        let hub = d.path().join("hub");
+        seed(&hub, "o/m", 10, 100);
+        let blobs = RepoPaths::new(&hub, &RepoId::model("o/m")).blobs();
+        std::fs::write(blobs.join(format!("{}.corrupt", "a".repeat(64))), vec![0u8; 90]).unwrap();
+        let policy = Policy { max_size: Some(0), in_use_ttl: Duration::from_secs(60), ..Policy::default() };
+        let p = plan(&hub, &policy).unwrap();
+        assert_eq!(p.total, 100, "the set-aside copy takes space");
+        let (_, done) = run(&hub, &policy).unwrap();
+        assert_eq!(done, [("o/m".to_string(), 100)]);
+        assert!(!blobs.exists());
     }
 
     #[test]
