@@ -75,6 +75,29 @@ impl fmt::Display for RepoId {
     }
 }
 
+/// A model repo id as the hub allows it (huggingface_hub's `validate_repo_id`):
+/// `org/name` or a bare legacy `name`; each part 1–96 of ASCII letters, digits,
+/// `-`, `_` and `.`, not starting or ending with `-` or `.`, without `--` (the
+/// cache's folder separator) or `..`. The one parser the driver and the agent use.
+pub fn is_repo_id(id: &str) -> bool {
+    let ok = |p: &str| {
+        (1..=96).contains(&p.len())
+            && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            && !p.starts_with(['-', '.'])
+            && !p.ends_with(['-', '.'])
+            && !p.contains("--")
+            && !p.contains("..")
+    };
+    match id.split_once('/') {
+        Some((org, name)) => ok(org) && ok(name),
+        None => ok(id),
+    }
+}
+
+/// The message for an id [`is_repo_id`] refuses.
+pub const REPO_ID_RULE: &str =
+    "is not a HuggingFace repo id (org/name or name: letters, digits, `-_.`; no `--`, `..` or leading/trailing `-.`)";
+
 /// True for a full 40-hex commit hash.
 pub fn is_commit(s: &str) -> bool {
     s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
@@ -305,6 +328,33 @@ mod tests {
         assert!(is_safe_file_path("a/b.json") && is_safe_file_path("config.json"));
         for bad in ["", "/etc/passwd", "../x", "a/../../x", "a//b", "a\\b", "./a"] {
             assert!(!is_safe_file_path(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn repo_ids_follow_the_hubs_rules() {
+        for ok in ["gpt2", "mistralai/Mistral-7B-Instruct-v0.3", "Qwen/Qwen2.5-0.5B", "a_b/c.d", "o/m"] {
+            assert!(is_repo_id(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "/",
+            "o/",
+            "/m",
+            "a/b/c",
+            "../x",
+            "o/..",
+            "a--b/c",
+            "a/b--c",
+            ".hidden/x",
+            "x/y-",
+            "o/m m",
+            "o/m\n",
+            "o\\m",
+            "ö/m",
+            &"x".repeat(97),
+        ] {
+            assert!(!is_repo_id(bad), "{bad:?}");
         }
     }
 

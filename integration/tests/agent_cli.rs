@@ -94,7 +94,7 @@ fn arguments_are_checked_with_reasons() {
     std::fs::create_dir_all(&hub).unwrap();
     let h = hub.to_str().unwrap();
     // verify validates the repo id as prewarm does.
-    for bad in ["org", "a/b/c", "../x", "org/m@bad rev"] {
+    for bad in ["org--x/m", "a/b/c", "../x", "org/m@bad rev"] {
         let out = agent(&["--cache", h, "verify", bad]);
         assert!(!out.status.success(), "{bad}: {}", text(&out));
         assert!(text(&out).contains("not a"), "{bad}: {}", text(&out));

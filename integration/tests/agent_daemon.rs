@@ -216,7 +216,7 @@ gc {{
 async fn run_check_validates_the_configuration() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.hcl");
-    std::fs::write(&bad, "hf_home = \"/x\"\nmodels = [{ repo = \"no-slash\" }]\n").unwrap();
+    std::fs::write(&bad, "hf_home = \"/x\"\nmodels = [{ repo = \"no--double-dash\" }]\n").unwrap();
     let out = std::process::Command::new(binary("aimodel-agent").unwrap())
         .args(["run", "--check", "--config"])
         .arg(&bad)

@@ -225,13 +225,10 @@ fn hub_dir(args: &Args, cfg: Option<&AgentConfig>) -> Result<PathBuf> {
         .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/huggingface/hub")))
 }
 
-/// `org/name`, nothing that could name another path.
+/// A repo id as the hub allows it, nothing that could name another path.
 fn check_repo_id(repo: &str) -> Result<()> {
-    let parts: Vec<&str> = repo.split('/').collect();
-    if parts.len() != 2
-        || parts.iter().any(|p| p.is_empty() || *p == "." || *p == ".." || p.contains("--") || p.contains('\\'))
-    {
-        anyhow::bail!("{repo:?} is not a HuggingFace repo id (org/name)");
+    if !hf_cache::layout::is_repo_id(repo) {
+        anyhow::bail!("{repo:?} {}", hf_cache::layout::REPO_ID_RULE);
     }
     Ok(())
 }

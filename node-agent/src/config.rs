@@ -216,9 +216,8 @@ impl AgentConfig {
         let err = |reason: String| ConfigError { path: path.display().to_string(), reason };
         let cfg: AgentConfig = hcl::from_str(text).map_err(|e| err(e.to_string()))?;
         for (i, m) in cfg.models.iter().enumerate() {
-            let parts: Vec<&str> = m.repo.split('/').collect();
-            if parts.len() != 2 || parts.iter().any(|p| p.is_empty() || *p == "." || *p == "..") {
-                return Err(err(format!("models[{i}].repo: {:?} is not a HuggingFace repo id (org/name)", m.repo)));
+            if !hf_cache::layout::is_repo_id(&m.repo) {
+                return Err(err(format!("models[{i}].repo: {:?} {}", m.repo, hf_cache::layout::REPO_ID_RULE)));
             }
             if !hf_cache::layout::is_safe_revision(&m.revision) {
                 return Err(err(format!("models[{i}].revision: {:?} is not a revision", m.revision)));
@@ -331,7 +330,7 @@ mod tests {
     #[test]
     fn bad_input_names_the_problem() {
         let p = Path::new("a.hcl");
-        let e = AgentConfig::parse("hf_home = \"/c\"\nmodels = [{ repo = \"nope\" }]", p).unwrap_err();
+        let e = AgentConfig::parse("hf_home = \"/c\"\nmodels = [{ repo = \"../nope\" }]", p).unwrap_err();
         assert!(e.to_string().contains("models[0].repo"), "{e}");
         let e = AgentConfig::parse("hf_home = \"/c\"\nmodelz = []", p).unwrap_err();
         assert!(e.to_string().contains("modelz"), "{e}");

@@ -72,8 +72,7 @@ pub fn models_of_job(job: &serde_json::Value) -> Vec<Wanted> {
             // Runtime interpolation (`${NOMAD_META_model}`) is only known on the client.
             if repo.contains("${")
                 || !hf_cache::layout::is_safe_revision(&revision)
-                || repo.split('/').count() != 2
-                || repo.split('/').any(|p| p.is_empty() || p == "." || p == "..")
+                || !hf_cache::layout::is_repo_id(&repo)
             {
                 continue;
             }

@@ -236,8 +236,11 @@ async fn prewarm_inner(
     if !hf_cache::layout::is_safe_revision(revision) {
         return Err(PrewarmError::Io { path: repo.into(), reason: format!("unsafe revision {revision:?}") });
     }
-    if repo.split('/').count() != 2 || repo.split('/').any(|p| p.is_empty() || p == "." || p == "..") {
-        return Err(PrewarmError::Io { path: repo.into(), reason: "not a HuggingFace repo id (org/name)".into() });
+    if !hf_cache::layout::is_repo_id(repo) {
+        return Err(PrewarmError::Io {
+            path: repo.into(),
+            reason: hf_cache::layout::REPO_ID_RULE.trim_start_matches("is ").into(),
+        });
     }
     let commit = if is_commit(revision) { revision.to_string() } else { hub.resolve(repo, revision).await? };
     let all = hub.tree(repo, &commit).await?;

@@ -224,7 +224,7 @@ impl TaskConfig {
         match (&self.model, self.engine.needs_model()) {
             (None, true) => return invalid("model", format!("is required for engine {:?}", self.engine.as_str())),
             (Some(m), _) if !valid_repo_id(m) && self.engine != Engine::Ollama => {
-                return invalid("model", format!("{m:?} is not a HuggingFace repo id (org/name)"))
+                return invalid("model", format!("{m:?} {}", hf_cache::layout::REPO_ID_RULE))
             }
             _ => {}
         }
@@ -297,18 +297,7 @@ fn parse_gpus(g: &str) -> Result<GpuCount, String> {
     }
 }
 
-/// `org/name` (or a bare `name`) as the hub allows: letters, digits, `-_.`, no `..`.
+/// `org/name` (or a bare `name`) as the hub allows ([`hf_cache::layout::is_repo_id`]).
 pub fn valid_repo_id(id: &str) -> bool {
-    let mut parts = id.split('/');
-    let ok_part = |p: &str| {
-        !p.is_empty()
-            && !p.starts_with(['.', '-'])
-            && !p.contains("..")
-            && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    };
-    match (parts.next(), parts.next(), parts.next()) {
-        (Some(name), None, None) => ok_part(name),
-        (Some(org), Some(name), None) => ok_part(org) && ok_part(name),
-        _ => false,
-    }
+    hf_cache::layout::is_repo_id(id)
 }
