@@ -569,8 +569,10 @@ pub fn plan(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, facts: &N
     }
 
     let mib = 1024 * 1024;
-    // `drivers/docker` memoryLimits: memory_max above memory is the hard limit
-    // and memory the reservation; memory_max = -1 (no limit) is the reservation alone.
+    // As `drivers/docker` memoryLimits: memory_max above memory is the hard limit
+    // and memory the reservation. memory_max = -1 (Nomad 2.x: no limit) is the
+    // reservation alone, per the conformance issue and shared/nomad-wire.md §9; the
+    // older memoryLimits we could read would make memory the hard limit there.
     let (memory_bytes, memory_reservation_bytes) = match (task.memory_mb, task.memory_max_mb) {
         (m, -1) if m > 0 => (None, Some(m * mib)),
         (m, max) if max > m && m > 0 => (Some(max * mib), Some(m * mib)),

@@ -717,12 +717,8 @@ impl Driver {
     }
 
     /// The task's cgroup files, found once from its container's init process;
-    /// `None` to use Docker's stats (`AIMODEL_STATS_SOURCE=docker`, or no
-    /// readable cgroup, e.g. a remote engine).
+    /// `None` when there is no readable cgroup (e.g. a remote engine).
     async fn cgroup_of(&self, entry: &TaskEntry) -> Option<crate::cgroup::CgroupFiles> {
-        if std::env::var("AIMODEL_STATS_SOURCE").as_deref() == Ok("docker") {
-            return None;
-        }
         if let Some(found) = entry.cgroup.lock().unwrap_or_else(|p| p.into_inner()).clone() {
             return found;
         }
@@ -741,7 +737,8 @@ impl Driver {
     /// One usage sample; `prev` gives the CPU rate.
     pub async fn task_usage(&self, id: &str, prev: Option<&TaskUsage>) -> Result<TaskUsage, DriverError> {
         let entry = self.entry(id)?;
-        let raw = match self.cgroup_of(&entry).await {
+        let from_cgroup = if stats_from_docker() { None } else { self.cgroup_of(&entry).await };
+        let raw = match from_cgroup {
             Some(files) => match crate::cgroup::sample(&files) {
                 Some(s) => s,
                 None => self.runtime().stats(&entry.state.container_id).await?,
@@ -773,6 +770,13 @@ impl Driver {
         }
         Ok(u)
     }
+}
+
+/// TaskStats from Docker's stats API instead of the cgroup files
+/// (`AIMODEL_STATS_SOURCE=docker`, for comparisons), read once.
+fn stats_from_docker() -> bool {
+    static DOCKER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *DOCKER.get_or_init(|| std::env::var("AIMODEL_STATS_SOURCE").as_deref() == Ok("docker"))
 }
 
 /// Nomad's CPU figures between two samples (`drivers/docker/util/stats_posix.go`):
