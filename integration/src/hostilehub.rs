@@ -5,11 +5,12 @@
 //! trickles forever. Every repo `hostile/<case>` is one attack; a second host
 //! records whether the token reached it.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+use crate::faulthub::respond;
 use tokio::net::{TcpListener, TcpStream};
 
 /// The commit every repo is at.
@@ -34,18 +35,9 @@ pub const CASES: &[(&str, &str)] = &[
 /// The git blob id of `{}`, the benign file every listing has.
 pub const GOOD_OID: &str = "9e26dfeeb6e641a33dae4961196235bdb965b21b";
 
-/// What the servers saw.
-#[derive(Debug, Default)]
-pub struct Log {
-    /// Requests per path (the second host's prefixed `second:`).
-    pub hits: BTreeMap<String, u32>,
-    /// Bytes of file bodies sent, per repo.
-    pub body_bytes: BTreeMap<String, u64>,
-    /// Authorization headers the second host saw (one per request).
-    pub second_host_auth: Vec<String>,
-    /// Authorization headers the hub saw.
-    pub hub_auth: Vec<String>,
-}
+/// What the servers saw (the fault hub's record: the second host's requests
+/// are counted under `second:<path>`).
+pub use crate::faulthub::Log;
 
 /// A running hostile hub and its second host.
 pub struct HostileHub {
@@ -82,16 +74,6 @@ impl HostileHub {
         }
         Ok(HostileHub { port, second_port, log, escape: escape.into() })
     }
-}
-
-async fn respond(s: &mut TcpStream, status: &str, headers: &[(&str, String)], body: &[u8]) -> std::io::Result<()> {
-    let mut head = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    s.write_all(head.as_bytes()).await?;
-    s.write_all(body).await
 }
 
 /// Sends `head` (without a length) and then `piece` until the client hangs up

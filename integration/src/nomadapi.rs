@@ -42,36 +42,35 @@ impl NomadApi {
     pub async fn start() -> std::io::Result<NomadApi> {
         let l = TcpListener::bind("127.0.0.1:0").await?;
         let port = l.local_addr()?.port();
-        let state = Arc::new(Mutex::new(State { index: 10, ..State::default() }));
-        let (bump, _) = watch::channel(10u64);
-        let (st, b) = (state.clone(), bump.clone());
-        tokio::spawn(async move {
-            while let Ok((s, _)) = l.accept().await {
-                let (st, rx) = (st.clone(), b.subscribe());
-                tokio::spawn(async move {
-                    let _ = serve(s, st, rx).await;
-                });
-            }
-        });
-        Ok(NomadApi { port, state, bump })
+        Ok(Self::serving(port, tokio_stream::wrappers::TcpListenerStream::new(l)))
     }
 
     /// Starts on a unix socket at `path`, as Nomad's task API
     /// (`${NOMAD_SECRETS_DIR}/api.sock`); `port` is 0.
     pub async fn start_unix(path: &std::path::Path) -> std::io::Result<NomadApi> {
         let l = UnixListener::bind(path)?;
+        Ok(Self::serving(0, tokio_stream::wrappers::UnixListenerStream::new(l)))
+    }
+
+    /// Serves every connection `incoming` yields.
+    fn serving<S, I>(port: u16, mut incoming: I) -> NomadApi
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        I: futures::Stream<Item = std::io::Result<S>> + Unpin + Send + 'static,
+    {
+        use futures::StreamExt;
         let state = Arc::new(Mutex::new(State { index: 10, ..State::default() }));
         let (bump, _) = watch::channel(10u64);
         let (st, b) = (state.clone(), bump.clone());
         tokio::spawn(async move {
-            while let Ok((s, _)) = l.accept().await {
+            while let Some(Ok(s)) = incoming.next().await {
                 let (st, rx) = (st.clone(), b.subscribe());
                 tokio::spawn(async move {
                     let _ = serve(s, st, rx).await;
                 });
             }
         });
-        Ok(NomadApi { port: 0, state, bump })
+        NomadApi { port, state, bump }
     }
 
     /// `NOMAD_ADDR` for it.

@@ -61,7 +61,7 @@ fn cpu_seconds(pid: i32) -> f64 {
 async fn lifecycle(runs: usize, tasks: usize) -> Result<()> {
     use aimodel_integration::support::{remove_containers_with_label, standin_image};
     use aimodel_integration::task::TaskBuilder;
-    use aimodel_proto::drivers::{DestroyTaskRequest, StartTaskRequest, TaskStatsRequest};
+    use aimodel_proto::drivers::{DestroyTaskRequest, StartTaskRequest};
     use std::time::Instant;
 
     let image = standin_image()?;
@@ -131,21 +131,7 @@ async fn lifecycle(runs: usize, tasks: usize) -> Result<()> {
     let pid = live.process.pid().as_raw();
     let window = Duration::from_secs(20);
     let cpu_before = cpu_seconds(pid);
-    let mut streams = Vec::new();
-    for (id, _) in &ids {
-        let req = TaskStatsRequest {
-            task_id: id.clone(),
-            collection_interval: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
-        };
-        let mut s = d.task_stats(req).await?.into_inner();
-        streams.push(tokio::spawn(async move {
-            let mut n = 0u64;
-            while let Ok(Some(_)) = s.message().await {
-                n += 1;
-            }
-            n
-        }));
-    }
+    let streams = open_stats_streams(&mut d, &ids).await?;
     tokio::time::sleep(window).await;
     let cpu = cpu_seconds(pid) - cpu_before;
     for s in &streams {
@@ -166,6 +152,29 @@ async fn lifecycle(runs: usize, tasks: usize) -> Result<()> {
     Ok(())
 }
 
+/// A TaskStats stream at Nomad's 1 s interval for each task, read to the end.
+async fn open_stats_streams(
+    d: &mut aimodel_proto::drivers::driver_client::DriverClient<tonic::transport::Channel>,
+    ids: &[(String, String)],
+) -> Result<Vec<tokio::task::JoinHandle<u64>>> {
+    let mut streams = Vec::new();
+    for (id, _) in ids {
+        let req = aimodel_proto::drivers::TaskStatsRequest {
+            task_id: id.clone(),
+            collection_interval: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
+        };
+        let mut s = d.task_stats(req).await?.into_inner();
+        streams.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while let Ok(Some(_)) = s.message().await {
+                n += 1;
+            }
+            n
+        }));
+    }
+    Ok(streams)
+}
+
 /// The CPU that TaskStats costs, with the counters read from each task's cgroup
 /// (the default) and from Docker's stats API (`AIMODEL_STATS_SOURCE=docker`),
 /// side by side in one run: the plugin's and dockerd's CPU per task per second
@@ -173,7 +182,7 @@ async fn lifecycle(runs: usize, tasks: usize) -> Result<()> {
 async fn stats_bench(tasks: usize, secs: u64) -> Result<()> {
     use aimodel_integration::support::{remove_containers_with_label, standin_image};
     use aimodel_integration::task::TaskBuilder;
-    use aimodel_proto::drivers::{DestroyTaskRequest, StartTaskRequest, TaskStatsRequest};
+    use aimodel_proto::drivers::{DestroyTaskRequest, StartTaskRequest};
 
     let image = standin_image()?;
     let bin = binary(DRIVER_BIN)?;
@@ -210,21 +219,7 @@ async fn stats_bench(tasks: usize, secs: u64) -> Result<()> {
         tokio::time::sleep(Duration::from_secs(secs)).await;
         let idle_plugin = cpu_seconds(pid) - idle_plugin;
         let idle_dockerd = dockerd.map_or(0.0, cpu_seconds) - idle_dockerd;
-        let mut streams = Vec::new();
-        for (id, _) in &ids {
-            let req = TaskStatsRequest {
-                task_id: id.clone(),
-                collection_interval: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
-            };
-            let mut s = d.task_stats(req).await?.into_inner();
-            streams.push(tokio::spawn(async move {
-                let mut n = 0u64;
-                while let Ok(Some(_)) = s.message().await {
-                    n += 1;
-                }
-                n
-            }));
-        }
+        let streams = open_stats_streams(&mut d, &ids).await?;
         // Past the streams' first samples (the cgroup lookup happens once per task).
         tokio::time::sleep(Duration::from_secs(3)).await;
         let (plugin_before, dockerd_before) = (cpu_seconds(pid), dockerd.map_or(0.0, cpu_seconds));
