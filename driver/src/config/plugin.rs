@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::units::{Bytes, Dur};
 use super::ConfigError;
-use crate::schema::{attr, block, Field};
+use crate::config::schema::{attr, block, Field};
 
 /// The plugin configuration schema, reported by `ConfigSchema`.
 pub const PLUGIN_SCHEMA: &[Field] = &[

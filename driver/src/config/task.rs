@@ -8,7 +8,7 @@ use serde::Deserialize;
 use super::plugin::{RegistryAuth, AUTH_SCHEMA};
 use super::units::{Bytes, Dur};
 use super::ConfigError;
-use crate::schema::{attr, block, required, Field};
+use crate::config::schema::{attr, block, required, Field};
 
 /// The task configuration schema, reported by `TaskConfigSchema`.
 pub const TASK_SCHEMA: &[Field] = &[

@@ -1,7 +1,9 @@
 //! The container engine behind a trait. The one implementation ([`docker`])
 //! talks to the Docker Engine API through bollard, the only module that does.
 
+pub mod cgroup;
 mod docker;
+pub mod registry;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -7,7 +7,7 @@ use crate::config::{
     ConfigError, DeviceRequestKind, Engine, GpuCount, LoadStrategy, PluginConfig, TaskConfig, VisibleDevicesFrom,
 };
 use crate::runtime::{ContainerSpec, GpuRequest, PortBinding};
-use crate::task::{NetworkMode, NomadTask};
+use crate::types::{NetworkMode, NomadTask};
 
 /// Label marking containers this driver manages.
 pub const LABEL_MANAGED: &str = "com.aimodel.managed";
@@ -269,7 +269,7 @@ fn network(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, default_po
     if host_network {
         // On the node's network the server binds the address Nomad assigned to
         // the port (`host_network`), not every interface.
-        let ip = |p: &crate::task::NomadPort| {
+        let ip = |p: &crate::types::NomadPort| {
             if p.host_ip.is_empty() || p.host_ip == "0.0.0.0" {
                 None
             } else {

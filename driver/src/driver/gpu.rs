@@ -13,7 +13,7 @@ use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::Nvml;
 
-use crate::driver::AttrValue;
+use crate::types::AttrValue;
 
 /// Longest an NVML probe may take before the fingerprint gives up waiting.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);

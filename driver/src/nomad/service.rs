@@ -22,10 +22,14 @@ use aimodel_proto::goplugin::{
 };
 
 use crate::config::{PLUGIN_SCHEMA, TASK_SCHEMA};
-use crate::convert::{attribute_to_proto, duration, event_to_proto, exit_to_proto, stats_to_proto, task_from_proto};
-use crate::driver::{Driver, Fingerprint, Health, PLUGIN_API_VERSION, PLUGIN_NAME, PLUGIN_VERSION};
-use crate::schema::to_spec;
-use crate::task::DRIVER_STATE_VERSION;
+use crate::driver::error::DriverError;
+use crate::driver::{Driver, PLUGIN_API_VERSION, PLUGIN_NAME, PLUGIN_VERSION};
+use crate::nomad::convert::{
+    attribute_to_proto, duration, event_to_proto, exit_to_proto, stats_to_proto, task_from_proto,
+};
+use crate::nomad::hclspec::to_spec;
+use crate::types::DRIVER_STATE_VERSION;
+use crate::types::{AttrValue, Fingerprint, Health};
 
 /// Delay between answering GRPCController.Shutdown and stopping, so the reply
 /// is flushed before the connection goes away.
@@ -69,7 +73,10 @@ impl BasePlugin for Service {
                 req.plugin_api_version
             )));
         }
-        self.driver.set_config(&req.msgpack_config, req.nomad_config.is_some()).map_err(|e| {
+        let applied = crate::nomad::decode::plugin_config(&req.msgpack_config)
+            .map_err(DriverError::PluginConfig)
+            .and_then(|cfg| self.driver.set_config(cfg, req.nomad_config.is_some()));
+        applied.map_err(|e| {
             tracing::error!(error = %e, "rejected plugin configuration");
             Status::from(e)
         })?;
@@ -153,7 +160,11 @@ impl driver_server::Driver for Service {
     async fn start_task(&self, req: Request<pb::StartTaskRequest>) -> Result<Response<pb::StartTaskResponse>, Status> {
         let config = req.into_inner().task.ok_or_else(|| Status::invalid_argument("StartTask without a task"))?;
         let task = task_from_proto(&config);
-        let started = self.driver.start_task(task).await.map_err(|e| {
+        let started = match crate::nomad::decode::task_config(&config.msgpack_driver_config) {
+            Ok(cfg) => self.driver.start_task(task, cfg).await,
+            Err(e) => Err(DriverError::TaskConfig(e)),
+        };
+        let started = started.map_err(|e| {
             tracing::warn!(task_id = %config.id, error = %e, "start failed");
             Status::from(e)
         })?;
@@ -296,7 +307,7 @@ impl driver_server::Driver for Service {
         &self,
         req: Request<tonic::Streaming<pb::ExecTaskStreamingRequest>>,
     ) -> Result<Response<BoxStream<pb::ExecTaskStreamingResponse>>, Status> {
-        let stream = crate::exec_stream::run(self.driver.clone(), req.into_inner()).await?;
+        let stream = crate::nomad::exec_stream::run(self.driver.clone(), req.into_inner()).await?;
         Ok(Response::new(stream))
     }
 
@@ -331,7 +342,7 @@ async fn run_fingerprint(driver: Driver, tx: tokio::sync::mpsc::Sender<Result<pb
         if last.as_ref() != Some(&fp) || last_sent.elapsed() >= period {
             let mut out = fp.clone();
             for gone in sent_keys.iter().filter(|k| !fp.attributes.contains_key(*k)) {
-                out.attributes.insert(gone.clone(), crate::driver::AttrValue::Str(String::new()));
+                out.attributes.insert(gone.clone(), AttrValue::Str(String::new()));
             }
             if tx.send(Ok(fingerprint_to_proto(out))).await.is_err() {
                 return;

@@ -1,5 +1,5 @@
 //! What Nomad tells us about a task (`NomadTask`, converted from the proto
-//! TaskConfig in `grpc`) and what we keep to recover it (`DriverState`).
+//! TaskConfig by the adapter) and what we keep to recover it (`DriverState`).
 
 use std::collections::BTreeMap;
 
@@ -81,7 +81,6 @@ pub struct NomadTask {
     pub dns_servers: Vec<String>,
     pub dns_searches: Vec<String>,
     pub dns_options: Vec<String>,
-    pub driver_config: Vec<u8>,
 }
 
 impl NomadTask {

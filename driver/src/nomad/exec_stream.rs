@@ -30,7 +30,7 @@ pub async fn run(
     let session = rt
         .exec_interactive(&container, &setup.command, setup.tty)
         .await
-        .map_err(|e| Status::from(crate::error::DriverError::from(e)))?;
+        .map_err(|e| Status::from(crate::driver::error::DriverError::from(e)))?;
     let exec_id = session.id.clone();
     let mut stdin = session.input;
     let mut output = session.output;

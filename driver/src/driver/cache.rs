@@ -10,7 +10,7 @@ use hf_cache::state::{InUse, StateDir};
 use hf_cache::{check, Mode, RepoId, RepoPaths};
 
 use crate::config::{Engine, HfCacheConfig, TaskConfig};
-use crate::driver::AttrValue;
+use crate::types::AttrValue;
 
 /// Where mount facts come from; `AIMODEL_MOUNTINFO` points elsewhere in tests.
 pub fn mountinfo_path() -> PathBuf {
