@@ -10,7 +10,8 @@
 //! - [`plan`]: pure planning, task config → container spec, one table of engines;
 //! - [`runtime`]: the container engine trait, Docker, a scripted fake, cgroup
 //!   files, image references;
-//! - [`config`], [`types`], [`timefmt`]: typed configuration and shared types.
+//! - [`engines`], [`config`], [`types`], [`timefmt`]: the engine table, typed
+//!   configuration and shared types.
 //!
 //! `main.rs` checks the environment, installs logging and calls
 //! [`nomad::server::run`]; [`logrelay`] is the detached per-task log relay.
@@ -19,6 +20,7 @@
 
 pub mod config;
 pub mod driver;
+pub mod engines;
 pub mod logrelay;
 pub mod nomad;
 pub mod plan;

@@ -317,6 +317,21 @@ pub struct ImagesConfig {
     pub ray: String,
 }
 
+impl ImagesConfig {
+    /// The image under `key` (an engine's `image_key`).
+    pub fn get(&self, key: &str) -> Option<&str> {
+        Some(match key {
+            "vllm" => &self.vllm,
+            "sglang" => &self.sglang,
+            "sglang_router" => &self.sglang_router,
+            "ollama" => &self.ollama,
+            "tgi" => &self.tgi,
+            "ray" => &self.ray,
+            _ => return None,
+        })
+    }
+}
+
 impl Default for ImagesConfig {
     fn default() -> Self {
         ImagesConfig {

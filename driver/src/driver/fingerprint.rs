@@ -20,7 +20,18 @@ const ORPHAN_GRACE: Duration = Duration::from_secs(120);
 /// The description of a healthy driver (Nomad's drivers say "Healthy").
 const HEALTHY: &str = "Healthy";
 
+/// How often the fingerprint is recomputed to notice changes between periods.
+const RECHECK: Duration = Duration::from_secs(5);
+
 impl Driver {
+    /// The Fingerprint stream: fingerprints as Nomad should get them (see
+    /// [`run_fingerprints`]), until shutdown or until the receiver is dropped.
+    pub fn fingerprints(&self) -> tokio::sync::mpsc::Receiver<Fingerprint> {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(run_fingerprints(self.clone(), tx));
+        rx
+    }
+
     /// One fingerprint. `first` bounds the engine probe tightly so the first
     /// message reaches Nomad at once.
     pub async fn fingerprint(&self, first: bool) -> Fingerprint {
@@ -161,6 +172,49 @@ impl Driver {
                     annotations: BTreeMap::from([("gpu".to_string(), ev.uuid.clone())]),
                 });
             }
+        }
+    }
+}
+
+/// Sends the first fingerprint at once, then one every `fingerprint_period`
+/// (re-read on every round, so SetConfig takes effect), and in between as soon
+/// as anything changed (checked every [`RECHECK`]), until shutdown.
+async fn run_fingerprints(driver: Driver, tx: tokio::sync::mpsc::Sender<Fingerprint>) {
+    let stop = driver.shutdown_token();
+    let mut config = driver.watch_config();
+    let mut first = true;
+    let mut last: Option<Fingerprint> = None;
+    let mut last_sent = tokio::time::Instant::now();
+    // Nomad merges driver attributes into the node and deletes a key only when
+    // it is sent as "" (`client/node_updater.go` `applyNodeUpdatesFromDriver`):
+    // a key that went away (an evicted warm model) is sent once as "".
+    let mut sent_keys: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+    loop {
+        let fp = tokio::select! {
+            _ = stop.cancelled() => return,
+            fp = driver.fingerprint(first) => fp,
+        };
+        first = false;
+        let period = config.borrow_and_update().fingerprint_period.0;
+        if last.as_ref() != Some(&fp) || last_sent.elapsed() >= period {
+            let mut out = fp.clone();
+            for gone in sent_keys.iter().filter(|k| !fp.attributes.contains_key(*k)) {
+                out.attributes.insert(gone.clone(), AttrValue::Str(String::new()));
+            }
+            if tx.send(out).await.is_err() {
+                return;
+            }
+            sent_keys = fp.attributes.keys().cloned().collect();
+            last = Some(fp);
+            last_sent = tokio::time::Instant::now();
+        }
+        let wait = period.min(RECHECK);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tx.closed() => return,
+            _ = tokio::time::sleep(wait) => {}
+            // A new configuration may change the period or the engine: re-probe.
+            _ = config.changed() => {}
         }
     }
 }

@@ -155,8 +155,8 @@ impl Driver {
         let load = tokio::task::spawn_blocking(move || NvmlProbe::load(&lib).map(|p| Arc::new(p) as Arc<dyn GpuProbe>));
         let probe = match tokio::time::timeout(crate::driver::gpu::PROBE_TIMEOUT, load).await {
             Ok(Ok(r)) => r,
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("NVML initialisation did not finish within {:?}", crate::driver::gpu::PROBE_TIMEOUT)),
+            Ok(Err(e)) => Err(crate::driver::gpu::GpuError::Probe(e.to_string())),
+            Err(_) => Err(crate::driver::gpu::GpuError::Timeout(crate::driver::gpu::PROBE_TIMEOUT)),
         };
         if let Err(e) = &probe {
             tracing::info!(error = %e, "no GPUs");

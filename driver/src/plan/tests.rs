@@ -1,7 +1,7 @@
 use super::*;
 use crate::config::TASK_SCHEMA;
-use crate::nomad::decode::task_config as decode_task_config;
 use crate::nomad::cty::{encode, Value};
+use crate::nomad::decode::task_config as decode_task_config;
 use crate::nomad::hclspec::default_value;
 use crate::types::{NomadDevice, NomadMount, NomadPort};
 

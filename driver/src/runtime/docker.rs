@@ -171,7 +171,7 @@ fn host_config(spec: &ContainerSpec) -> HostConfig {
     }
 }
 
-#[tonic::async_trait]
+#[async_trait::async_trait]
 impl ContainerRuntime for DockerRuntime {
     fn endpoint(&self) -> &str {
         &self.endpoint
@@ -291,6 +291,10 @@ impl ContainerRuntime for DockerRuntime {
         let created = docker.create_container(Some(options), body).await.map_err(|e| match e {
             BollardError::DockerResponseServerError { status_code: 404, message } => {
                 RuntimeError::ImageNotFound { image: spec.image.clone(), reason: message }
+            }
+            // The name is taken (a container of an earlier attempt).
+            BollardError::DockerResponseServerError { status_code: 409, message } => {
+                RuntimeError::Conflict { name: spec.name.clone(), reason: message }
             }
             e => self.api("create")(e),
         })?;

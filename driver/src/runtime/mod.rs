@@ -39,6 +39,8 @@ pub enum RuntimeError {
     Pull { image: String, reason: String },
     #[error("container {id} not found")]
     NotFound { id: String },
+    #[error("a container named {name} exists already: {reason}")]
+    Conflict { name: String, reason: String },
     #[error("docker {op} failed: {reason}")]
     Api { op: &'static str, reason: String },
 }
@@ -196,7 +198,7 @@ pub struct ExecSession {
 }
 
 /// The container engine as the driver core sees it.
-#[tonic::async_trait]
+#[async_trait::async_trait]
 pub trait ContainerRuntime: Send + Sync + 'static {
     /// The endpoint, for messages.
     fn endpoint(&self) -> &str;

@@ -90,11 +90,7 @@ impl Driver {
         hub: &Path,
     ) -> Result<(), DriverError> {
         use tokio::io::AsyncBufReadExt;
-        let bin = agent_binary().ok_or_else(|| DriverError::Cache {
-            message:
-                "prewarm = true but aimodel-agent was not found (beside the plugin, on PATH, or AIMODEL_AGENT_BIN)"
-                    .into(),
-        })?;
+        let bin = agent_binary().ok_or(DriverError::AgentMissing)?;
         let mut cmd = tokio::process::Command::new(&bin);
         cmd.arg("--cache").arg(hub).args(["prewarm", "--", &format!("{model}@{revision}")]);
         // The hub is the operator's (the plugin's own HF_ENDPOINT), never the
@@ -115,16 +111,20 @@ impl Driver {
             }
         }
         cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).kill_on_drop(true);
-        let mut child = cmd.spawn().map_err(|e| DriverError::Cache { message: format!("{}: {e}", bin.display()) })?;
+        let mut child =
+            cmd.spawn().map_err(|source| DriverError::AgentSpawn { path: bin.display().to_string(), source })?;
         let mut lines = tokio::io::BufReader::new(child.stderr.take().expect("piped")).lines();
         let mut last = String::new();
         while let Ok(Some(line)) = lines.next_line().await {
             self.event(task, format!("prewarm: {line}"), &[]);
             last = line;
         }
-        let out = child.wait_with_output().await.map_err(|e| DriverError::Cache { message: e.to_string() })?;
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|e| DriverError::PrewarmFailed { model: format!("{model}@{revision}"), reason: e.to_string() })?;
         if !out.status.success() {
-            return Err(DriverError::Cache { message: format!("prewarm of {model}@{revision} failed: {last}") });
+            return Err(DriverError::PrewarmFailed { model: format!("{model}@{revision}"), reason: last });
         }
         let summary = String::from_utf8_lossy(&out.stdout).trim().to_string();
         tracing::info!(task_id = %task.id, model = %model, summary = %summary, "prewarmed");
@@ -141,7 +141,7 @@ impl Driver {
             .ids()
             .into_iter()
             .filter_map(|id| self.tasks().get(&id))
-            .filter(|e| e.exit_result().is_none() && e.state.engine != "ollama")
+            .filter(|e| e.exit_result().is_none() && e.state.engine.spec().uses_hf_cache)
             .filter_map(|e| {
                 let model = e.state.model.clone()?;
                 Some((e.task.id.clone(), e.task.node_name.clone(), model, e.state.revision.clone().unwrap_or_default()))
@@ -169,8 +169,7 @@ async fn check_cached(
     let (c, m, r, t) = (cache.clone(), model.to_string(), revision.to_string(), cache.probe_timeout.0);
     tokio::task::spawn_blocking(move || crate::driver::cache::check_model(&c, &m, &r, t))
         .await
-        .map_err(|e| DriverError::Cache { message: e.to_string() })?
-        .map_err(|message| DriverError::Cache { message })
+        .map_err(|e| DriverError::CacheUnavailable { path: cache.host_path.clone(), reason: e.to_string() })?
 }
 
 /// The agent binary: `AIMODEL_AGENT_BIN`, else beside the plugin (`plugin_dir`), else on PATH.

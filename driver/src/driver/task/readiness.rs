@@ -18,30 +18,46 @@ const LAST_LINES: usize = 10;
 /// Bytes of those lines kept at most.
 const LAST_BYTES: usize = 8 << 10;
 
+/// Why a readiness probe got no status code.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("{0}: only http:// is probed")]
+    Scheme(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("bad response {0:?}")]
+    BadResponse(String),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
 /// GETs `url` (`http://host:port/path`); returns the status code.
-pub async fn probe(url: &str, timeout: Duration) -> Result<u16, String> {
-    let rest = url.strip_prefix("http://").ok_or_else(|| format!("{url}: only http:// is probed"))?;
+pub async fn probe(url: &str, timeout: Duration) -> Result<u16, ProbeError> {
+    let rest = url.strip_prefix("http://").ok_or_else(|| ProbeError::Scheme(url.into()))?;
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
     let call = async {
-        let mut s = TcpStream::connect(authority).await.map_err(|e| e.to_string())?;
+        let mut s = TcpStream::connect(authority).await?;
         let req = format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\nUser-Agent: aimodel-readiness\r\n\r\n");
-        s.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
+        s.write_all(req.as_bytes()).await?;
         let mut head = [0u8; 64];
         let mut n = 0;
         while n < 12 {
-            let m = s.read(&mut head[n..]).await.map_err(|e| e.to_string())?;
+            let m = s.read(&mut head[n..]).await?;
             if m == 0 {
                 break;
             }
             n += m;
         }
         let line = String::from_utf8_lossy(&head[..n]);
-        line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| format!("bad response {line:?}"))
+        line.split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| ProbeError::BadResponse(line.to_string()))
     };
-    tokio::time::timeout(timeout, call).await.map_err(|_| format!("no answer within {timeout:?}"))?
+    tokio::time::timeout(timeout, call).await.map_err(|_| ProbeError::Timeout(timeout))?
 }
 
 impl TaskHandle {
@@ -123,7 +139,7 @@ mod tests {
             let _ = s.read(&mut buf).await;
             s.write_all(b"HTTP/1.1 503 Service Unavailable\r\n\r\n").await.unwrap();
         });
-        assert_eq!(probe(&format!("http://{addr}/health"), Duration::from_secs(2)).await, Ok(503));
+        assert_eq!(probe(&format!("http://{addr}/health"), Duration::from_secs(2)).await.unwrap(), 503);
         assert!(probe("http://127.0.0.1:1/health", Duration::from_secs(2)).await.is_err());
         assert!(probe("https://x/", Duration::from_secs(1)).await.is_err());
     }

@@ -14,7 +14,7 @@ impl Driver {
         if self.tasks().get(&task.id).is_some() {
             return Ok(());
         }
-        let state = DriverState::decode(driver_state).map_err(|reason| DriverError::BadHandle { reason })?;
+        let state = DriverState::decode(driver_state).map_err(DriverError::BadHandle)?;
         let rt = self.runtime();
         if rt.inspect(&state.container_id).await?.is_none() {
             return Err(DriverError::ContainerGone { id: task.id.clone(), container: state.container_id.clone() });
@@ -24,7 +24,7 @@ impl Driver {
             (state.started_at_ns % 1_000_000_000) as u32,
         );
         self.image_ref(&state.image);
-        if let Some(model) = state.model.clone().filter(|_| state.engine != "ollama") {
+        if let Some(model) = state.model.clone().filter(|_| state.engine.spec().uses_hf_cache) {
             // The marker may have aged while the plugin was down: renew it now,
             // not at the next refresh round.
             let (c, id, node, commit) = (

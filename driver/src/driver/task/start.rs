@@ -75,18 +75,16 @@ impl Driver {
 
         let id = match rt.create(&plan.spec).await {
             Ok(id) => id,
-            Err(RuntimeError::Api { reason, .. })
-                if reason.contains("Conflict") || reason.contains("already in use") =>
-            {
+            Err(RuntimeError::Conflict { .. }) => {
                 // A container of a previous attempt with the same name: replace it.
                 rt.remove(&plan.spec.name, true).await?;
                 rt.create(&plan.spec).await?
             }
             Err(e) => return Err(e.into()),
         };
-        if let Err(e) = rt.start(&id).await {
+        if let Err(source) = rt.start(&id).await {
             let _ = rt.remove(&id, true).await;
-            return Err(DriverError::StartFailed { image: plan.spec.image.clone(), reason: e.to_string() });
+            return Err(DriverError::StartFailed { image: plan.spec.image.clone(), source });
         }
         let started_at = SystemTime::now();
         let relay_state = self.relay_state_path(&task);
@@ -94,7 +92,7 @@ impl Driver {
             container_id: id.clone(),
             container_name: plan.spec.name.clone(),
             image: plan.spec.image.clone(),
-            engine: cfg.engine.as_str().into(),
+            engine: cfg.engine,
             model: cfg.model.clone(),
             revision: Some(facts.resolved_revision.clone().unwrap_or_else(|| cfg.revision.clone())),
             started_at_ns: started_at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64,

@@ -2,7 +2,7 @@
 //! rates and ticks Nomad wants.
 
 use std::path::Path;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use crate::driver::error::DriverError;
 use crate::driver::Driver;
@@ -13,6 +13,44 @@ use crate::types::TaskUsage;
 use super::TaskHandle;
 
 impl Driver {
+    /// The TaskStats stream: a sample every `interval` (the first one, taken
+    /// now, gives the base of the CPU rate and an error for an unknown task);
+    /// it ends when the task is gone (Nomad re-calls after an interval), at
+    /// shutdown, or when the receiver is dropped.
+    pub async fn stats_stream(
+        &self,
+        id: &str,
+        interval: Duration,
+    ) -> Result<tokio::sync::mpsc::Receiver<TaskUsage>, DriverError> {
+        let first = self.task_usage(id, None).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let (driver, id) = (self.clone(), id.to_string());
+        tokio::spawn(async move {
+            let stop = driver.shutdown_token();
+            let mut prev = first;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tx.closed() => return,
+                    _ = tokio::time::sleep(interval) => {}
+                }
+                match driver.task_usage(&id, Some(&prev)).await {
+                    Ok(u) => {
+                        if tx.send(u.clone()).await.is_err() {
+                            return;
+                        }
+                        prev = u;
+                    }
+                    Err(e) => {
+                        tracing::debug!(task_id = %id, error = %e, "stats stream ends");
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(rx)
+    }
+
     /// The task's cgroup files, found once from its container's init process;
     /// `None` when there is no readable cgroup (e.g. a remote engine).
     pub(crate) async fn cgroup_of(&self, entry: &TaskHandle) -> Option<crate::runtime::cgroup::CgroupFiles> {
