@@ -108,6 +108,12 @@ pub struct NvmlProbe {
     nvml: Nvml,
 }
 
+impl std::fmt::Debug for NvmlProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NvmlProbe").finish_non_exhaustive()
+    }
+}
+
 impl NvmlProbe {
     /// Loads NVML from `library` (a path or a name the dynamic loader resolves).
     pub fn load(library: &str) -> Result<Self, GpuError> {
@@ -227,6 +233,12 @@ pub struct GpuMonitor {
     last: Mutex<Option<GpuSnapshot>>,
     /// GPUs hit by a fatal event, until a later probe finds them usable.
     fatal: Mutex<BTreeMap<String, String>>,
+}
+
+impl std::fmt::Debug for GpuMonitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuMonitor").finish_non_exhaustive()
+    }
 }
 
 /// What the fingerprint learns about GPUs.

@@ -58,6 +58,12 @@ pub struct Driver {
     docker_seen: Arc<std::sync::atomic::AtomicBool>,
 }
 
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver").field("endpoint", &self.config().endpoint).finish_non_exhaustive()
+    }
+}
+
 impl Driver {
     /// A driver talking to Docker, with default configuration until SetConfig.
     pub fn new(shutdown: CancellationToken) -> Self {

@@ -36,7 +36,7 @@ use crate::types::{Fingerprint, Health};
 const SHUTDOWN_REPLY_GRACE: Duration = Duration::from_millis(50);
 
 /// Serves BasePlugin, Driver and go-plugin's services over one driver core.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Service {
     driver: Driver,
 }

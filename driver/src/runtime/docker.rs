@@ -32,6 +32,12 @@ pub struct DockerRuntime {
     docker: tokio::sync::Mutex<Option<Docker>>,
 }
 
+impl std::fmt::Debug for DockerRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DockerRuntime").field("endpoint", &self.endpoint).finish_non_exhaustive()
+    }
+}
+
 impl DockerRuntime {
     /// Connects lazily: a bad or absent daemon is reported by the first call.
     pub fn new(endpoint: &str) -> Self {

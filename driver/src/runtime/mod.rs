@@ -1,8 +1,11 @@
-//! The container engine behind a trait. The one implementation ([`docker`])
+//! The container engine behind a trait: Docker ([`docker`]), and a scripted
+//! fake for unit tests of the task core (`fake`). The Docker implementation
 //! talks to the Docker Engine API through bollard, the only module that does.
 
 pub mod cgroup;
 mod docker;
+#[cfg(test)]
+pub mod fake;
 pub mod registry;
 
 use std::collections::BTreeMap;
@@ -195,6 +198,12 @@ pub struct ExecSession {
     pub id: String,
     pub output: BoxStream<'static, Result<(LogStream, Vec<u8>), RuntimeError>>,
     pub input: std::pin::Pin<Box<dyn AsyncWrite + Send>>,
+}
+
+impl std::fmt::Debug for ExecSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecSession").field("id", &self.id).finish_non_exhaustive()
+    }
 }
 
 /// The container engine as the driver core sees it.

@@ -58,6 +58,7 @@ pub struct ExitResult {
 }
 
 /// What StartTask returns to Nomad.
+#[derive(Debug)]
 pub struct Started {
     pub state: DriverState,
     pub port_map: BTreeMap<String, u16>,

@@ -11,6 +11,8 @@ pub mod readiness;
 mod recover;
 mod start;
 mod stats;
+#[cfg(test)]
+mod tests;
 
 pub use control::normalize_signal;
 pub use stats::cpu_percents;
@@ -44,6 +46,12 @@ pub struct TaskHandle {
     cgroup: Mutex<Option<Option<crate::runtime::cgroup::CgroupFiles>>>,
 }
 
+impl std::fmt::Debug for TaskHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskHandle").field("task", &self.task.id).field("state", &self.state).finish_non_exhaustive()
+    }
+}
+
 impl TaskHandle {
     /// The exit result, if the task has exited.
     pub fn exit_result(&self) -> Option<ExitResult> {
@@ -55,6 +63,12 @@ impl TaskHandle {
 #[derive(Default, Clone)]
 pub struct TaskStore {
     tasks: Arc<Mutex<HashMap<String, Arc<TaskHandle>>>>,
+}
+
+impl std::fmt::Debug for TaskStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskStore").field("ids", &self.ids()).finish()
+    }
 }
 
 impl TaskStore {
