@@ -1,11 +1,13 @@
 //! Typed plugin and task configuration and their schemas; the adapter
 //! (`nomad::decode`) decodes them from Nomad's cty-msgpack.
 
+mod auth;
 mod plugin;
 pub mod schema;
 mod task;
 pub mod units;
 
+pub use auth::*;
 pub use plugin::*;
 pub use task::*;
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::plugin::{RegistryAuth, AUTH_SCHEMA};
+use super::auth::{RegistryAuth, AUTH_SCHEMA};
 use super::units::{Bytes, Dur};
 use super::ConfigError;
 use crate::config::schema::{attr, block, required, Field};

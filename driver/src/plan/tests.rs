@@ -3,7 +3,8 @@ use crate::config::TASK_SCHEMA;
 use crate::nomad::cty::{encode, Value};
 use crate::nomad::decode::task_config as decode_task_config;
 use crate::nomad::hclspec::default_value;
-use crate::types::{NomadDevice, NomadMount, NomadPort};
+use crate::runtime::PortBinding;
+use crate::types::{NetworkMode, NomadDevice, NomadMount, NomadPort};
 
 fn cfg(pairs: &[(&str, Value)]) -> TaskConfig {
     let Value::Map(mut m) = default_value(TASK_SCHEMA, false) else { unreachable!() };
