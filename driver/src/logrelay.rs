@@ -237,7 +237,7 @@ pub async fn run(args: RelayArgs) -> std::io::Result<()> {
     let mut dedup = StreamsDedup::load(&args.state);
     let runtime = DockerRuntime::new(&args.endpoint);
     let mut out = [stdout, stderr];
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = hf_cache::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         let since = dedup.since();
         dedup.restart();
@@ -271,8 +271,7 @@ pub async fn run(args: RelayArgs) -> std::io::Result<()> {
                 return Ok(());
             }
             _ => {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                tokio::time::sleep(backoff.next_delay()).await;
             }
         }
     }

@@ -2,6 +2,7 @@
 //! layout, completeness of `repo@revision`, deep verification, mount checks
 //! and publishing. No network, no async, no Docker.
 
+pub mod backoff;
 pub mod check;
 pub mod gc;
 pub mod layout;

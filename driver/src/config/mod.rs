@@ -2,12 +2,14 @@
 //! (`nomad::decode`) decodes them from Nomad's cty-msgpack.
 
 mod auth;
+mod env;
 mod plugin;
 pub mod schema;
 mod task;
 pub mod units;
 
 pub use auth::*;
+pub use env::EnvOverrides;
 pub use plugin::*;
 pub use task::*;
 

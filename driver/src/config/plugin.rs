@@ -237,6 +237,10 @@ pub struct HfCacheConfig {
     pub min_free: Bytes,
     pub probe_timeout: Dur,
     pub allow_write: bool,
+    /// Where mount facts are read: not configuration, the plugin sets it from
+    /// [`EnvOverrides::mountinfo`](crate::config::EnvOverrides).
+    #[serde(skip)]
+    pub mountinfo: std::path::PathBuf,
 }
 
 impl Default for HfCacheConfig {
@@ -248,6 +252,7 @@ impl Default for HfCacheConfig {
             min_free: Bytes(10 << 30),
             probe_timeout: Dur(Duration::from_secs(5)),
             allow_write: false,
+            mountinfo: std::path::PathBuf::from("/proc/self/mountinfo"),
         }
     }
 }

@@ -13,11 +13,6 @@ use crate::config::{HfCacheConfig, TaskConfig};
 use crate::driver::error::DriverError;
 use crate::types::AttrValue;
 
-/// Where mount facts come from; `AIMODEL_MOUNTINFO` points elsewhere in tests.
-pub fn mountinfo_path() -> PathBuf {
-    std::env::var_os("AIMODEL_MOUNTINFO").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/proc/self/mountinfo"))
-}
-
 /// What the filesystem probes found (all of them run on one thread under a timeout).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProbeResult {
@@ -50,13 +45,13 @@ pub struct CacheStatus {
 /// Whether the cache sits on NFS, from mountinfo alone (no filesystem probe:
 /// StartTask needs only this for `load_strategy = "auto"`).
 pub fn on_nfs(cfg: &HfCacheConfig) -> bool {
-    let mountinfo = std::fs::read_to_string(mountinfo_path()).unwrap_or_default();
+    let mountinfo = std::fs::read_to_string(&cfg.mountinfo).unwrap_or_default();
     mount_for(&parse_mountinfo(&mountinfo), Path::new(&cfg.host_path)).is_some_and(|m| m.is_nfs())
 }
 
 /// Assesses the cache with the real probes.
 pub fn assess(cfg: &HfCacheConfig) -> CacheStatus {
-    let mountinfo = std::fs::read_to_string(mountinfo_path()).unwrap_or_default();
+    let mountinfo = std::fs::read_to_string(&cfg.mountinfo).unwrap_or_default();
     assess_with(cfg, &mountinfo, probe_path)
 }
 

@@ -112,10 +112,7 @@ impl Driver {
     /// run. Nothing is judged before the plugin has run for the orphan grace
     /// (Nomad recovers its tasks first), nor containers of other clients.
     async fn scan_orphans(&self, runtime: &dyn ContainerRuntime) -> Option<usize> {
-        let grace = std::env::var("AIMODEL_ORPHAN_GRACE")
-            .ok()
-            .and_then(|g| crate::config::units::parse_duration(&g).ok())
-            .unwrap_or(ORPHAN_GRACE);
+        let grace = self.env().orphan_grace.unwrap_or(ORPHAN_GRACE);
         if self.born.elapsed() < grace {
             return None;
         }

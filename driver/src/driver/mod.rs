@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::PluginConfig;
+use crate::config::{EnvOverrides, PluginConfig};
 use crate::driver::error::DriverError;
 use crate::driver::gpu::{GpuMonitor, GpuProbe, NvmlProbe};
 use crate::driver::task::TaskStore;
@@ -56,6 +56,8 @@ pub struct Driver {
     image_refs: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
     /// Whether the engine has answered once.
     docker_seen: Arc<std::sync::atomic::AtomicBool>,
+    /// `AIMODEL_*` overrides, read once at start-up.
+    env: Arc<EnvOverrides>,
 }
 
 impl std::fmt::Debug for Driver {
@@ -66,11 +68,18 @@ impl std::fmt::Debug for Driver {
 
 impl Driver {
     /// A driver talking to Docker, with default configuration until SetConfig.
-    pub fn new(shutdown: CancellationToken) -> Self {
-        Self::with_runtime(
+    pub fn new(shutdown: CancellationToken, env: EnvOverrides) -> Self {
+        let mut d = Self::with_runtime(
             shutdown,
             Arc::new(|endpoint: &str| Arc::new(DockerRuntime::new(endpoint)) as Arc<dyn ContainerRuntime>),
-        )
+        );
+        d.env = Arc::new(env);
+        d
+    }
+
+    /// The environment overrides read at start-up.
+    pub fn env(&self) -> &EnvOverrides {
+        &self.env
     }
 
     /// A driver whose runtime comes from `factory`.
@@ -90,6 +99,7 @@ impl Driver {
             in_use_refreshed: Arc::default(),
             image_refs: Arc::default(),
             docker_seen: Arc::default(),
+            env: Arc::default(),
         }
     }
 
@@ -121,7 +131,8 @@ impl Driver {
     /// SetConfig: apply a decoded, validated configuration. Nomad calls this twice without
     /// `nomad_config` in a throwaway validation process and once with it in the
     /// long-lived process; applying the same config again is harmless.
-    pub fn set_config(&self, cfg: PluginConfig, from_long_lived_client: bool) -> Result<(), DriverError> {
+    pub fn set_config(&self, mut cfg: PluginConfig, from_long_lived_client: bool) -> Result<(), DriverError> {
+        cfg.hf_cache.mountinfo = self.env.mountinfo.clone();
         if cfg.endpoint != self.config().endpoint {
             let rt = (self.factory)(&cfg.endpoint);
             match self.runtime.write() {

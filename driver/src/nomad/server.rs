@@ -122,7 +122,7 @@ pub async fn run() -> std::io::Result<()> {
     watch_signals(stop.clone())?;
     arm_hard_exit(stop.clone(), path.clone());
 
-    let driver = Driver::new(stop.clone());
+    let driver = Driver::new(stop.clone(), crate::config::EnvOverrides::read(|k| std::env::var(k).ok()));
     let service = Service::new(driver);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("plugin", tonic_health::ServingStatus::Serving).await;

@@ -90,7 +90,7 @@ impl Driver {
         hub: &Path,
     ) -> Result<(), DriverError> {
         use tokio::io::AsyncBufReadExt;
-        let bin = agent_binary().ok_or(DriverError::AgentMissing)?;
+        let bin = agent_binary(self.env()).ok_or(DriverError::AgentMissing)?;
         let mut cmd = tokio::process::Command::new(&bin);
         cmd.arg("--cache").arg(hub).args(["prewarm", "--", &format!("{model}@{revision}")]);
         // The hub is the operator's (the plugin's own HF_ENDPOINT), never the
@@ -173,13 +173,13 @@ async fn check_cached(
 }
 
 /// The agent binary: `AIMODEL_AGENT_BIN`, else beside the plugin (`plugin_dir`), else on PATH.
-fn agent_binary() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("AIMODEL_AGENT_BIN") {
-        return Some(PathBuf::from(p));
+fn agent_binary(env: &crate::config::EnvOverrides) -> Option<PathBuf> {
+    if let Some(p) = &env.agent_bin {
+        return Some(p.clone());
     }
     let beside = std::env::current_exe().ok()?.parent()?.join("aimodel-agent");
     if beside.is_file() {
         return Some(beside);
     }
-    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join("aimodel-agent")).find(|p| p.is_file())
+    env.path.as_deref()?.split(':').map(|d| Path::new(d).join("aimodel-agent")).find(|p| p.is_file())
 }

@@ -67,7 +67,7 @@ impl Driver {
     /// One usage sample; `prev` gives the CPU rate.
     pub async fn task_usage(&self, id: &str, prev: Option<&TaskUsage>) -> Result<TaskUsage, DriverError> {
         let entry = self.entry(id)?;
-        let from_cgroup = if stats_from_docker() { None } else { self.cgroup_of(&entry).await };
+        let from_cgroup = if self.env().stats_from_docker { None } else { self.cgroup_of(&entry).await };
         let raw = match from_cgroup {
             Some(files) => match crate::runtime::cgroup::sample(&files) {
                 Some(s) => s,
@@ -100,13 +100,6 @@ impl Driver {
         }
         Ok(u)
     }
-}
-
-/// TaskStats from Docker's stats API instead of the cgroup files
-/// (`AIMODEL_STATS_SOURCE=docker`, for comparisons), read once.
-fn stats_from_docker() -> bool {
-    static DOCKER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *DOCKER.get_or_init(|| std::env::var("AIMODEL_STATS_SOURCE").as_deref() == Ok("docker"))
 }
 
 /// Nomad's CPU figures between two samples (`drivers/docker/util/stats_posix.go`):
