@@ -12,6 +12,10 @@ log() { echo "== $*" >&2; }
 
 image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
 
+# Holds an exclusive lock on $CACHE_DIR/NAME.lock until this (sub)shell exits:
+# test processes run in parallel, and one of them builds while the others wait.
+lock() { local fd; exec {fd}>"$CACHE_DIR/$1.lock"; flock "$fd"; }
+
 # Runs "$@" as root (apt-get), with sudo when not root.
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -19,6 +23,7 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 # created once; prints its python.
 tools_python() {
   local venv="$CACHE_DIR/tools-venv" want="cmake ninja numpy pyyaml tqdm"
+  lock tools
   if ! [ -x "$venv/bin/python" ] || [ "$(cat "$venv/.packages" 2>/dev/null)" != "$want" ]; then
     log "build tools from PyPI ($want) into $venv"
     python3 -m venv "$venv"
@@ -34,6 +39,7 @@ tools_python() {
 llama_cpp_tree() {
   local v="$LLAMA_CPP_PYTHON_VERSION" dl="$CACHE_DIR/sdist" src="$CACHE_DIR/src/llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION"
   local sdist="$dl/llama_cpp_python-$v.tar.gz"
+  lock sdist
   if ! [ -f "$sdist" ]; then
     log "downloading the llama-cpp-python $v sdist from PyPI"
     mkdir -p "$dl"
@@ -53,5 +59,6 @@ llama_cpp_tree() {
 # docker build with a context directory, legacy builder (no BuildKit needed).
 build_image() {
   local tag="$1" ctx="$2"
-  DOCKER_BUILDKIT=0 docker build -q -t "$tag" "$ctx" >/dev/null
+  DOCKER_BUILDKIT=0 docker build -q -t "$tag" "$ctx" 2>&1 >/dev/null | grep -v -e DEPRECATED -e BuildKit -e "environment-variable" -e "^$" >&2 || true
+  image_exists "$tag"
 }
