@@ -34,7 +34,8 @@ fn the_tiny_gguf_is_deterministic_and_a_few_megabytes() {
     assert!(a != c, "another seed wrote the same bytes");
     assert!((1 << 20..8 << 20).contains(&a.len()), "{} bytes", a.len());
     // The real vocabulary is in it (SentencePiece pieces of llama's vocabulary).
-    assert!(a.windows(9).any(|w| w == "▁hello".as_bytes()), "no llama vocabulary");
+    let piece = "▁hello".as_bytes();
+    assert!(a.windows(piece.len()).any(|w| w == piece), "no llama vocabulary");
 }
 
 /// llama-server in its image, on the GGUF file inside the cache snapshot the
