@@ -241,8 +241,15 @@ impl Container {
 
 /// `docker run` of the llama-server image on a GGUF file of the cache at
 /// `hf_home` (mounted read-only at [`CONTAINER_HF_HOME`]), published on
-/// 127.0.0.1:`host_port`; the path is relative to the hub cache.
-pub fn run_llama_server(image: &str, hf_home: &Path, snapshot_file: &str, host_port: u16) -> Result<Container> {
+/// 127.0.0.1:`host_port`; the path is relative to the hub cache. `extra`
+/// arguments follow [`llama_server_args`].
+pub fn run_llama_server(
+    image: &str,
+    hf_home: &Path,
+    snapshot_file: &str,
+    host_port: u16,
+    extra: &[&str],
+) -> Result<Container> {
     let inside = 8080;
     let opts = vec![
         "-p".to_string(),
@@ -251,7 +258,9 @@ pub fn run_llama_server(image: &str, hf_home: &Path, snapshot_file: &str, host_p
         format!("{}:{CONTAINER_HF_HOME}:ro", hf_home.display()),
     ];
     let model = format!("{CONTAINER_HF_HOME}/hub/{snapshot_file}");
-    Container::run(image, &opts, &llama_server_args(&model, inside))
+    let mut args = llama_server_args(&model, inside);
+    args.extend(extra.iter().map(|a| a.to_string()));
+    Container::run(image, &opts, &args)
 }
 
 /// The phases of one `docker run` of llama-server up to its first token, each
@@ -273,7 +282,7 @@ pub struct FirstToken {
 pub async fn time_docker_run_to_first_token(image: &str, hf_home: &Path, snapshot_file: &str) -> Result<FirstToken> {
     let port = crate::task::free_port();
     let started = Instant::now();
-    let server = run_llama_server(image, hf_home, snapshot_file, port)?;
+    let server = run_llama_server(image, hf_home, snapshot_file, port, &[])?;
     let docker_run = started.elapsed();
     if let Err(e) = crate::openai::wait_ok(port, "/health", Duration::from_secs(120)).await {
         bail!("{e}\n{}", server.logs());

@@ -11,8 +11,8 @@ use aimodel_driver::config::{decode_task_config, TASK_SCHEMA};
 use aimodel_driver::engine::LABEL_ALLOC_ID;
 use aimodel_driver::schema::to_spec;
 use aimodel_integration::engines::{
-    engine_image, prewarm_tiny_model, run_llama_server, time_docker_run_to_first_token, write_tiny_gguf, EngineImage,
-    CONTAINER_HF_HOME, TINY_GGUF_FILES,
+    engine_image, prewarm_tiny_model, run_llama_server, time_docker_run_to_first_token, write_tiny_gguf, Container,
+    EngineImage, CONTAINER_HF_HOME, TINY_GGUF_FILES,
 };
 use aimodel_integration::jobrun::{aimodel_tasks, eval_context, seed_tiny_model};
 use aimodel_integration::openai::{self, chat_body};
@@ -52,7 +52,7 @@ async fn llama_server_answers_from_the_prewarmed_cache() {
     assert!(std::fs::symlink_metadata(hf_home.path().join("hub").join(&file)).unwrap().is_symlink());
 
     let port = free_port();
-    let server = run_llama_server(&image, hf_home.path(), &file, port).unwrap();
+    let server = run_llama_server(&image, hf_home.path(), &file, port, &[]).unwrap();
     if let Err(e) = openai::wait_ok(port, "/health", Duration::from_secs(120)).await {
         panic!("{e}\n{}", server.logs());
     }
@@ -220,4 +220,66 @@ async fn the_sglang_gateway_job_routes_through_the_real_router_to_both_workers()
     }
     drop(cleanup);
     live.kill().await.unwrap();
+}
+
+/// The real router in front of two real llama-servers (one on each GGUF file of
+/// the tiny model): each worker generates tokens for some of the requests, as
+/// its own metrics count and the answers' `model` (the worker's file) show.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_router_spreads_chats_over_two_llama_servers() {
+    if !require_docker() {
+        return;
+    }
+    let llama = engine_image(EngineImage::LlamaServer).unwrap();
+    let router_image = engine_image(EngineImage::SglangRouter).unwrap();
+    let hf_home = tempfile::tempdir().unwrap();
+    let model = prewarm_tiny_model(hf_home.path()).await.unwrap();
+    let mut workers = Vec::new();
+    for (file, _) in TINY_GGUF_FILES {
+        let port = free_port();
+        let c = run_llama_server(&llama, hf_home.path(), &model.snapshot_file(file), port, &["--metrics"]).unwrap();
+        if let Err(e) = openai::wait_ok(port, "/health", Duration::from_secs(120)).await {
+            panic!("{e}\n{}", c.logs());
+        }
+        workers.push((c, port, format!("{CONTAINER_HF_HOME}/hub/{}", model.snapshot_file(file))));
+    }
+    let port = free_port();
+    let mut args: Vec<String> = ["--host", "0.0.0.0", "--port", "30000", "--policy", "round_robin", "--worker-urls"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for (c, _, _) in &workers {
+        args.push(format!("http://{}:8080", c.ip().unwrap()));
+    }
+    let router = Container::run(&router_image, &["-p".into(), format!("127.0.0.1:{port}:30000")], &args).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let v = openai::get(port, "/workers").await.ok().and_then(|r| r.json().ok()).unwrap_or_default();
+        if v["workers"].as_array().is_some_and(|w| w.iter().filter(|w| w["is_healthy"] == true).count() == 2) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "workers not registered: {v}\n{}", router.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let mut answered_by = std::collections::BTreeSet::new();
+    for i in 0..4 {
+        let a =
+            openai::post(port, "/v1/chat/completions", &chat_body(&format!("Tell me about {i}."), 6)).await.unwrap();
+        assert_eq!(a.status, 200, "{}\n{}", a.body, router.logs());
+        let v = a.json().unwrap();
+        assert!(v["usage"]["completion_tokens"].as_u64().unwrap_or(0) > 0, "{v}");
+        answered_by.insert(v["model"].as_str().unwrap_or_default().to_string());
+    }
+    let files: std::collections::BTreeSet<String> = workers.iter().map(|w| w.2.clone()).collect();
+    assert_eq!(answered_by, files, "answers did not come from both workers");
+    for (c, p, _) in &workers {
+        let metrics = openai::get(*p, "/metrics").await.unwrap().body;
+        let predicted = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("llamacpp:tokens_predicted_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        assert!(predicted > 0.0, "{} generated nothing:\n{metrics}", c.name);
+    }
 }
