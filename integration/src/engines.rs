@@ -25,6 +25,7 @@ fn scripts_dir() -> PathBuf {
 pub fn version(key: &str) -> Result<&'static str> {
     VERSIONS
         .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
         .filter_map(|l| l.split_once('='))
         .find(|(k, _)| k.trim() == key)
         .map(|(_, v)| v.trim())
