@@ -1,28 +1,30 @@
 //! nomad-driver-aimodel: a Nomad task-driver plugin for AI model servers.
 //!
-//! `main.rs` only checks the environment, installs logging and calls
-//! [`server::run`]; everything else lives here so it can be tested.
+//! Layers, each importing only the ones below it (docs/architecture.md):
+//!
+//! - [`nomad`]: the adapter, the only code that names tonic, prost or the
+//!   generated protos (server and handshake, the services, proto ↔ domain
+//!   conversions, statuses, hclspec, the cty codec, hclog output);
+//! - [`driver`]: the task core in Nomad's vocabulary (the driver, fingerprints,
+//!   events, the cache gate, GPUs, and one file per task operation family);
+//! - [`plan`]: pure planning, task config → container spec, one table of engines;
+//! - [`runtime`]: the container engine trait, Docker, a scripted fake, cgroup
+//!   files, image references;
+//! - [`engines`], [`config`], [`types`], [`timefmt`]: the engine table, typed
+//!   configuration and shared types.
+//!
+//! `main.rs` checks the environment, installs logging and calls
+//! [`nomad::server::run`]; [`logrelay`] is the detached per-task log relay.
 
 #![deny(clippy::print_stdout, clippy::print_stderr)]
+#![warn(missing_debug_implementations)]
 
-pub mod cache;
-pub mod cgroup;
 pub mod config;
-pub mod convert;
-pub mod cty;
 pub mod driver;
-pub mod engine;
-pub mod error;
-pub mod exec_stream;
-pub mod gpu;
-pub mod grpc;
-pub mod lifecycle;
-pub mod logging;
+pub mod engines;
 pub mod logrelay;
-pub mod readiness;
-pub mod registry;
+pub mod nomad;
+pub mod plan;
 pub mod runtime;
-pub mod schema;
-pub mod server;
-pub mod task;
 pub mod timefmt;
+pub mod types;

@@ -197,13 +197,13 @@ impl RelayArgs {
     }
 
     /// Parses what [`RelayArgs::to_args`] produced.
-    pub fn parse(args: &[String]) -> Result<Self, String> {
+    pub fn parse(args: &[String]) -> Result<Self, UsageError> {
         let get = |flag: &str| {
             args.iter()
                 .position(|a| a == flag)
                 .and_then(|i| args.get(i + 1))
                 .cloned()
-                .ok_or_else(|| format!("{SUBCOMMAND}: missing {flag}"))
+                .ok_or_else(|| UsageError { missing: flag.to_string() })
         };
         Ok(RelayArgs {
             endpoint: get("--endpoint")?,
@@ -213,6 +213,13 @@ impl RelayArgs {
             state: get("--state")?.into(),
         })
     }
+}
+
+/// A relay command line without one of its flags.
+#[derive(Debug, thiserror::Error)]
+#[error("{SUBCOMMAND}: missing {missing}")]
+pub struct UsageError {
+    pub missing: String,
 }
 
 /// The relay's main loop: returns when the container has stopped and every

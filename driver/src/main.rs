@@ -5,7 +5,8 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use aimodel_driver::{logging, logrelay, server};
+use aimodel_driver::logrelay;
+use aimodel_driver::nomad::{logging, server};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();

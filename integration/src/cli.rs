@@ -235,7 +235,7 @@ async fn run_job(a: RunArgs) -> Result<()> {
     for t in &tasks {
         let prepared = t.prepare(&live.task_schema, &ctx, a.image.as_deref(), data.path())?;
         if let Some(hub) = &a.seed_hub {
-            let cfg = aimodel_driver::config::decode_task_config(&prepared.config.msgpack_driver_config)?;
+            let cfg = aimodel_driver::nomad::decode::task_config(&prepared.config.msgpack_driver_config)?;
             if let Some(model) = &cfg.model {
                 let commit = crate::jobrun::seed_tiny_model(hub, model)?;
                 println!("== seeded {model}@{commit} into {}", hub.display());

@@ -5,8 +5,8 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
+use aimodel_driver::config::schema::markdown_table;
 use aimodel_driver::config::{PLUGIN_SCHEMA, TASK_SCHEMA};
-use aimodel_driver::schema::markdown_table;
 
 /// Files that carry the tables, relative to the workspace root.
 pub const FILES: &[&str] = &["README.md", "docs/configuration.md"];

@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use hcl::eval::{Context as EvalContext, Evaluate};
 use hcl::{Body, Expression};
 
-use aimodel_driver::cty::{Number, Value};
+use aimodel_driver::nomad::cty::{Number, Value};
 use aimodel_proto::hclspec::{spec::Block as S, Spec};
 
 /// An HCL type expression as hcldec parses `Attr.type`.
@@ -339,8 +339,8 @@ pub fn plugin_stanza(client_hcl: &str, name: &str) -> Result<Option<(Vec<String>
 #[cfg(test)]
 mod tests {
     use aimodel_driver::config::{PLUGIN_SCHEMA, TASK_SCHEMA};
-    use aimodel_driver::cty::encode;
-    use aimodel_driver::schema::{default_value, to_spec};
+    use aimodel_driver::nomad::cty::encode;
+    use aimodel_driver::nomad::hclspec::{default_value, to_spec};
 
     use super::*;
 

@@ -10,7 +10,7 @@ use hcl::eval::{Context as EvalContext, Evaluate};
 use hcl::{Block, Body};
 use sha2::{Digest, Sha256};
 
-use aimodel_driver::cty::{self, Value};
+use aimodel_driver::nomad::cty::{self, Value};
 use aimodel_proto::hclspec::Spec;
 
 use crate::hcl_eval::eval_body;
@@ -246,13 +246,13 @@ job "j" {
         assert!(t.bridge);
         assert_eq!(t.memory_mb, 512);
         assert_eq!(t.env["X"], "1");
-        let schema = aimodel_driver::schema::to_spec(aimodel_driver::config::TASK_SCHEMA);
-        let cfg = aimodel_driver::config::decode_task_config(&t.encoded_config(&schema, &ctx, Some("img:1")).unwrap())
+        let schema = aimodel_driver::nomad::hclspec::to_spec(aimodel_driver::config::TASK_SCHEMA);
+        let cfg = aimodel_driver::nomad::decode::task_config(&t.encoded_config(&schema, &ctx, Some("img:1")).unwrap())
             .unwrap();
         assert_eq!(cfg.model.as_deref(), Some("org/m"));
         assert_eq!(cfg.image.as_deref(), Some("img:1"));
         let over = eval_context(&body, &BTreeMap::from([("model".into(), "x/y".into())])).unwrap();
-        let cfg = aimodel_driver::config::decode_task_config(&t.encoded_config(&schema, &over, None).unwrap()).unwrap();
+        let cfg = aimodel_driver::nomad::decode::task_config(&t.encoded_config(&schema, &over, None).unwrap()).unwrap();
         assert_eq!(cfg.model.as_deref(), Some("x/y"));
     }
 

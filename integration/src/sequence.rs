@@ -11,7 +11,7 @@ use anyhow::{bail, ensure, Context, Result};
 use hcl::eval::Context as EvalContext;
 use tokio::task::JoinHandle;
 
-use aimodel_driver::cty;
+use aimodel_driver::nomad::cty;
 use aimodel_proto::base::{
     ConfigSchemaRequest, NomadConfig, NomadDriverConfig, PluginInfoRequest, PluginInfoResponse, PluginType,
     SetConfigRequest,

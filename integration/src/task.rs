@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use hcl::eval::Context as EvalContext;
 use nix::sys::stat::Mode;
 
-use aimodel_driver::cty;
+use aimodel_driver::nomad::cty;
 use aimodel_proto::drivers::{
     self as pb, network_isolation_spec::NetworkIsolationMode, AllocatedCpuResources, AllocatedMemoryResources,
     AllocatedTaskResources, LinuxResources, NetworkIsolationSpec, PortMapping, Resources,

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use aimodel_driver::config::{PLUGIN_SCHEMA, TASK_SCHEMA};
-use aimodel_driver::schema::to_spec;
+use aimodel_driver::nomad::hclspec::to_spec;
 use aimodel_integration::docs;
 use aimodel_integration::plugin::{Launch, PluginProcess};
 use aimodel_integration::support::{binary, DRIVER_BIN};
@@ -18,8 +18,9 @@ fn docs_tables_are_generated_from_the_schemas() {
     // Every attribute of both schemas appears in the committed docs.
     for f in docs::FILES {
         let text = std::fs::read_to_string(root.join(f)).unwrap();
-        for row in
-            aimodel_driver::schema::doc_rows(PLUGIN_SCHEMA).iter().chain(&aimodel_driver::schema::doc_rows(TASK_SCHEMA))
+        for row in aimodel_driver::config::schema::doc_rows(PLUGIN_SCHEMA)
+            .iter()
+            .chain(&aimodel_driver::config::schema::doc_rows(TASK_SCHEMA))
         {
             assert!(text.contains(&format!("| `{}` |", row.path)), "{f} does not document {}", row.path);
         }

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use aimodel_driver::engine::LABEL_ALLOC_ID;
+use aimodel_driver::plan::LABEL_ALLOC_ID;
 use aimodel_integration::sequence::{self, LiveDriver};
 use aimodel_integration::support::{
     binary, fake_nvml, remove_containers_with_label, require_docker, standin_image, DRIVER_BIN, STANDIN_IMAGE,

@@ -7,9 +7,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use aimodel_driver::config::{decode_plugin_config, decode_task_config, PLUGIN_SCHEMA, TASK_SCHEMA};
-use aimodel_driver::engine::LABEL_ALLOC_ID;
-use aimodel_driver::schema::to_spec;
+use aimodel_driver::config::{PLUGIN_SCHEMA, TASK_SCHEMA};
+use aimodel_driver::nomad::decode::{plugin_config as decode_plugin_config, task_config as decode_task_config};
+use aimodel_driver::nomad::hclspec::to_spec;
+use aimodel_driver::plan::LABEL_ALLOC_ID;
 use aimodel_integration::hcl_eval::plugin_stanza;
 use aimodel_integration::jobrun::{aimodel_tasks, eval_context, seed_tiny_model};
 use aimodel_integration::sequence::{self, encode_config};

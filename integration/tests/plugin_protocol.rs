@@ -4,8 +4,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 use aimodel_driver::config::PLUGIN_SCHEMA;
-use aimodel_driver::cty::{encode, Value};
-use aimodel_driver::schema::default_value;
+use aimodel_driver::nomad::cty::{encode, Value};
+use aimodel_driver::nomad::hclspec::default_value;
 use aimodel_integration::plugin::{check_hclog_line, Launch, PluginProcess, COOKIE_KEY};
 use aimodel_integration::sequence;
 use aimodel_integration::support::{binary, require_docker, DRIVER_BIN};

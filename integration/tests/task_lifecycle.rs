@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use aimodel_driver::engine::LABEL_ALLOC_ID;
+use aimodel_driver::plan::LABEL_ALLOC_ID;
 use aimodel_integration::sequence::{self, LiveDriver};
 use aimodel_integration::support::{
     binary, containers_with_label, remove_containers_with_label, require_docker, standin_image, DRIVER_BIN,
@@ -421,7 +421,7 @@ async fn a_dead_log_relay_is_replaced_and_resumes() {
     let id = t.config.id.clone();
     let out = t.stdout.clone().unwrap();
     out.wait_for(Duration::from_secs(20), |t| t.contains("line 300\n")).await.unwrap();
-    let state = aimodel_driver::task::DriverState::decode(&handle.driver_state).unwrap();
+    let state = aimodel_driver::types::DriverState::decode(&handle.driver_state).unwrap();
     let pid = aimodel_driver::logrelay::find_relay(&state.container_id).expect("a relay runs");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
 
@@ -501,7 +501,7 @@ async fn orphans(gc: &str, removed: bool) {
             "another client's container was removed"
         );
         assert_eq!(
-            containers_with_label(aimodel_driver::engine::LABEL_TASK_ID, &t.config.id).len(),
+            containers_with_label(aimodel_driver::plan::LABEL_TASK_ID, &t.config.id).len(),
             1,
             "a tracked task's container was removed"
         );
@@ -538,7 +538,7 @@ async fn disabled_logs_need_no_fifo_and_no_relay() {
     let (t, handle) = sim.start_task(&b).await;
     assert_eq!(t.config.stdout_path, "/dev/null");
     assert_eq!(sim.wait(&t.config.id).await.exit_code, 0);
-    let state = aimodel_driver::task::DriverState::decode(&handle.driver_state).unwrap();
+    let state = aimodel_driver::types::DriverState::decode(&handle.driver_state).unwrap();
     assert!(state.logs_disabled);
     assert!(aimodel_driver::logrelay::find_relay(&state.container_id).is_none());
     sim.destroy(&t.config.id).await;
@@ -557,14 +557,14 @@ async fn engine_down_is_a_recoverable_start_failure() {
     let t = b.build(&live.task_schema, data.path()).unwrap();
     let err = live.process.driver().start_task(StartTaskRequest { task: Some(t.config) }).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    assert_eq!(aimodel_driver::error::recoverable_detail(&err), Some(true), "Nomad must retry: {err:?}");
+    assert_eq!(aimodel_driver::nomad::status::recoverable_detail(&err), Some(true), "Nomad must retry: {err:?}");
     assert!(err.message().contains("/nonexistent/docker.sock"), "{}", err.message());
     // A bad task config is fatal: no RecoverableError detail.
     let b = TaskBuilder::new("badcfg", "engine = \"vllm\"\n");
     let t = b.build(&live.task_schema, data.path()).unwrap();
     let err = live.process.driver().start_task(StartTaskRequest { task: Some(t.config) }).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert_eq!(aimodel_driver::error::recoverable_detail(&err), None);
+    assert_eq!(aimodel_driver::nomad::status::recoverable_detail(&err), None);
     live.kill().await.unwrap();
 }
 
@@ -581,7 +581,11 @@ async fn incomplete_models_do_not_start_and_complete_ones_are_pinned() {
     let err =
         sim.live.process.driver().start_task(StartTaskRequest { task: Some(t.config.clone()) }).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    assert_eq!(aimodel_driver::error::recoverable_detail(&err), Some(true), "Nomad must retry while the cache warms");
+    assert_eq!(
+        aimodel_driver::nomad::status::recoverable_detail(&err),
+        Some(true),
+        "Nomad must retry while the cache warms"
+    );
     assert!(err.message().contains(" prewarm org/gated@main"), "{}", err.message());
     assert!(err.message().contains("Fix: aimodel-agent --hf-home "), "{}", err.message());
     assert!(err.message().contains("the repo is not in the cache"), "{}", err.message());
@@ -609,7 +613,7 @@ async fn incomplete_models_do_not_start_and_complete_ones_are_pinned() {
         .into_inner()
         .handle
         .unwrap();
-    let state = aimodel_driver::task::DriverState::decode(&handle.driver_state).unwrap();
+    let state = aimodel_driver::types::DriverState::decode(&handle.driver_state).unwrap();
     assert_eq!(state.revision.as_deref(), Some(commit.as_str()));
     let ev = sim.live.wait_event(&t.config.id, "complete in the cache", Duration::from_secs(5)).await.unwrap();
     assert!(ev.message.contains(&commit), "{}", ev.message);
@@ -711,7 +715,7 @@ async fn prewarm_true_fetches_a_missing_model_with_the_agent() {
         .env("HF_ENDPOINT", &decoy.endpoint())
         .env("HF_TOKEN", "hf-task-token");
     let (t, handle) = sim.start_task(&b).await;
-    let state = aimodel_driver::task::DriverState::decode(&handle.driver_state).unwrap();
+    let state = aimodel_driver::types::DriverState::decode(&handle.driver_state).unwrap();
     assert_eq!(state.revision.as_deref(), Some(COMMIT));
     let msgs = sim.live.event_messages(&t.config.id);
     assert!(msgs.iter().any(|m| m.contains("fetching it with aimodel-agent")), "{msgs:?}");
@@ -833,7 +837,7 @@ async fn images_are_pulled_from_a_registry() {
     let msgs = sim.live.event_messages(&t.config.id);
     assert!(msgs.iter().any(|m| m == &format!("Downloading image {tag}")), "{msgs:?}");
     assert!(msgs.iter().any(|m| m == &format!("Downloaded image {tag}")), "{msgs:?}");
-    let state = aimodel_driver::task::DriverState::decode(&handle.driver_state).unwrap();
+    let state = aimodel_driver::types::DriverState::decode(&handle.driver_state).unwrap();
     assert_eq!(state.image, tag);
     let out = t.stdout.clone().unwrap();
     out.wait_for(Duration::from_secs(10), |s| s.contains("standin starting")).await.unwrap();
@@ -849,7 +853,7 @@ async fn images_are_pulled_from_a_registry() {
         sim.live.process.driver().start_task(StartTaskRequest { task: Some(t.config.clone()) }).await.unwrap_err();
     assert!(err.message().contains("not found") && err.message().contains(&missing), "{}", err.message());
     // No RecoverableError detail: Nomad's client treats the error as final (no restart loop).
-    assert_ne!(aimodel_driver::error::recoverable_detail(&err), Some(true), "{err:?}");
+    assert_ne!(aimodel_driver::nomad::status::recoverable_detail(&err), Some(true), "{err:?}");
     assert_eq!(err.code(), Code::NotFound);
 
     let logged = sim.live.process.stderr.lock().unwrap().clone();
@@ -900,7 +904,7 @@ async fn job_authors_get_no_host_paths_no_unassigned_gpus_and_a_read_only_cache(
         let err =
             sim.live.process.driver().start_task(StartTaskRequest { task: Some(t.config.clone()) }).await.unwrap_err();
         assert!(err.message().contains(option), "{name}: {}", err.message());
-        assert_ne!(aimodel_driver::error::recoverable_detail(&err), Some(true), "{name}: a refusal is final");
+        assert_ne!(aimodel_driver::nomad::status::recoverable_detail(&err), Some(true), "{name}: a refusal is final");
     }
     let t = sim.prepare(&TaskBuilder::new("env-gpus", &custom("")).env("NVIDIA_VISIBLE_DEVICES", "all"));
     let err =
@@ -1034,7 +1038,7 @@ async fn group_namespace_memory_devices_logs_and_stop_signal_reach_docker() {
         cgroup_permissions: "rwm".into(),
     }];
     let (t, handle) = sim.start_task(&b).await;
-    let state = aimodel_driver::task::DriverState::decode(&handle.driver_state).unwrap();
+    let state = aimodel_driver::types::DriverState::decode(&handle.driver_state).unwrap();
     let c = state.container_id.as_str();
     assert_eq!(docker_out(&["inspect", "-f", "{{.HostConfig.NetworkMode}}", c]), format!("container:{sandbox}"));
     assert_eq!(docker_out(&["inspect", "-f", "{{len .HostConfig.PortBindings}}", c]), "0", "nothing published");
@@ -1141,9 +1145,9 @@ fn the_cgroup_counters_of_a_spinning_container_are_read() {
     ]);
     std::thread::sleep(Duration::from_secs(2));
     let pid: i64 = docker_out(&["inspect", "-f", "{{.State.Pid}}", &id]).parse().unwrap();
-    let files =
-        aimodel_driver::cgroup::locate(pid, std::path::Path::new("/sys/fs/cgroup")).expect("the container's cgroup");
-    let ours = aimodel_driver::cgroup::sample(&files).expect("readable counters");
+    let files = aimodel_driver::runtime::cgroup::locate(pid, std::path::Path::new("/sys/fs/cgroup"))
+        .expect("the container's cgroup");
+    let ours = aimodel_driver::runtime::cgroup::sample(&files).expect("readable counters");
     let _ = std::process::Command::new("docker").args(["rm", "-f", &id]).output();
     // Two seconds of one spinning core.
     assert!(ours.cpu_total_ns > 1_000_000_000, "{ours:?}");

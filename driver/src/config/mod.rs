@@ -1,13 +1,13 @@
-//! Typed plugin and task configuration, decoded from Nomad's cty-msgpack.
+//! Typed plugin and task configuration and their schemas; the adapter
+//! (`nomad::decode`) decodes them from Nomad's cty-msgpack.
 
 mod plugin;
+pub mod schema;
 mod task;
 pub mod units;
 
 pub use plugin::*;
 pub use task::*;
-
-use crate::cty;
 
 /// Prefix of every label the driver puts on its containers.
 pub const LABEL_PREFIX: &str = "com.aimodel.";
@@ -15,8 +15,8 @@ pub const LABEL_PREFIX: &str = "com.aimodel.";
 /// A configuration that could not be used; `field` is the dotted attribute path.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ConfigError {
-    #[error("config is not valid cty-msgpack: {0}")]
-    Encoding(#[from] cty::CtyError),
+    #[error("config is not valid cty-msgpack: {message}")]
+    Encoding { message: String },
     #[error("{field}: {message}")]
     Invalid { field: String, message: String },
 }
@@ -26,40 +26,7 @@ impl ConfigError {
     pub fn field(&self) -> Option<&str> {
         match self {
             ConfigError::Invalid { field, .. } => Some(field),
-            ConfigError::Encoding(_) => None,
+            ConfigError::Encoding { .. } => None,
         }
     }
 }
-
-impl From<cty::DecodeError> for ConfigError {
-    fn from(e: cty::DecodeError) -> Self {
-        ConfigError::Invalid { field: e.field, message: e.message }
-    }
-}
-
-/// Decodes and validates `SetConfigRequest.msgpack_config`.
-pub fn decode_plugin_config(bytes: &[u8]) -> Result<PluginConfig, ConfigError> {
-    let value = cty::decode(bytes)?;
-    let mut cfg: PluginConfig = cty::from_value(&value)?;
-    cfg.auth = cfg.auth.filter(|a| !a.is_empty());
-    cfg.validate()?;
-    Ok(cfg)
-}
-
-/// Decodes and validates `TaskConfig.msgpack_driver_config`.
-pub fn decode_task_config(bytes: &[u8]) -> Result<TaskConfig, ConfigError> {
-    let value = cty::decode(bytes)?;
-    if value == cty::Value::Null {
-        return Err(ConfigError::Invalid {
-            field: "engine".into(),
-            message: "is required (the task has no config)".into(),
-        });
-    }
-    let mut cfg: TaskConfig = cty::from_value(&value)?;
-    cfg.auth = cfg.auth.filter(|a| !a.is_empty());
-    cfg.validate()?;
-    Ok(cfg)
-}
-
-#[cfg(test)]
-mod tests;

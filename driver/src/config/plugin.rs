@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::units::{Bytes, Dur};
 use super::ConfigError;
-use crate::schema::{attr, block, Field};
+use crate::config::schema::{attr, block, Field};
 
 /// The plugin configuration schema, reported by `ConfigSchema`.
 pub const PLUGIN_SCHEMA: &[Field] = &[
@@ -315,6 +315,21 @@ pub struct ImagesConfig {
     pub ollama: String,
     pub tgi: String,
     pub ray: String,
+}
+
+impl ImagesConfig {
+    /// The image under `key` (an engine's `image_key`).
+    pub fn get(&self, key: &str) -> Option<&str> {
+        Some(match key {
+            "vllm" => &self.vllm,
+            "sglang" => &self.sglang,
+            "sglang_router" => &self.sglang_router,
+            "ollama" => &self.ollama,
+            "tgi" => &self.tgi,
+            "ray" => &self.ray,
+            _ => return None,
+        })
+    }
 }
 
 impl Default for ImagesConfig {

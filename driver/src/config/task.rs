@@ -8,7 +8,8 @@ use serde::Deserialize;
 use super::plugin::{RegistryAuth, AUTH_SCHEMA};
 use super::units::{Bytes, Dur};
 use super::ConfigError;
-use crate::schema::{attr, block, required, Field};
+use crate::config::schema::{attr, block, required, Field};
+pub use crate::engines::{Engine, LoadStrategy};
 
 /// The task configuration schema, reported by `TaskConfigSchema`.
 pub const TASK_SCHEMA: &[Field] = &[
@@ -91,50 +92,6 @@ const READINESS_SCHEMA: &[Field] = &[
         "How long to wait for readiness before reporting the server as not ready.",
     ),
 ];
-
-/// A model-server engine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Engine {
-    Vllm,
-    Sglang,
-    SglangRouter,
-    Ollama,
-    Tgi,
-    Ray,
-    Custom,
-}
-
-impl Engine {
-    /// The engine's name as written in job files.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Engine::Vllm => "vllm",
-            Engine::Sglang => "sglang",
-            Engine::SglangRouter => "sglang-router",
-            Engine::Ollama => "ollama",
-            Engine::Tgi => "tgi",
-            Engine::Ray => "ray",
-            Engine::Custom => "custom",
-        }
-    }
-
-    /// Whether the engine serves a single HF model named by `model`.
-    pub fn needs_model(self) -> bool {
-        matches!(self, Engine::Vllm | Engine::Sglang | Engine::Tgi)
-    }
-}
-
-/// How weights are read from the cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum LoadStrategy {
-    #[default]
-    Auto,
-    Eager,
-    Mmap,
-    None,
-}
 
 /// The GPUs a task asks for in its own config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -247,9 +204,7 @@ impl TaskConfig {
             }
         }
         if let Some(g) = &self.gpus {
-            if let Err(e) = parse_gpus(g) {
-                return invalid("gpus", e);
-            }
+            parse_gpus(g)?;
         }
         for v in &self.volumes {
             let parts: Vec<&str> = v.split(':').collect();
@@ -286,14 +241,15 @@ impl TaskConfig {
     }
 }
 
-fn parse_gpus(g: &str) -> Result<GpuCount, String> {
+fn parse_gpus(g: &str) -> Result<GpuCount, ConfigError> {
+    let invalid = |message: String| ConfigError::Invalid { field: "gpus".into(), message };
     if g.eq_ignore_ascii_case("all") {
         return Ok(GpuCount::All);
     }
     match g.trim().parse::<i64>() {
-        Ok(n) if n > 0 && n <= 1024 => Ok(GpuCount::Count(n as u32)),
-        Ok(n) => Err(format!("must be a positive count or \"all\", found {n}")),
-        Err(_) => Err(format!("must be a count or \"all\", found {g:?}")),
+        Ok(n) if n > 0 && n <= 1024 => Ok(GpuCount::Count(u32::try_from(n).unwrap_or(1024))),
+        Ok(n) => Err(invalid(format!("must be a positive count or \"all\", found {n}"))),
+        Err(_) => Err(invalid(format!("must be a count or \"all\", found {g:?}"))),
     }
 }
 

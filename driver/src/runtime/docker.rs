@@ -32,6 +32,12 @@ pub struct DockerRuntime {
     docker: tokio::sync::Mutex<Option<Docker>>,
 }
 
+impl std::fmt::Debug for DockerRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DockerRuntime").field("endpoint", &self.endpoint).finish_non_exhaustive()
+    }
+}
+
 impl DockerRuntime {
     /// Connects lazily: a bad or absent daemon is reported by the first call.
     pub fn new(endpoint: &str) -> Self {
@@ -171,7 +177,7 @@ fn host_config(spec: &ContainerSpec) -> HostConfig {
     }
 }
 
-#[tonic::async_trait]
+#[async_trait::async_trait]
 impl ContainerRuntime for DockerRuntime {
     fn endpoint(&self) -> &str {
         &self.endpoint
@@ -291,6 +297,10 @@ impl ContainerRuntime for DockerRuntime {
         let created = docker.create_container(Some(options), body).await.map_err(|e| match e {
             BollardError::DockerResponseServerError { status_code: 404, message } => {
                 RuntimeError::ImageNotFound { image: spec.image.clone(), reason: message }
+            }
+            // The name is taken (a container of an earlier attempt).
+            BollardError::DockerResponseServerError { status_code: 409, message } => {
+                RuntimeError::Conflict { name: spec.name.clone(), reason: message }
             }
             e => self.api("create")(e),
         })?;

@@ -1,7 +1,12 @@
-//! The container engine behind a trait. The one implementation ([`docker`])
+//! The container engine behind a trait: Docker ([`docker`]), and a scripted
+//! fake for unit tests of the task core (`fake`). The Docker implementation
 //! talks to the Docker Engine API through bollard, the only module that does.
 
+pub mod cgroup;
 mod docker;
+#[cfg(test)]
+pub mod fake;
+pub mod registry;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -37,6 +42,8 @@ pub enum RuntimeError {
     Pull { image: String, reason: String },
     #[error("container {id} not found")]
     NotFound { id: String },
+    #[error("a container named {name} exists already: {reason}")]
+    Conflict { name: String, reason: String },
     #[error("docker {op} failed: {reason}")]
     Api { op: &'static str, reason: String },
 }
@@ -193,8 +200,14 @@ pub struct ExecSession {
     pub input: std::pin::Pin<Box<dyn AsyncWrite + Send>>,
 }
 
+impl std::fmt::Debug for ExecSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecSession").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
 /// The container engine as the driver core sees it.
-#[tonic::async_trait]
+#[async_trait::async_trait]
 pub trait ContainerRuntime: Send + Sync + 'static {
     /// The endpoint, for messages.
     fn endpoint(&self) -> &str;

@@ -76,7 +76,7 @@ async fn lifecycle(runs: usize, tasks: usize) -> Result<()> {
     let live = report.live;
     let mut d = live.process.driver();
     let cfg = format!("engine = \"custom\"\nimage = \"{image}\"\nentrypoint = [\"/bin/sleep\"]\nargs = [\"3600\"]\n");
-    let alloc_label = aimodel_driver::engine::LABEL_ALLOC_ID;
+    let alloc_label = aimodel_driver::plan::LABEL_ALLOC_ID;
 
     // 1. StartTask vs `docker run -d`, alternating, same image and command.
     let (mut ours, mut docker) = (Vec::new(), Vec::new());
@@ -190,7 +190,7 @@ async fn stats_bench(tasks: usize, secs: u64) -> Result<()> {
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .find(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "dockerd"));
-    let alloc_label = aimodel_driver::engine::LABEL_ALLOC_ID;
+    let alloc_label = aimodel_driver::plan::LABEL_ALLOC_ID;
     let cfg = format!("engine = \"custom\"\nimage = \"{image}\"\nentrypoint = [\"/bin/sleep\"]\nargs = [\"3600\"]\n");
     for (name, source) in [("cgroup files", None), ("Docker stats API", Some("docker"))] {
         let (tmp, data, cache) = (tempfile::tempdir()?, tempfile::tempdir()?, tempfile::tempdir()?);
@@ -446,7 +446,7 @@ async fn gpu() -> Result<()> {
 }
 
 fn gpu_inner(lib: &str) -> Result<()> {
-    use aimodel_driver::gpu::{GpuMonitor, GpuProbe, NvmlProbe};
+    use aimodel_driver::driver::gpu::{GpuMonitor, GpuProbe, NvmlProbe};
     use std::sync::Arc;
     use std::time::Instant;
     let probe: Arc<dyn GpuProbe> = Arc::new(NvmlProbe::load(lib).map_err(anyhow::Error::msg)?);

@@ -6,47 +6,8 @@ use tonic::{Code, Status};
 
 use aimodel_proto::structs::RecoverableError;
 
-use crate::config::ConfigError;
+use crate::driver::error::DriverError;
 use crate::runtime::RuntimeError;
-
-/// Errors of the driver core.
-#[derive(Debug, thiserror::Error)]
-pub enum DriverError {
-    #[error("invalid plugin config: {0}")]
-    PluginConfig(ConfigError),
-    #[error("invalid task config: {0}")]
-    TaskConfig(ConfigError),
-    #[error(transparent)]
-    Runtime(#[from] RuntimeError),
-    #[error("task {id} not found")]
-    TaskNotFound { id: String },
-    #[error("{message}")]
-    ModelIncomplete { message: String },
-    #[error("{message}")]
-    Cache { message: String },
-    #[error("task {id} is already running")]
-    TaskExists { id: String },
-    #[error("starting a container of {image}: {reason}")]
-    StartFailed { image: String, reason: String },
-    #[error("the plugin is shutting down")]
-    ShuttingDown,
-    #[error("task {id} did not stop even after SIGKILL")]
-    StopTimeout { id: String },
-    #[error("task {id} is still running; destroy it with force or stop it first")]
-    StillRunning { id: String },
-    #[error("cannot recover the task: {reason}")]
-    BadHandle { reason: String },
-    #[error("cannot recover task {id}: its container {container} no longer exists")]
-    ContainerGone { id: String, container: String },
-    #[error("invalid signal {signal:?} (use a name such as SIGHUP or SIGUSR1)")]
-    BadSignal { signal: String },
-    #[error("{message}")]
-    BadRequest { message: String },
-    #[error("exec did not finish within {timeout:?}")]
-    ExecTimeout { timeout: std::time::Duration },
-    #[error("{what} is not implemented yet")]
-    NotImplemented { what: &'static str },
-}
 
 /// `google.rpc.Status`, the body of the `grpc-status-details-bin` trailer.
 #[derive(Clone, PartialEq, Message)]
@@ -84,29 +45,32 @@ pub fn recoverable_detail(status: &Status) -> Option<bool> {
 impl From<DriverError> for Status {
     fn from(e: DriverError) -> Status {
         let message = e.to_string();
+        if e.is_recoverable() {
+            // Go drivers use FailedPrecondition for recoverable errors; Nomad
+            // restarts the task (e.g. while the cache is being warmed).
+            return with_recoverable(Code::FailedPrecondition, message, true);
+        }
         match e {
             DriverError::PluginConfig(_) | DriverError::TaskConfig(_) => Status::invalid_argument(message),
-            DriverError::Runtime(r) if r.is_recoverable() => {
-                // Go drivers use FailedPrecondition for recoverable errors.
-                with_recoverable(Code::FailedPrecondition, message, true)
-            }
             DriverError::Runtime(RuntimeError::ImageNotFound { .. } | RuntimeError::NotFound { .. }) => {
                 Status::not_found(message)
             }
-            DriverError::Runtime(_) => Status::internal(message),
-            // Retryable: Nomad restarts the task while the cache is being warmed.
-            DriverError::ModelIncomplete { .. } | DriverError::Cache { .. } => {
-                with_recoverable(Code::FailedPrecondition, message, true)
-            }
+            DriverError::Runtime(RuntimeError::Conflict { .. }) => Status::already_exists(message),
+            DriverError::Runtime(_) | DriverError::AgentSpawn { .. } => Status::internal(message),
             DriverError::TaskNotFound { .. } | DriverError::ContainerGone { .. } => Status::not_found(message),
             DriverError::TaskExists { .. } => Status::already_exists(message),
-            DriverError::StartFailed { .. } | DriverError::StillRunning { .. } => Status::failed_precondition(message),
+            DriverError::StartFailed { .. } | DriverError::StillRunning { .. } | DriverError::AgentMissing => {
+                Status::failed_precondition(message)
+            }
             DriverError::ShuttingDown => Status::unavailable(message),
             DriverError::StopTimeout { .. } | DriverError::ExecTimeout { .. } => Status::deadline_exceeded(message),
-            DriverError::BadHandle { .. } | DriverError::BadSignal { .. } | DriverError::BadRequest { .. } => {
+            DriverError::BadHandle(_) | DriverError::BadSignal { .. } | DriverError::BadRequest { .. } => {
                 Status::invalid_argument(message)
             }
-            DriverError::NotImplemented { .. } => Status::unimplemented(message),
+            // Recoverable, handled above.
+            DriverError::ModelIncomplete { .. }
+            | DriverError::CacheUnavailable { .. }
+            | DriverError::PrewarmFailed { .. } => with_recoverable(Code::FailedPrecondition, message, true),
         }
     }
 }
@@ -124,5 +88,10 @@ mod tests {
             DriverError::Runtime(RuntimeError::Unreachable { endpoint: "e".into(), reason: "r".into() }).into();
         assert_eq!(e.code(), Code::FailedPrecondition);
         assert_eq!(recoverable_detail(&e), Some(true));
+        // A missing agent is final: Nomad must not restart the task forever.
+        let missing: Status = DriverError::AgentMissing.into();
+        assert_eq!(recoverable_detail(&missing), None);
+        let cache: Status = DriverError::CacheUnavailable { path: "/c".into(), reason: "hung".into() }.into();
+        assert_eq!(recoverable_detail(&cache), Some(true));
     }
 }

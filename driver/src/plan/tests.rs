@@ -1,8 +1,9 @@
 use super::*;
-use crate::config::{decode_task_config, TASK_SCHEMA};
-use crate::cty::{encode, Value};
-use crate::schema::default_value;
-use crate::task::{NomadDevice, NomadMount, NomadPort};
+use crate::config::TASK_SCHEMA;
+use crate::nomad::cty::{encode, Value};
+use crate::nomad::decode::task_config as decode_task_config;
+use crate::nomad::hclspec::default_value;
+use crate::types::{NomadDevice, NomadMount, NomadPort};
 
 fn cfg(pairs: &[(&str, Value)]) -> TaskConfig {
     let Value::Map(mut m) = default_value(TASK_SCHEMA, false) else { unreachable!() };

@@ -143,6 +143,40 @@ pub fn sync_cpuset(nomad_cgroup: &Path, container: &CgroupFiles, previous: Optio
     Some(current)
 }
 
+/// Host pids of a container's processes, from its cgroup (v2 and v1 layouts).
+pub fn container_pids(container: &str) -> std::collections::BTreeSet<u32> {
+    let root = Path::new("/sys/fs/cgroup");
+    [
+        format!("system.slice/docker-{container}.scope"),
+        format!("docker/{container}"),
+        format!("pids/docker/{container}"),
+        format!("memory/docker/{container}"),
+        format!("cpu/docker/{container}"),
+    ]
+    .iter()
+    .find_map(|d| std::fs::read_to_string(root.join(d).join("cgroup.procs")).ok())
+    .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
+    .unwrap_or_default()
+}
+
+/// The cgroup files that count OOM kills for a container (v2 and v1 layouts).
+pub fn oom_files(container: &str) -> Vec<PathBuf> {
+    let root = Path::new("/sys/fs/cgroup");
+    vec![
+        root.join(format!("system.slice/docker-{container}.scope/memory.events")),
+        root.join(format!("docker/{container}/memory.events")),
+        root.join(format!("memory/docker/{container}/memory.oom_control")),
+        root.join(format!("memory/system.slice/docker-{container}.scope/memory.oom_control")),
+    ]
+}
+
+pub fn read_oom_kills(files: &[PathBuf]) -> Option<u64> {
+    files.iter().find_map(|f| {
+        let text = std::fs::read_to_string(f).ok()?;
+        text.lines().find_map(|l| l.strip_prefix("oom_kill ").and_then(|v| v.trim().parse().ok()))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,5 +231,19 @@ mod tests {
         if let Some(s) = sample(&files) {
             assert!(s.system_cpu_ns > 0 && s.online_cpus > 0);
         }
+    }
+
+    #[test]
+    fn oom_counters_are_read_from_v1_and_v2_files() {
+        let dir = std::env::temp_dir().join(format!("aimodel-oom-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let v2 = dir.join("memory.events");
+        std::fs::write(&v2, "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n").unwrap();
+        let v1 = dir.join("memory.oom_control");
+        std::fs::write(&v1, "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n").unwrap();
+        assert_eq!(read_oom_kills(&[dir.join("missing"), v2.clone()]), Some(1));
+        assert_eq!(read_oom_kills(&[v1]), Some(2));
+        assert_eq!(read_oom_kills(&[dir.join("missing")]), None);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -22,27 +22,16 @@ pub async fn run(
 ) -> Result<BoxStream<ExecTaskStreamingResponse>, Status> {
     let first = input.message().await?.ok_or_else(|| Status::invalid_argument("exec stream closed before setup"))?;
     let setup = first.setup.ok_or_else(|| Status::invalid_argument("the first exec message must be setup"))?;
-    if setup.command.is_empty() {
-        return Err(Status::invalid_argument("exec needs a command"));
-    }
-    let container = driver.container_of(&setup.task_id)?;
-    let rt = driver.runtime();
-    let session = rt
-        .exec_interactive(&container, &setup.command, setup.tty)
-        .await
-        .map_err(|e| Status::from(crate::error::DriverError::from(e)))?;
-    let exec_id = session.id.clone();
-    let mut stdin = session.input;
-    let mut output = session.output;
+    let session = driver.exec_interactive(&setup.task_id, &setup.command, setup.tty).await?;
+    let control = session.control();
+    let (mut stdin, mut output) = (session.stdin, session.output);
 
     // Input: stdin bytes, stdin close, resizes; heartbeats are ignored.
-    let rt_in = rt.clone();
-    let exec_in = exec_id.clone();
+    let resizer = control.clone();
     tokio::spawn(async move {
         while let Ok(Some(msg)) = input.message().await {
             if let Some(size) = msg.tty_size {
-                let (h, w) = (size.height.clamp(1, 65535) as u16, size.width.clamp(1, 65535) as u16);
-                let _ = rt_in.exec_resize(&exec_in, h, w).await;
+                resizer.resize(size.height, size.width).await;
             }
             if let Some(op) = msg.stdin {
                 if !op.data.is_empty() && stdin.write_all(&op.data).await.is_err() {
@@ -72,16 +61,8 @@ pub async fn run(
         let close = IoOp { data: Vec::new(), close: true };
         let _ = tx.send(Ok(ExecTaskStreamingResponse { stdout: Some(close.clone()), ..Default::default() })).await;
         let _ = tx.send(Ok(ExecTaskStreamingResponse { stderr: Some(close), ..Default::default() })).await;
-        // The exec's exit code may lag its output by a moment.
-        let mut code = None;
-        for _ in 0..50 {
-            code = rt.exec_exit_code(&exec_id).await.ok().flatten();
-            if code.is_some() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        let result = ExitResult { exit_code: code.unwrap_or(-1) as i32, signal: 0, oom_killed: false };
+        let code = i32::try_from(control.exit_code().await).unwrap_or(-1);
+        let result = ExitResult { exit_code: code, signal: 0, oom_killed: false };
         let _ =
             tx.send(Ok(ExecTaskStreamingResponse { exited: true, result: Some(result), ..Default::default() })).await;
     });

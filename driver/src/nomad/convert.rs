@@ -5,9 +5,8 @@ use std::time::{Duration, SystemTime};
 use aimodel_proto::drivers::{self as pb, network_isolation_spec::NetworkIsolationMode};
 use aimodel_proto::structs;
 
-use crate::driver::{AttrValue, TaskEvent};
-use crate::lifecycle::{ExitResult, TaskUsage};
-use crate::task::{NetworkMode, NomadDevice, NomadMount, NomadPort, NomadTask};
+use crate::types::{AttrValue, ExitResult, TaskEvent, TaskUsage};
+use crate::types::{NetworkMode, NomadDevice, NomadMount, NomadPort, NomadTask};
 
 /// Nomad's TaskConfig as our domain task.
 pub fn task_from_proto(c: &pb::TaskConfig) -> NomadTask {
@@ -91,7 +90,6 @@ pub fn task_from_proto(c: &pb::TaskConfig) -> NomadTask {
         dns_servers: dns.servers,
         dns_searches: dns.searches,
         dns_options: dns.options,
-        driver_config: c.msgpack_driver_config.clone(),
     }
 }
 

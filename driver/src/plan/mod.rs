@@ -4,10 +4,11 @@
 use std::collections::BTreeMap;
 
 use crate::config::{
-    ConfigError, DeviceRequestKind, Engine, GpuCount, LoadStrategy, PluginConfig, TaskConfig, VisibleDevicesFrom,
+    ConfigError, DeviceRequestKind, GpuCount, LoadStrategy, PluginConfig, TaskConfig, VisibleDevicesFrom,
 };
+use crate::engines::Launch;
 use crate::runtime::{ContainerSpec, GpuRequest, PortBinding};
-use crate::task::{NetworkMode, NomadTask};
+use crate::types::{NetworkMode, NomadTask};
 
 /// Label marking containers this driver manages.
 pub const LABEL_MANAGED: &str = "com.aimodel.managed";
@@ -47,34 +48,16 @@ fn err(field: &str, message: String) -> ConfigError {
     ConfigError::Invalid { field: field.into(), message }
 }
 
-/// The engine's default container port and readiness path.
-pub fn engine_defaults(engine: Engine) -> (u16, Option<&'static str>) {
-    match engine {
-        Engine::Vllm => (8000, Some("/health")),
-        Engine::Sglang => (30000, Some("/health")),
-        Engine::SglangRouter => (30000, Some("/health")),
-        Engine::Ollama => (11434, Some("/api/version")),
-        Engine::Tgi => (80, Some("/health")),
-        Engine::Ray => (8265, None),
-        Engine::Custom => (8080, None),
-    }
-}
-
 /// The image for a task: its own, else the plugin's default for the engine.
 pub fn image_for(cfg: &TaskConfig, plugin: &PluginConfig) -> Result<String, ConfigError> {
     if let Some(i) = &cfg.image {
         return Ok(i.clone());
     }
-    let images = &plugin.images;
-    Ok(match cfg.engine {
-        Engine::Vllm => images.vllm.clone(),
-        Engine::Sglang => images.sglang.clone(),
-        Engine::SglangRouter => images.sglang_router.clone(),
-        Engine::Ollama => images.ollama.clone(),
-        Engine::Tgi => images.tgi.clone(),
-        Engine::Ray => images.ray.clone(),
-        Engine::Custom => return Err(err("image", "is required for engine \"custom\"".into())),
-    })
+    let spec = cfg.engine.spec();
+    match spec.image_key.and_then(|k| plugin.images.get(k)) {
+        Some(image) => Ok(image.to_string()),
+        None => Err(err("image", format!("is required for engine {:?}", spec.name))),
+    }
 }
 
 /// The GPUs Nomad assigned to the task (`NVIDIA_VISIBLE_DEVICES` of its device
@@ -212,16 +195,9 @@ fn gpu_count(req: &Option<GpuRequest>) -> Option<usize> {
 pub fn load_flags(cfg: &TaskConfig, facts: &NodeFacts) -> Vec<String> {
     let strategy = match cfg.load_strategy {
         LoadStrategy::Auto if facts.cache_on_nfs => LoadStrategy::Eager,
-        LoadStrategy::Auto => return Vec::new(),
         s => s,
     };
-    let flags: &[&str] = match (cfg.engine, strategy) {
-        (Engine::Vllm, LoadStrategy::Eager) => &["--safetensors-load-strategy", "eager"],
-        (Engine::Vllm, LoadStrategy::Mmap) => &["--safetensors-load-strategy", "lazy"],
-        (Engine::Sglang, LoadStrategy::Eager) => &["--weight-loader-disable-mmap"],
-        _ => &[],
-    };
-    flags.iter().map(|s| s.to_string()).collect()
+    (cfg.engine.spec().load_flags)(strategy).iter().map(|s| s.to_string()).collect()
 }
 
 fn sanitize(name: &str) -> String {
@@ -269,7 +245,7 @@ fn network(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, default_po
     if host_network {
         // On the node's network the server binds the address Nomad assigned to
         // the port (`host_network`), not every interface.
-        let ip = |p: &crate::task::NomadPort| {
+        let ip = |p: &crate::types::NomadPort| {
             if p.host_ip.is_empty() || p.host_ip == "0.0.0.0" {
                 None
             } else {
@@ -385,7 +361,8 @@ pub fn plan(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, facts: &N
         return Err(err("privileged", "is not allowed by the plugin configuration (allow_privileged = false)".into()));
     }
     let image = image_for(cfg, plugin)?;
-    let (default_port, health_path) = engine_defaults(cfg.engine);
+    let engine = cfg.engine.spec();
+    let (default_port, health_path) = (engine.port, engine.health_path);
     let Net { mode: network_mode, bindings: ports, inside: port, host, port_map, bind } =
         network(cfg, task, plugin, default_port)?;
     let gpus = gpu_request(cfg, task, plugin)?;
@@ -395,52 +372,17 @@ pub fn plan(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, facts: &N
     let served = cfg.served_model_name.clone().unwrap_or_else(|| model.clone());
     let p = port.to_string();
     let tp = gpu_count(&gpus).filter(|n| *n > 1).map(|n| n.to_string());
-    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-
-    let (mut entrypoint, mut cmd): (Option<Vec<String>>, Vec<String>) = match cfg.engine {
-        Engine::Vllm => {
-            let mut c = s(&["--model", &model, "--revision", &revision, "--host", &bind, "--port", &p]);
-            c.extend(s(&["--served-model-name", &served]));
-            if let Some(n) = &tp {
-                c.extend(s(&["--tensor-parallel-size", n]));
-            }
-            if let Some(f) = &cfg.load_format {
-                c.extend(s(&["--load-format", f]));
-            }
-            (None, c)
-        }
-        Engine::Sglang => {
-            let mut c = s(&["--model-path", &model, "--revision", &revision, "--host", &bind, "--port", &p]);
-            c.extend(s(&["--served-model-name", &served]));
-            if let Some(n) = &tp {
-                c.extend(s(&["--tp-size", n]));
-            }
-            if let Some(f) = &cfg.load_format {
-                c.extend(s(&["--load-format", f]));
-            }
-            (Some(s(&["python3", "-m", "sglang.launch_server"])), c)
-        }
-        Engine::SglangRouter => {
-            (Some(s(&["python3", "-m", "sglang_router.launch_router"])), s(&["--host", &bind, "--port", &p]))
-        }
-        Engine::Ollama => (None, s(&["serve"])),
-        Engine::Tgi => {
-            let mut c = s(&["--model-id", &model, "--revision", &revision, "--hostname", &bind, "--port", &p]);
-            if let Some(n) = &tp {
-                c.extend(s(&["--num-shard", n]));
-            }
-            (None, c)
-        }
-        Engine::Ray => {
-            let mut c = s(&["ray", "start", "--block"]);
-            c.push(format!("--dashboard-host={bind}"));
-            if cfg.port.is_some() {
-                c.push(format!("--dashboard-port={p}"));
-            }
-            (None, c)
-        }
-        Engine::Custom => (None, Vec::new()),
+    let launch = Launch {
+        model: &model,
+        revision: &revision,
+        served_name: &served,
+        bind: &bind,
+        port: &p,
+        tensor_parallel: tp.as_deref(),
+        load_format: cfg.load_format.as_deref(),
+        port_named: cfg.port.is_some(),
     };
+    let (mut entrypoint, mut cmd) = (engine.argv)(&launch);
     cmd.extend(flags.iter().cloned());
     if let Some(command) = &cfg.command {
         cmd = vec![command.clone()];
@@ -515,8 +457,8 @@ pub fn plan(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, facts: &N
         env.insert("HF_HUB_OFFLINE".into(), "1".into());
         env.insert("TRANSFORMERS_OFFLINE".into(), "1".into());
     }
-    if cfg.engine == Engine::Ollama {
-        env.insert("OLLAMA_HOST".into(), format!("{bind}:{port}"));
+    if let Some(var) = engine.listen_env {
+        env.insert(var.into(), format!("{bind}:{port}"));
     }
     env.insert("AIMODEL_PORT".into(), p.clone());
     if !model.is_empty() {

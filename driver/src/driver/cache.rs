@@ -9,8 +9,9 @@ use hf_cache::mount::{mount_for, parse_mountinfo, probe as with_timeout_for, spa
 use hf_cache::state::{InUse, StateDir};
 use hf_cache::{check, Mode, RepoId, RepoPaths};
 
-use crate::config::{Engine, HfCacheConfig, TaskConfig};
-use crate::driver::AttrValue;
+use crate::config::{HfCacheConfig, TaskConfig};
+use crate::driver::error::DriverError;
+use crate::types::AttrValue;
 
 /// Where mount facts come from; `AIMODEL_MOUNTINFO` points elsewhere in tests.
 pub fn mountinfo_path() -> PathBuf {
@@ -159,7 +160,7 @@ impl ModelCheck {
 
 /// Which tasks load an HF model from the cache.
 pub fn uses_hf_cache(cfg: &TaskConfig) -> bool {
-    cfg.model.is_some() && !matches!(cfg.engine, Engine::Ollama)
+    cfg.model.is_some() && cfg.engine.spec().uses_hf_cache
 }
 
 /// Checks `model@revision` in `<host_path>/hub` (quick mode) under the probe timeout.
@@ -168,12 +169,12 @@ pub fn check_model(
     model: &str,
     revision: &str,
     timeout: Duration,
-) -> Result<ModelCheck, String> {
+) -> Result<ModelCheck, DriverError> {
     let hub = hub_dir(cache);
     let (repo, rev) = (model.to_string(), revision.to_string());
     let key = PathBuf::from(&cache.host_path);
     let report = with_timeout_for(&key, timeout, move || check(&hub, &RepoId::model(&repo), &rev, Mode::Quick))
-        .map_err(|t| format!("hf cache {}: {t}", cache.host_path))?;
+        .map_err(|t| DriverError::CacheUnavailable { path: cache.host_path.clone(), reason: t.to_string() })?;
     Ok(ModelCheck {
         repo: model.to_string(),
         revision: revision.to_string(),

@@ -1,6 +1,7 @@
 use super::*;
-use crate::cty::{encode, Value};
-use crate::schema::default_value;
+use crate::config::*;
+use crate::nomad::cty::{encode, Value};
+use crate::nomad::hclspec::default_value;
 
 fn plugin_bytes(overrides: &[(&str, Value)]) -> Vec<u8> {
     let Value::Map(mut m) = default_value(PLUGIN_SCHEMA, false) else { unreachable!() };
@@ -14,12 +15,12 @@ fn plugin_bytes(overrides: &[(&str, Value)]) -> Vec<u8> {
 fn schema_defaults_equal_rust_defaults() {
     for fill in [false, true] {
         let bytes = encode(&default_value(PLUGIN_SCHEMA, fill));
-        assert_eq!(decode_plugin_config(&bytes).unwrap(), PluginConfig::default(), "fill_blocks={fill}");
+        assert_eq!(plugin_config(&bytes).unwrap(), PluginConfig::default(), "fill_blocks={fill}");
     }
     let Value::Map(mut task) = default_value(TASK_SCHEMA, true) else { unreachable!() };
     task.insert("engine".into(), Value::str("custom"));
     task.insert("image".into(), Value::str("busybox"));
-    let t = decode_task_config(&encode(&Value::Map(task))).unwrap();
+    let t = task_config(&encode(&Value::Map(task))).unwrap();
     assert_eq!(t.readiness, Readiness::default());
     assert_eq!(t.revision, "main");
     assert!(t.offline);
@@ -28,7 +29,7 @@ fn schema_defaults_equal_rust_defaults() {
 
 #[test]
 fn empty_plugin_config_is_all_defaults() {
-    assert_eq!(decode_plugin_config(&[]).unwrap(), PluginConfig::default());
+    assert_eq!(plugin_config(&[]).unwrap(), PluginConfig::default());
 }
 
 #[test]
@@ -60,13 +61,13 @@ fn bad_plugin_inputs_name_the_field() {
         ),
     ];
     for (bytes, field) in cases {
-        let err = decode_plugin_config(&bytes).unwrap_err();
+        let err = plugin_config(&bytes).unwrap_err();
         assert_eq!(err.field(), Some(field), "{err}");
     }
     let unknown = [0x81, 0xa8, b'e', b'n', b'd', b'p', b'o', b'i', b'n', b't', 0xd4, 0, 0];
-    let err = decode_plugin_config(&unknown).unwrap_err();
+    let err = plugin_config(&unknown).unwrap_err();
     assert!(err.to_string().contains("endpoint") && err.to_string().contains("unknown"), "{err}");
-    assert!(matches!(decode_plugin_config(&[0xc1, 0x00]), Err(ConfigError::Encoding(_))));
+    assert!(matches!(plugin_config(&[0xc1, 0x00]), Err(ConfigError::Encoding { .. })));
 }
 
 #[test]
@@ -80,7 +81,7 @@ fn task(pairs: &[(&str, Value)]) -> Result<TaskConfig, ConfigError> {
     for (k, v) in pairs {
         m.insert((*k).to_string(), v.clone());
     }
-    decode_task_config(&encode(&Value::Map(m)))
+    task_config(&encode(&Value::Map(m)))
 }
 
 #[test]
@@ -110,7 +111,7 @@ fn task_config_checks() {
         field(&[("engine", Value::str("ollama")), ("load_strategy", Value::str("lazy"))]).as_deref(),
         Some("load_strategy")
     );
-    assert_eq!(decode_task_config(&[]).unwrap_err().field(), Some("engine"));
+    assert_eq!(task_config(&[]).unwrap_err().field(), Some("engine"));
 }
 
 #[test]
@@ -122,7 +123,7 @@ fn revisions_that_would_escape_refs_are_refused() {
         [("main", true), ("refs/pr/3", true), ("refs/../../../../etc/x", false), ("a/b", false), ("..", false)]
     {
         task.insert("revision".into(), Value::str(rev));
-        let r = decode_task_config(&encode(&Value::Map(task.clone())));
+        let r = task_config(&encode(&Value::Map(task.clone())));
         assert_eq!(r.is_ok(), ok, "{rev}: {r:?}");
         if let Err(e) = r {
             assert_eq!(e.field(), Some("revision"), "{e}");

@@ -13,7 +13,7 @@ use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::Nvml;
 
-use crate::driver::AttrValue;
+use crate::types::AttrValue;
 
 /// Longest an NVML probe may take before the fingerprint gives up waiting.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -66,14 +66,41 @@ pub struct ProcessGpu {
     pub used_bytes: u64,
 }
 
+/// What went wrong asking NVML.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error("NVML unavailable ({library}): {source}")]
+    Unavailable {
+        library: String,
+        #[source]
+        source: nvml_wrapper::error::NvmlError,
+    },
+    #[error("NVML {call}: {source}")]
+    Nvml {
+        call: &'static str,
+        #[source]
+        source: nvml_wrapper::error::NvmlError,
+    },
+    #[error("NVML did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("an NVML call is still hung from an earlier probe")]
+    Hung,
+    #[error("the NVML probe failed: {0}")]
+    Probe(String),
+}
+
+fn nvml(call: &'static str) -> impl FnOnce(nvml_wrapper::error::NvmlError) -> GpuError {
+    move |source| GpuError::Nvml { call, source }
+}
+
 /// NVML behind a trait, so the monitor is testable and the real library optional.
 pub trait GpuProbe: Send + Sync + 'static {
     /// All GPUs; an error when NVML itself fails.
-    fn snapshot(&self) -> Result<GpuSnapshot, String>;
+    fn snapshot(&self) -> Result<GpuSnapshot, GpuError>;
     /// The next fatal event within `timeout_ms`, if any.
-    fn next_event(&self, timeout_ms: u32) -> Result<Option<GpuEvent>, String>;
+    fn next_event(&self, timeout_ms: u32) -> Result<Option<GpuEvent>, GpuError>;
     /// Processes on a GPU and the GPU's utilisation percent.
-    fn usage(&self, uuid: &str) -> Result<(Vec<ProcessGpu>, u32), String>;
+    fn usage(&self, uuid: &str) -> Result<(Vec<ProcessGpu>, u32), GpuError>;
 }
 
 /// The real probe over nvml-wrapper.
@@ -81,14 +108,20 @@ pub struct NvmlProbe {
     nvml: Nvml,
 }
 
+impl std::fmt::Debug for NvmlProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NvmlProbe").finish_non_exhaustive()
+    }
+}
+
 impl NvmlProbe {
     /// Loads NVML from `library` (a path or a name the dynamic loader resolves).
-    pub fn load(library: &str) -> Result<Self, String> {
+    pub fn load(library: &str) -> Result<Self, GpuError> {
         Nvml::builder()
             .lib_path(std::ffi::OsStr::new(library))
             .init()
             .map(|nvml| NvmlProbe { nvml })
-            .map_err(|e| format!("NVML unavailable ({library}): {e}"))
+            .map_err(|source| GpuError::Unavailable { library: library.into(), source })
     }
 
     fn gpu(&self, index: u32) -> GpuInfo {
@@ -127,8 +160,8 @@ impl NvmlProbe {
 }
 
 impl GpuProbe for NvmlProbe {
-    fn snapshot(&self) -> Result<GpuSnapshot, String> {
-        let count = self.nvml.device_count().map_err(|e| format!("NVML device count: {e}"))?;
+    fn snapshot(&self) -> Result<GpuSnapshot, GpuError> {
+        let count = self.nvml.device_count().map_err(nvml("device count"))?;
         let cuda = self.nvml.sys_cuda_driver_version().unwrap_or(0);
         Ok(GpuSnapshot {
             driver_version: self.nvml.sys_driver_version().unwrap_or_default(),
@@ -137,9 +170,9 @@ impl GpuProbe for NvmlProbe {
         })
     }
 
-    fn next_event(&self, timeout_ms: u32) -> Result<Option<GpuEvent>, String> {
-        let mut set = self.nvml.create_event_set().map_err(|e| e.to_string())?;
-        let count = self.nvml.device_count().map_err(|e| e.to_string())?;
+    fn next_event(&self, timeout_ms: u32) -> Result<Option<GpuEvent>, GpuError> {
+        let mut set = self.nvml.create_event_set().map_err(nvml("event set"))?;
+        let count = self.nvml.device_count().map_err(nvml("device count"))?;
         let types = EventTypes::CRITICAL_XID_ERROR | EventTypes::DOUBLE_BIT_ECC_ERROR;
         for i in 0..count {
             let Ok(d) = self.nvml.device_by_index(i) else { continue };
@@ -150,7 +183,7 @@ impl GpuProbe for NvmlProbe {
             }
             set = match d.register_events(types, set) {
                 Ok(s) => s,
-                Err(e) => return Err(e.error.to_string()),
+                Err(e) => return Err(GpuError::Nvml { call: "register events", source: e.error }),
             };
         }
         match set.wait(timeout_ms) {
@@ -169,15 +202,15 @@ impl GpuProbe for NvmlProbe {
                 Ok(Some(GpuEvent { uuid, index, what }))
             }
             Err(nvml_wrapper::error::NvmlError::Timeout) => Ok(None),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(GpuError::Nvml { call: "wait for events", source: e }),
         }
     }
 
-    fn usage(&self, uuid: &str) -> Result<(Vec<ProcessGpu>, u32), String> {
-        let d = self.nvml.device_by_uuid(uuid).map_err(|e| e.to_string())?;
+    fn usage(&self, uuid: &str) -> Result<(Vec<ProcessGpu>, u32), GpuError> {
+        let d = self.nvml.device_by_uuid(uuid).map_err(nvml("device by uuid"))?;
         let procs = d
             .running_compute_processes()
-            .map_err(|e| e.to_string())?
+            .map_err(nvml("running compute processes"))?
             .into_iter()
             .map(|p| ProcessGpu {
                 pid: p.pid,
@@ -202,6 +235,12 @@ pub struct GpuMonitor {
     fatal: Mutex<BTreeMap<String, String>>,
 }
 
+impl std::fmt::Debug for GpuMonitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuMonitor").finish_non_exhaustive()
+    }
+}
+
 /// What the fingerprint learns about GPUs.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct GpuStatus {
@@ -214,14 +253,14 @@ pub struct GpuStatus {
 
 impl GpuMonitor {
     /// A monitor around `probe` (or the error that prevented loading NVML).
-    pub fn new(probe: Result<Arc<dyn GpuProbe>, String>) -> Arc<Self> {
+    pub fn new(probe: Result<Arc<dyn GpuProbe>, GpuError>) -> Arc<Self> {
         let (p, e) = match probe {
             Ok(p) => (Some(p), None),
             Err(e) => (None, Some(e)),
         };
         Arc::new(GpuMonitor {
             probe: Mutex::new(p),
-            load_error: Mutex::new(e),
+            load_error: Mutex::new(e.map(|e| e.to_string())),
             in_flight: Arc::new(AtomicBool::new(false)),
             last: Mutex::new(None),
             fatal: Mutex::new(BTreeMap::new()),
@@ -255,7 +294,7 @@ impl GpuMonitor {
             return st;
         };
         let snap = if self.in_flight.swap(true, Ordering::SeqCst) {
-            Err("an NVML call is still hung from an earlier probe".to_string())
+            Err(GpuError::Hung)
         } else {
             let flag = self.in_flight.clone();
             let call = tokio::task::spawn_blocking(move || {
@@ -265,8 +304,8 @@ impl GpuMonitor {
             });
             match tokio::time::timeout(PROBE_TIMEOUT, call).await {
                 Ok(Ok(r)) => r,
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!("NVML did not answer within {PROBE_TIMEOUT:?}")),
+                Ok(Err(e)) => Err(GpuError::Probe(e.to_string())),
+                Err(_) => Err(GpuError::Timeout(PROBE_TIMEOUT)),
             }
         };
         let snap = match snap {
@@ -284,7 +323,7 @@ impl GpuMonitor {
                 s
             }
             Err(e) => {
-                st.notes.push(e);
+                st.notes.push(e.to_string());
                 match self.last.lock().unwrap_or_else(|p| p.into_inner()).clone() {
                     Some(s) => s,
                     None => {

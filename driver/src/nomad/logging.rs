@@ -32,6 +32,12 @@ pub struct HclogLayer {
     sink: Sink,
 }
 
+impl std::fmt::Debug for HclogLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HclogLayer").finish_non_exhaustive()
+    }
+}
+
 impl HclogLayer {
     /// A layer writing to `sink`.
     pub fn new(sink: Sink) -> Self {

@@ -22,19 +22,21 @@ use aimodel_proto::goplugin::{
 };
 
 use crate::config::{PLUGIN_SCHEMA, TASK_SCHEMA};
-use crate::convert::{attribute_to_proto, duration, event_to_proto, exit_to_proto, stats_to_proto, task_from_proto};
-use crate::driver::{Driver, Fingerprint, Health, PLUGIN_API_VERSION, PLUGIN_NAME, PLUGIN_VERSION};
-use crate::schema::to_spec;
-use crate::task::DRIVER_STATE_VERSION;
+use crate::driver::error::DriverError;
+use crate::driver::{Driver, PLUGIN_API_VERSION, PLUGIN_NAME, PLUGIN_VERSION};
+use crate::nomad::convert::{
+    attribute_to_proto, duration, event_to_proto, exit_to_proto, stats_to_proto, task_from_proto,
+};
+use crate::nomad::hclspec::to_spec;
+use crate::types::DRIVER_STATE_VERSION;
+use crate::types::{Fingerprint, Health};
 
 /// Delay between answering GRPCController.Shutdown and stopping, so the reply
 /// is flushed before the connection goes away.
 const SHUTDOWN_REPLY_GRACE: Duration = Duration::from_millis(50);
-/// How often the fingerprint is recomputed to notice changes between periods.
-const RECHECK: Duration = Duration::from_secs(5);
 
 /// Serves BasePlugin, Driver and go-plugin's services over one driver core.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Service {
     driver: Driver,
 }
@@ -69,7 +71,10 @@ impl BasePlugin for Service {
                 req.plugin_api_version
             )));
         }
-        self.driver.set_config(&req.msgpack_config, req.nomad_config.is_some()).map_err(|e| {
+        let applied = crate::nomad::decode::plugin_config(&req.msgpack_config)
+            .map_err(DriverError::PluginConfig)
+            .and_then(|cfg| self.driver.set_config(cfg, req.nomad_config.is_some()));
+        applied.map_err(|e| {
             tracing::error!(error = %e, "rejected plugin configuration");
             Status::from(e)
         })?;
@@ -114,10 +119,8 @@ impl driver_server::Driver for Service {
         &self,
         _: Request<pb::FingerprintRequest>,
     ) -> Result<Response<BoxStream<pb::FingerprintResponse>>, Status> {
-        let driver = self.driver.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::spawn(run_fingerprint(driver, tx));
-        Ok(Response::new(ReceiverStream::new(rx).boxed()))
+        let stream = ReceiverStream::new(self.driver.fingerprints()).map(|fp| Ok(fingerprint_to_proto(fp)));
+        Ok(Response::new(stream.boxed()))
     }
 
     async fn task_events(
@@ -153,7 +156,12 @@ impl driver_server::Driver for Service {
     async fn start_task(&self, req: Request<pb::StartTaskRequest>) -> Result<Response<pb::StartTaskResponse>, Status> {
         let config = req.into_inner().task.ok_or_else(|| Status::invalid_argument("StartTask without a task"))?;
         let task = task_from_proto(&config);
-        let started = self.driver.start_task(task).await.map_err(|e| {
+        let started = match crate::nomad::decode::task_config(&config.msgpack_driver_config) {
+            Ok(cfg) => self.driver.start_task(task, cfg).await,
+            Err(e) => Err(DriverError::TaskConfig(e)),
+        };
+        let started = started.and_then(|s| Ok((s.state.encode().map_err(DriverError::BadHandle)?, s)));
+        let (driver_state, _started) = started.map_err(|e| {
             tracing::warn!(task_id = %config.id, error = %e, "start failed");
             Status::from(e)
         })?;
@@ -165,7 +173,7 @@ impl driver_server::Driver for Service {
                 version: DRIVER_STATE_VERSION,
                 config: Some(config),
                 state: pb::TaskState::Running as i32,
-                driver_state: started.state.encode(),
+                driver_state,
             }),
             // No driver address (the server is reached through Nomad's own port
             // mapping), so no network override: Nomad would otherwise rewrite the
@@ -220,7 +228,7 @@ impl driver_server::Driver for Service {
         let mut attributes: std::collections::HashMap<String, String> = Default::default();
         attributes.insert("container_id".into(), e.state.container_id.clone());
         attributes.insert("image".into(), e.state.image.clone());
-        attributes.insert("engine".into(), e.state.engine.clone());
+        attributes.insert("engine".into(), e.state.engine.as_str().to_string());
         Ok(Response::new(pb::InspectTaskResponse {
             task: Some(pb::TaskStatus {
                 id: e.task.id.clone(),
@@ -242,35 +250,11 @@ impl driver_server::Driver for Service {
     ) -> Result<Response<BoxStream<pb::TaskStatsResponse>>, Status> {
         let r = req.into_inner();
         let interval = duration(r.collection_interval.as_ref()).max(Duration::from_millis(100));
-        let first = self.driver.task_usage(&r.task_id, None).await?;
-        let driver = self.driver.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel(2);
-        tokio::spawn(async move {
-            let stop = driver.shutdown_token();
-            let mut prev = first;
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tx.closed() => return,
-                    _ = tokio::time::sleep(interval) => {}
-                }
-                match driver.task_usage(&r.task_id, Some(&prev)).await {
-                    Ok(u) => {
-                        let msg = pb::TaskStatsResponse { stats: Some(stats_to_proto(&r.task_id, &u)) };
-                        if tx.send(Ok(msg)).await.is_err() {
-                            return;
-                        }
-                        prev = u;
-                    }
-                    Err(e) => {
-                        // The stream ends; Nomad re-calls after an interval.
-                        tracing::debug!(task_id = %r.task_id, error = %e, "stats stream ends");
-                        return;
-                    }
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx).boxed()))
+        let samples = self.driver.stats_stream(&r.task_id, interval).await?;
+        let id = r.task_id;
+        let stream = ReceiverStream::new(samples)
+            .map(move |u| Ok(pb::TaskStatsResponse { stats: Some(stats_to_proto(&id, &u)) }));
+        Ok(Response::new(stream.boxed()))
     }
 
     async fn signal_task(
@@ -296,7 +280,7 @@ impl driver_server::Driver for Service {
         &self,
         req: Request<tonic::Streaming<pb::ExecTaskStreamingRequest>>,
     ) -> Result<Response<BoxStream<pb::ExecTaskStreamingResponse>>, Status> {
-        let stream = crate::exec_stream::run(self.driver.clone(), req.into_inner()).await?;
+        let stream = crate::nomad::exec_stream::run(self.driver.clone(), req.into_inner()).await?;
         Ok(Response::new(stream))
     }
 
@@ -305,49 +289,6 @@ impl driver_server::Driver for Service {
         // Tasks must keep running, so there is nothing to tear down here.
         tracing::info!("nomad client is shutting down");
         Ok(Response::new(pb::ShutdownResponse {}))
-    }
-}
-
-/// Sends the first fingerprint at once, then one every `fingerprint_period`
-/// (re-read on every round, so SetConfig takes effect), and in between as soon
-/// as anything changed (checked every [`RECHECK`]), until shutdown.
-async fn run_fingerprint(driver: Driver, tx: tokio::sync::mpsc::Sender<Result<pb::FingerprintResponse, Status>>) {
-    let stop = driver.shutdown_token();
-    let mut config = driver.watch_config();
-    let mut first = true;
-    let mut last: Option<Fingerprint> = None;
-    let mut last_sent = tokio::time::Instant::now();
-    // Nomad merges driver attributes into the node and deletes a key only when
-    // it is sent as "" (`client/node_updater.go` `applyNodeUpdatesFromDriver`):
-    // a key that went away (an evicted warm model) is sent once as "".
-    let mut sent_keys: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
-    loop {
-        let fp = tokio::select! {
-            _ = stop.cancelled() => return,
-            fp = driver.fingerprint(first) => fp,
-        };
-        first = false;
-        let period = config.borrow_and_update().fingerprint_period.0;
-        if last.as_ref() != Some(&fp) || last_sent.elapsed() >= period {
-            let mut out = fp.clone();
-            for gone in sent_keys.iter().filter(|k| !fp.attributes.contains_key(*k)) {
-                out.attributes.insert(gone.clone(), crate::driver::AttrValue::Str(String::new()));
-            }
-            if tx.send(Ok(fingerprint_to_proto(out))).await.is_err() {
-                return;
-            }
-            sent_keys = fp.attributes.keys().cloned().collect();
-            last = Some(fp);
-            last_sent = tokio::time::Instant::now();
-        }
-        let wait = period.min(RECHECK);
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tx.closed() => return,
-            _ = tokio::time::sleep(wait) => {}
-            // A new configuration may change the period or the engine: re-probe.
-            _ = config.changed() => {}
-        }
     }
 }
 

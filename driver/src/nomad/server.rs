@@ -21,7 +21,7 @@ use aimodel_proto::goplugin::{
 };
 
 use crate::driver::Driver;
-use crate::grpc::Service;
+use crate::nomad::service::Service;
 
 /// Nomad's handshake cookie (`plugins/base/plugin.go` `Handshake`).
 pub const MAGIC_COOKIE_KEY: &str = "NOMAD_PLUGIN_MAGIC_COOKIE";

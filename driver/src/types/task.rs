@@ -1,5 +1,5 @@
 //! What Nomad tells us about a task (`NomadTask`, converted from the proto
-//! TaskConfig in `grpc`) and what we keep to recover it (`DriverState`).
+//! TaskConfig by the adapter) and what we keep to recover it (`DriverState`).
 
 use std::collections::BTreeMap;
 
@@ -81,7 +81,6 @@ pub struct NomadTask {
     pub dns_servers: Vec<String>,
     pub dns_searches: Vec<String>,
     pub dns_options: Vec<String>,
-    pub driver_config: Vec<u8>,
 }
 
 impl NomadTask {
@@ -106,7 +105,7 @@ pub struct DriverState {
     pub container_id: String,
     pub container_name: String,
     pub image: String,
-    pub engine: String,
+    pub engine: crate::engines::Engine,
     pub model: Option<String>,
     pub revision: Option<String>,
     /// Unix nanoseconds of the start.
@@ -123,15 +122,24 @@ pub struct DriverState {
     pub task_name: String,
 }
 
+/// A [`DriverState`] that cannot be written or read back.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot encode the driver state: {0}")]
+    Encode(#[source] rmp_serde::encode::Error),
+    #[error("driver_state is not ours or is damaged: {0}")]
+    Decode(#[source] rmp_serde::decode::Error),
+}
+
 impl DriverState {
     /// msgpack (map form), as Go drivers store theirs.
-    pub fn encode(&self) -> Vec<u8> {
-        rmp_serde::to_vec_named(self).unwrap_or_default()
+    pub fn encode(&self) -> Result<Vec<u8>, StateError> {
+        rmp_serde::to_vec_named(self).map_err(StateError::Encode)
     }
 
     /// Decodes what [`DriverState::encode`] wrote.
-    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        rmp_serde::from_slice(bytes).map_err(|e| format!("driver_state is not ours or is damaged: {e}"))
+    pub fn decode(bytes: &[u8]) -> Result<Self, StateError> {
+        rmp_serde::from_slice(bytes).map_err(StateError::Decode)
     }
 }
 
@@ -145,7 +153,7 @@ mod tests {
             container_id: "abc".into(),
             container_name: "t-1".into(),
             image: "img".into(),
-            engine: "vllm".into(),
+            engine: crate::engines::Engine::Vllm,
             model: Some("org/m".into()),
             revision: None,
             started_at_ns: 42,
@@ -159,7 +167,10 @@ mod tests {
             alloc_id: "alloc".into(),
             task_name: "t".into(),
         };
-        assert_eq!(DriverState::decode(&s.encode()).unwrap(), s);
+        let bytes = s.encode().unwrap();
+        assert_eq!(DriverState::decode(&bytes).unwrap(), s);
+        // The engine is stored by name, as when it was a string: old handles recover.
+        assert!(bytes.windows(5).any(|w| w == b"\xa4vllm"), "engine not stored as its name");
         assert!(DriverState::decode(b"\xc1garbage").is_err());
     }
 }
