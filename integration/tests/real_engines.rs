@@ -7,9 +7,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use aimodel_driver::config::{decode_task_config, TASK_SCHEMA};
-use aimodel_driver::engine::LABEL_ALLOC_ID;
-use aimodel_driver::schema::to_spec;
+use aimodel_driver::config::TASK_SCHEMA;
+use aimodel_driver::nomad::decode::task_config as decode_task_config;
+use aimodel_driver::nomad::hclspec::to_spec;
+use aimodel_driver::plan::LABEL_ALLOC_ID;
 use aimodel_integration::engines::{
     engine_image, prewarm_tiny_model, run_llama_server, time_docker_run_to_first_token, write_tiny_gguf, Container,
     EngineImage, CONTAINER_HF_HOME, TINY_GGUF_FILES,
