@@ -20,6 +20,14 @@ variable "workers" {
   default = 2
 }
 
+# The router's policy (sglang-router: cache_aware, round_robin, random,
+# power_of_two). cache_aware keeps requests that share a prefix on one worker's
+# prefix cache, so a handful of similar requests all reach the same worker.
+variable "router_policy" {
+  type    = string
+  default = "cache_aware"
+}
+
 locals {
   # Runs the router with each worker URL of local/workers.txt as its own argument
   # (`sh -c SCRIPT NAME ARGS...`: the driver's --host/--port arrive as "$@"; the
@@ -154,6 +162,7 @@ job "sglang" {
         engine = "sglang-router"
         port   = "http"
         entrypoint = ["/bin/sh", "-c", local.router_script, "sglang-router"]
+        args       = ["--policy", var.router_policy]
       }
 
       resources {

@@ -6,12 +6,14 @@
 pub mod cli;
 pub mod delayproxy;
 pub mod docs;
+pub mod engines;
 pub mod faulthub;
 pub mod hcl_eval;
 pub mod hostilehub;
 pub mod jobrun;
 pub mod nomadapi;
 pub mod olah;
+pub mod openai;
 pub mod plugin;
 pub mod sequence;
 pub mod statichub;

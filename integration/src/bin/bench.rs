@@ -488,6 +488,9 @@ fn main() -> Result<()> {
             args.get(1).and_then(|n| n.parse().ok()).unwrap_or(20),
             args.get(2).and_then(|n| n.parse().ok()).unwrap_or(20),
         )),
+        Some("engine-first-token") => {
+            rt.block_on(engine_first_token(args.get(1).and_then(|n| n.parse().ok()).unwrap_or(5)))
+        }
         Some("gpu-inner") => gpu_inner(args.get(1).map_or("", String::as_str)),
         Some("cache") => cache(args.get(1).map_or("target/pyenv/bin/python", String::as_str)),
         Some("prewarm") => rt.block_on(prewarm_bench(
@@ -517,8 +520,34 @@ fn main() -> Result<()> {
                 std::env::var_os("AIMODEL_IN_NETNS").is_some(),
             ))
         }
-        _ => bail!("usage: bench startup [RUNS] | bench lifecycle [RUNS] [TASKS] | bench stats [TASKS] [SECONDS] | bench attributes [SECONDS] | bench cache [PYTHON] | bench gpu | bench prewarm [PYTHON] [ROUNDS] | bench prewarm-netem [PYTHON] [ROUNDS]"),
+        _ => bail!("usage: bench startup [RUNS] | bench lifecycle [RUNS] [TASKS] | bench stats [TASKS] [SECONDS] | bench attributes [SECONDS] | bench cache [PYTHON] | bench gpu | bench prewarm [PYTHON] [ROUNDS] | bench prewarm-netem [PYTHON] [ROUNDS] | bench engine-first-token [RUNS]"),
     }
+}
+
+/// `docker run` of the llama-server image on the tiny GGUF model (prewarmed by
+/// the agent into an HF cache) to its first streamed completion token: the
+/// by-hand half of the comparison with StartTask through the driver.
+async fn engine_first_token(runs: usize) -> Result<()> {
+    use aimodel_integration::engines::{
+        engine_image, prewarm_tiny_model, time_docker_run_to_first_token, EngineImage, TINY_GGUF_FILES,
+    };
+    let image = engine_image(EngineImage::LlamaServer)?;
+    let hf_home = tempfile::tempdir()?;
+    let model = prewarm_tiny_model(hf_home.path()).await?;
+    let file = model.snapshot_file(TINY_GGUF_FILES[0].0);
+    // One run first, not counted: the image's layers and the model's pages are warm afterwards.
+    time_docker_run_to_first_token(&image, hf_home.path(), &file).await?;
+    let (mut run, mut healthy, mut token) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let t = time_docker_run_to_first_token(&image, hf_home.path(), &file).await?;
+        run.push(t.docker_run.as_secs_f64() * 1000.0);
+        healthy.push(t.healthy.as_secs_f64() * 1000.0);
+        token.push(t.first_token.as_secs_f64() * 1000.0);
+    }
+    println!("| `docker run -d` of {image} returned (median of {runs}) | {:.0} ms |", median(run));
+    println!("| … `/health` answers 200 (median of {runs}) | {:.0} ms |", median(healthy));
+    println!("| … first streamed token of a chat completion (median of {runs}) | {:.0} ms |", median(token));
+    Ok(())
 }
 
 /// Times `cmd` until its exit, plus `sync` (the data is on disk).

@@ -8,6 +8,12 @@
 //! - `STANDIN_EXIT=C`: exit code after counting (default 0).
 //! - `STANDIN_ALLOC_MB=N`: allocate and touch N MiB, then sleep.
 //! - `STANDIN_MODEL_DIR`: directory whose files are listed in answers (the HF snapshot).
+//!
+//! As an SGLang worker behind SGLang's router (sglang-router 0.3.2, observed):
+//! the router adds a worker after `GET /health` answers 200, then reads
+//! `GET /server_info` and `GET /model_info` (falling back to `/get_server_info`
+//! and `/get_model_info` on 404; both optional) for the model id it serves
+//! under, and forwards `POST /v1/chat/completions` (and `/generate`) as sent.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -112,7 +118,9 @@ fn handle(mut conn: TcpStream, ready: bool, model: &str) {
         "/v1/models" => {
             ("200 OK", format!("{{\"object\":\"list\",\"data\":[{{\"id\":\"{model}\",\"object\":\"model\"}}]}}"))
         }
-        "/v1/chat/completions" | "/v1/completions" => ("200 OK", completion(model, &body)),
+        "/v1/chat/completions" | "/v1/completions" | "/generate" => ("200 OK", completion(model, &body)),
+        "/server_info" | "/get_server_info" => ("200 OK", server_info(model)),
+        "/model_info" | "/get_model_info" => ("200 OK", model_info(model)),
         _ => ("404 Not Found", "{\"error\":\"not found\"}".to_string()),
     };
     let resp = format!(
@@ -120,6 +128,18 @@ fn handle(mut conn: TcpStream, ready: bool, model: &str) {
         text.len()
     );
     let _ = conn.write_all(resp.as_bytes());
+}
+
+/// What SGLang's `/server_info` reports of its launch arguments (those the router reads).
+fn server_info(model: &str) -> String {
+    format!(
+        "{{\"model_path\":\"{model}\",\"tokenizer_path\":\"{model}\",\"served_model_name\":\"{model}\",\"tp_size\":1,\"dp_size\":1,\"version\":\"standin\"}}"
+    )
+}
+
+/// SGLang's `/model_info`.
+fn model_info(model: &str) -> String {
+    format!("{{\"model_path\":\"{model}\",\"tokenizer_path\":\"{model}\",\"is_generation\":true}}")
 }
 
 /// The model's snapshot directory: `STANDIN_MODEL_DIR`, or resolved offline the
