@@ -15,6 +15,7 @@ pub mod nomadapi;
 pub mod olah;
 pub mod openai;
 pub mod plugin;
+pub mod pluginhcl;
 pub mod sequence;
 pub mod statichub;
 pub mod support;

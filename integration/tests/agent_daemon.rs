@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use aimodel_integration::faulthub::{FaultHub, COMMIT};
 use aimodel_integration::nomadapi::NomadApi;
+use aimodel_integration::pluginhcl::PluginHcl;
 use aimodel_integration::sequence;
 use aimodel_integration::support::{binary, http_body, DRIVER_BIN};
 use aimodel_integration::task::free_port;
@@ -128,10 +129,7 @@ gc {{
     assert_eq!(model(&st, "org/pinned").unwrap()["bytes_done"], content.len() as u64);
 
     // The driver (the real plugin, through the Nomad-client simulator) reads the warm record.
-    let client_hcl = format!(
-        "plugin \"nomad-driver-aimodel\" {{\n  config {{\n    hf_cache {{\n      host_path = \"{}\"\n      min_free = \"1MB\"\n    }}\n    gpu {{ enabled = false }}\n  }}\n}}\n",
-        home.path().display()
-    );
+    let client_hcl = PluginHcl::new(home.path()).hf_cache("min_free = \"1MB\"").render();
     let tmp = tempfile::tempdir().unwrap();
     let report =
         sequence::start(&binary(DRIVER_BIN).unwrap(), &client_hcl, &[("TMPDIR", tmp.path().to_str().unwrap())])

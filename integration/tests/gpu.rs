@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use aimodel_driver::plan::LABEL_ALLOC_ID;
+use aimodel_integration::pluginhcl::PluginHcl;
 use aimodel_integration::sequence::{self, LiveDriver};
 use aimodel_integration::support::{
     binary, fake_nvml, remove_containers_with_label, require_docker, standin_image, DRIVER_BIN, STANDIN_IMAGE,
@@ -48,11 +49,8 @@ impl GpuSim {
         let cfg = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(cfg.path(), config.to_string()).unwrap();
         let (tmp, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let hcl = format!(
-            "plugin \"nomad-driver-aimodel\" {{\n  config {{\n    fingerprint_period = \"300ms\"\n    hf_cache {{ host_path = \"{}\" }}\n    gpu {{\n      nvml_library = \"{}\"\n      {extra}\n    }}\n  }}\n}}\n",
-            cache.path().display(),
-            lib.display()
-        );
+        let nvml = format!("nvml_library = \"{}\"", lib.display());
+        let hcl = PluginHcl::new(cache.path()).with("fingerprint_period = \"300ms\"").gpu(&[&nvml, extra]).render();
         let env = [("TMPDIR", tmp.path().to_str().unwrap()), ("FAKE_NVML_CONFIG", cfg.path().to_str().unwrap())];
         let live = sequence::start(&binary(DRIVER_BIN).unwrap(), &hcl, &env).await.unwrap().live;
         GpuSim { live, cfg, _tmp: tmp, _cache: cache }

@@ -13,6 +13,7 @@ use aimodel_driver::nomad::hclspec::to_spec;
 use aimodel_driver::plan::LABEL_ALLOC_ID;
 use aimodel_integration::hcl_eval::plugin_stanza;
 use aimodel_integration::jobrun::{aimodel_tasks, eval_context, seed_tiny_model};
+use aimodel_integration::pluginhcl::PluginHcl;
 use aimodel_integration::sequence::{self, encode_config};
 use aimodel_integration::support::{
     binary, http_body, remove_containers_with_label, require_docker, standin_image, DRIVER_BIN, STANDIN_IMAGE,
@@ -145,10 +146,7 @@ async fn every_stack_runs_through_the_simulator() {
     }
     standin_image().unwrap();
     let (tmp, data, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let hcl = format!(
-        "plugin \"nomad-driver-aimodel\" {{\n  config {{\n    allow_host_network = true\n    hf_cache {{ host_path = \"{}\" }}\n    gpu {{ enabled = false }}\n  }}\n}}\n",
-        cache.path().display()
-    );
+    let hcl = PluginHcl::new(cache.path()).with("allow_host_network = true").render();
     let live = sequence::start(&binary(DRIVER_BIN).unwrap(), &hcl, &[("TMPDIR", tmp.path().to_str().unwrap())])
         .await
         .unwrap()

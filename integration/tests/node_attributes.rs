@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use aimodel_integration::pluginhcl::PluginHcl;
 use aimodel_integration::sequence;
 use aimodel_integration::support::{binary, DRIVER_BIN};
 use aimodel_proto::structs::attribute::Value as A;
@@ -29,10 +30,8 @@ async fn an_evicted_warm_model_is_deleted_from_the_node_and_a_busy_cache_changes
             node: "n1".into(),
         })
         .unwrap();
-    let hcl = format!(
-        "plugin \"nomad-driver-aimodel\" {{\n  config {{\n    fingerprint_period = \"200ms\"\n    hf_cache {{\n      host_path = \"{}\"\n      min_free = \"1MB\"\n    }}\n    gpu {{ enabled = false }}\n  }}\n}}\n",
-        home.path().display()
-    );
+    let hcl =
+        PluginHcl::new(home.path()).with("fingerprint_period = \"200ms\"").hf_cache("min_free = \"1MB\"").render();
     let live = sequence::start(&binary(DRIVER_BIN).unwrap(), &hcl, &[]).await.unwrap().live;
     live.fingerprint_where(Duration::from_secs(10), |f| f.attributes.contains_key(WARM)).await.unwrap();
     let (node, _) = live.node_view();

@@ -7,6 +7,7 @@ use aimodel_driver::config::PLUGIN_SCHEMA;
 use aimodel_driver::nomad::cty::{encode, Value};
 use aimodel_driver::nomad::hclspec::default_value;
 use aimodel_integration::plugin::{check_hclog_line, Launch, PluginProcess, COOKIE_KEY};
+use aimodel_integration::pluginhcl::PluginHcl;
 use aimodel_integration::sequence;
 use aimodel_integration::support::{binary, require_docker, DRIVER_BIN};
 use aimodel_proto::base::{PluginInfoRequest, SetConfigRequest};
@@ -27,25 +28,9 @@ fn entries(dir: &tempfile::TempDir) -> Vec<String> {
 fn client_hcl(extra: &str) -> String {
     let cache = std::env::temp_dir().join("aimodel-protocol-test-cache");
     std::fs::create_dir_all(&cache).unwrap();
-    format!(
-        r#"
-plugin_dir = "/opt/nomad/plugins"
-plugin "nomad-driver-aimodel" {{
-  config {{
-    fingerprint_period = "300ms"
-    {extra}
-    hf_cache {{
-      host_path = "{}"
-      min_free  = "1MiB"
-    }}
-    gpu {{
-      enabled = false
-    }}
-  }}
-}}
-"#,
-        cache.display()
-    )
+    let plugin =
+        PluginHcl::new(&cache).with("fingerprint_period = \"300ms\"").with(extra).hf_cache("min_free = \"1MiB\"");
+    format!("plugin_dir = \"/opt/nomad/plugins\"\n{plugin}")
 }
 
 #[tokio::test]
@@ -323,10 +308,11 @@ async fn the_fingerprint_reports_the_cache_mount_and_its_health() {
                 ),
             )
             .unwrap();
-            let hcl = format!(
-                "plugin \"nomad-driver-aimodel\" {{\n  config {{\n    hf_cache {{\n      host_path = \"{}\"\n      require_nfs = true\n      min_free = \"1MiB\"\n    }}\n  }}\n}}\n",
-                cache.display()
-            );
+            let hcl = PluginHcl::new(&cache)
+                .hf_cache("require_nfs = true")
+                .hf_cache("min_free = \"1MiB\"")
+                .default_gpu()
+                .render();
             let env = [("TMPDIR", tmp.to_str().unwrap()), ("AIMODEL_MOUNTINFO", mountinfo.to_str().unwrap())];
             let live = sequence::start(&binary(DRIVER_BIN).unwrap(), &hcl, &env).await.unwrap().live;
             let fp = live.wait_fingerprints(1, Duration::from_secs(2)).await.unwrap()[0].msg.clone();

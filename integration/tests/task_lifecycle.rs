@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use aimodel_driver::plan::LABEL_ALLOC_ID;
+use aimodel_integration::pluginhcl::PluginHcl;
 use aimodel_integration::sequence::{self, LiveDriver};
 use aimodel_integration::support::{
     binary, containers_with_label, remove_containers_with_label, require_docker, standin_image, DRIVER_BIN,
@@ -37,10 +38,7 @@ impl Sim {
         standin_image().unwrap();
         let (data, cache, tmp) =
             (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let hcl = format!(
-            "plugin \"nomad-driver-aimodel\" {{\n  config {{\n    pull_activity_timeout = \"20s\"\n    {extra_config}\n    hf_cache {{ host_path = \"{}\" }}\n    gpu {{ enabled = false }}\n  }}\n}}\n",
-            cache.path().display()
-        );
+        let hcl = PluginHcl::new(cache.path()).with("pull_activity_timeout = \"20s\"").with(extra_config).render();
         let mut env = vec![("TMPDIR", tmp.path().to_str().unwrap()), ("AIMODEL_LOG", "debug")];
         env.extend_from_slice(extra_env);
         let report = sequence::start(&binary(DRIVER_BIN).unwrap(), &hcl, &env).await.unwrap();
@@ -547,10 +545,8 @@ async fn disabled_logs_need_no_fifo_and_no_relay() {
 #[tokio::test]
 async fn engine_down_is_a_recoverable_start_failure() {
     let (tmp, data, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let hcl = format!(
-        "plugin \"nomad-driver-aimodel\" {{\n  config {{\n    endpoint = \"unix:///nonexistent/docker.sock\"\n    hf_cache {{ host_path = \"{}\" }}\n  }}\n}}\n",
-        cache.path().display()
-    );
+    let hcl =
+        PluginHcl::new(cache.path()).with("endpoint = \"unix:///nonexistent/docker.sock\"").default_gpu().render();
     let env = [("TMPDIR", tmp.path().to_str().unwrap())];
     let live = sequence::start(&binary(DRIVER_BIN).unwrap(), &hcl, &env).await.unwrap().live;
     let b = TaskBuilder::new("nodocker", &custom(""));
