@@ -20,3 +20,4 @@ pub mod sequence;
 pub mod statichub;
 pub mod support;
 pub mod task;
+pub mod tasksim;
