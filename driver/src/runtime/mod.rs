@@ -80,7 +80,7 @@ pub enum GpuRequest {
     Cdi(Vec<String>),
 }
 
-/// Everything needed to create a container; built by the pure `engine::container_spec`.
+/// Everything needed to create a container; built by the pure `plan::plan`.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ContainerSpec {
     pub name: String,
