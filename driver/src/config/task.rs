@@ -19,6 +19,12 @@ pub const TASK_SCHEMA: &[Field] = &[
         "Model server: `vllm`, `sglang`, `sglang-router`, `ollama`, `tgi`, `ray` or `custom`.",
     ),
     attr("image", "string", None, "Container image; defaults to the plugin's `images` entry for the engine."),
+    attr(
+        "pull",
+        "string",
+        Some(r#""missing""#),
+        "`missing`: pull only when the image is not on the node (what the agent pulled ahead is used); `always`: pull on every start (keeps tags like `latest` current).",
+    ),
     attr("model", "string", None, "HuggingFace repo id (`org/name`); required for vllm, sglang and tgi."),
     attr(
         "revision",
@@ -93,6 +99,17 @@ const READINESS_SCHEMA: &[Field] = &[
     ),
 ];
 
+/// When StartTask pulls the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PullPolicy {
+    /// Only when it is not on the node.
+    #[default]
+    Missing,
+    /// On every start.
+    Always,
+}
+
 /// The GPUs a task asks for in its own config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GpuCount {
@@ -107,6 +124,8 @@ pub struct TaskConfig {
     pub engine: Engine,
     #[serde(default)]
     pub image: Option<String>,
+    #[serde(default)]
+    pub pull: PullPolicy,
     #[serde(default)]
     pub model: Option<String>,
     #[serde(default = "default_revision")]

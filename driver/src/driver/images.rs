@@ -4,7 +4,7 @@
 use std::sync::Mutex;
 use std::time::Instant;
 
-use crate::config::TaskConfig;
+use crate::config::{PullPolicy, TaskConfig};
 use crate::driver::error::DriverError;
 use crate::driver::Driver;
 use crate::plan::Plan;
@@ -65,7 +65,9 @@ impl Driver {
         rt: &dyn ContainerRuntime,
     ) -> Result<(), DriverError> {
         let image = &plan.spec.image;
-        if rt.image_present(image).await? {
+        let present = rt.image_present(image).await?;
+        if present && cfg.pull == PullPolicy::Missing {
+            self.event(task, format!("Image {image} is on this node: not pulled"), &[("image", image.clone())]);
             return Ok(());
         }
         let plugin = self.config();

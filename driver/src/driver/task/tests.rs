@@ -169,3 +169,25 @@ async fn unknown_tasks_are_not_found_and_bad_signals_are_refused() {
     assert!(matches!(err, DriverError::TaskExists { .. }), "{err:?}");
     d.destroy_task(&t.id, true).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_present_image_is_not_pulled_unless_the_task_says_always() {
+    let fake = FakeRuntime::default();
+    let d = driver_on(&fake);
+    let mut events = d.subscribe_events();
+    let t = task("present");
+    d.start_task(t.clone(), config(serde_json::json!({}))).await.unwrap();
+    assert!(!fake.calls().iter().any(|c| c.starts_with("pull ")), "{:?}", fake.calls());
+    let ev = events.recv().await.unwrap();
+    assert!(ev.message.contains("is on this node: not pulled"), "{}", ev.message);
+    d.destroy_task(&t.id, true).await.unwrap();
+
+    let t = task("always");
+    d.start_task(t.clone(), config(serde_json::json!({ "pull": "always" }))).await.unwrap();
+    assert!(fake.calls().iter().any(|c| c == "pull unit/server:1"), "{:?}", fake.calls());
+    d.destroy_task(&t.id, true).await.unwrap();
+    assert!(serde_json::from_value::<TaskConfig>(
+        serde_json::json!({ "engine": "custom", "image": "i", "pull": "sometimes" })
+    )
+    .is_err());
+}
