@@ -41,6 +41,8 @@ pub struct Policy {
     pub in_use_ttl: Duration,
     /// A blob lease modified within this is a download in progress.
     pub lease_fresh: Duration,
+    /// The Ollama store whose models are collected too (`ollama/<name>` keys).
+    pub ollama_store: Option<PathBuf>,
 }
 
 /// Why a model is kept whatever the watermark says.
@@ -169,6 +171,9 @@ pub fn inventory(hub: &Path, policy: &Policy) -> std::io::Result<Vec<Cached>> {
             newest_mtime(&[paths.root.join("refs"), paths.root.join("snapshots"), paths.root.clone()])
         });
         out.push(Cached { repo, bytes: blob_bytes(&paths), last_used, keep });
+    }
+    if let Some(store) = &policy.ollama_store {
+        out.extend(crate::ollama::inventory(&crate::ollama::Store::new(store), &state, policy));
     }
     out.sort_by(|a, b| a.last_used.cmp(&b.last_used).then_with(|| a.repo.cmp(&b.repo)));
     Ok(out)
@@ -456,9 +461,17 @@ pub fn run_with_lock(
         if !still.evict.contains(repo) {
             continue;
         }
-        if let Some(bytes) = evict(hub, repo, policy.in_use_ttl)? {
+        let evicted = match (&policy.ollama_store, crate::ollama::from_state_key(repo).is_some()) {
+            (Some(store), true) => crate::ollama::evict(&crate::ollama::Store::new(store), &state, repo, policy)?,
+            _ => evict(hub, repo, policy.in_use_ttl)?,
+        };
+        if let Some(bytes) = evicted {
             done.push((repo.clone(), bytes));
         }
+    }
+    if let Some(store) = &policy.ollama_store {
+        // Blobs left by an eviction that stopped, or while a pull was running.
+        crate::ollama::collect_blobs(&crate::ollama::Store::new(store), policy.lease_fresh)?;
     }
     Ok((p, done))
 }

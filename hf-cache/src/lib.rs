@@ -2,10 +2,12 @@
 //! layout, completeness of `repo@revision`, deep verification, mount checks
 //! and publishing. No network, no async, no Docker.
 
+mod blob;
 pub mod check;
 pub mod gc;
 pub mod layout;
 pub mod mount;
+pub mod ollama;
 pub mod publish;
 pub mod safefs;
 pub mod state;
