@@ -145,7 +145,12 @@ pub fn inventory(hub: &Path, policy: &Policy) -> std::io::Result<Vec<Cached>> {
     let in_use: Vec<_> = state.in_use(policy.in_use_ttl).into_iter().filter(|(_, _, live)| *live).collect();
     let shared_pins: Vec<String> = state.pins().into_iter().map(|p| p.repo).collect();
     let mut out = Vec::new();
-    for e in std::fs::read_dir(hub)?.flatten() {
+    let entries = match std::fs::read_dir(hub) {
+        // Only Ollama models on this cache so far.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && policy.ollama_store.is_some() => Vec::new(),
+        r => r?.flatten().collect(),
+    };
+    for e in entries {
         let Some(id) = RepoId::from_folder_name(&e.file_name().to_string_lossy()).filter(|i| i.kind == RepoType::Model)
         else {
             continue;
@@ -183,7 +188,11 @@ pub fn inventory(hub: &Path, policy: &Policy) -> std::io::Result<Vec<Cached>> {
 pub fn plan(hub: &Path, policy: &Policy) -> std::io::Result<Plan> {
     let models = inventory(hub, policy)?;
     let total: u64 = models.iter().map(|m| m.bytes).sum();
-    let free = crate::mount::space(hub).map(|(f, _)| f)?;
+    let free = match (crate::mount::space(hub), &policy.ollama_store) {
+        (Err(_), Some(store)) => crate::mount::space(store),
+        (r, _) => r,
+    }
+    .map(|(f, _)| f)?;
     let (mut size, mut free_after) = (total, free);
     let met = |size: u64, free: u64| {
         policy.max_size.is_none_or(|m| size <= m) && policy.target_free.is_none_or(|t| free >= t)

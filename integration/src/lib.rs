@@ -12,6 +12,7 @@ pub mod hostilehub;
 pub mod jobrun;
 pub mod nomadapi;
 pub mod olah;
+pub mod ollamareg;
 pub mod plugin;
 pub mod sequence;
 pub mod statichub;

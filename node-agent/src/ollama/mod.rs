@@ -146,6 +146,7 @@ async fn pull_inner(
     }
     write_manifest(&store, name, &bytes)?;
     pull_lease.finish();
+    remove_dead_pull_leases(&blobs_dir, o.fetch.stale_after * 3);
     Ok(PullSummary {
         manifest_digest: format!("sha256:{}", crate::fetch::hex(&<sha2::Sha256 as sha2::Digest>::digest(&bytes))),
         blobs: blobs.len(),
@@ -153,6 +154,25 @@ async fn pull_inner(
         downloaded: progress.downloaded.load(Ordering::SeqCst),
         elapsed: started.elapsed(),
     })
+}
+
+/// Removes the leases of pulls that died (killed, a node lost) — pull leases,
+/// and blob leases beside a published blob — not rewritten for `older_than`
+/// (three stale windows; live ones are rewritten every heartbeat, and a live
+/// holder that loses one finds its blob published). Dead leases only hold
+/// gc back while fresh, so this is tidying, not correctness.
+fn remove_dead_pull_leases(blobs_dir: &Path, older_than: Duration) {
+    let now = std::time::SystemTime::now();
+    for e in std::fs::read_dir(blobs_dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Ok(meta) = e.metadata() else { continue };
+        let age = meta.modified().ok().and_then(|m| now.duration_since(m).ok()).unwrap_or_default();
+        let Some(stem) = name.strip_suffix(".lease") else { continue };
+        let dead_holder = stem.starts_with("pull-") || blobs_dir.join(stem).is_file();
+        if dead_holder && meta.is_file() && age > older_than {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Writes the manifest last: `manifests/<host>/<ns>/<model>/` as real

@@ -26,7 +26,7 @@ const ERROR_BODY_CAP: usize = 64 << 10;
 pub enum RegistryError {
     #[error("ollama://{name}: model not found on {endpoint} ({code})")]
     ModelNotFound { name: String, endpoint: String, code: String },
-    #[error("ollama://{name}: tag {tag:?} not found on {endpoint} ({code})")]
+    #[error("ollama://{name}: not found on {endpoint}: no such model, or no tag {tag:?} ({code})")]
     TagNotFound { name: String, tag: String, endpoint: String, code: String },
     #[error("ollama://{name}: access denied by {endpoint} (HTTP {status}): the agent sends no registry credentials")]
     Denied { name: String, endpoint: String, status: u16 },
@@ -92,10 +92,10 @@ impl Registry {
                     401 | 403 => Err(RegistryError::Denied { name: short, endpoint, status }),
                     404 => {
                         let code = error_code(resp, url).await;
-                        if code.contains("MANIFEST_UNKNOWN") && url.contains("/manifests/") {
-                            Err(RegistryError::TagNotFound { name: short, tag: name.tag.clone(), endpoint, code })
-                        } else {
+                        if code.contains("NAME_UNKNOWN") || !url.contains("/manifests/") {
                             Err(RegistryError::ModelNotFound { name: short, endpoint, code })
+                        } else {
+                            Err(RegistryError::TagNotFound { name: short, tag: name.tag.clone(), endpoint, code })
                         }
                     }
                     s => Err(RegistryError::Status { url: url.into(), status: s, attempts }),
