@@ -347,3 +347,54 @@ fn gc_keeps_shared_blobs_and_in_use_and_pinned_models() {
     assert!(!blob(TEMPLATE_TEXT).exists() && !blob(&wa).exists());
     assert!(hf_cache::state::StateDir::for_hub(&home.path().join("hub")).warm().is_empty());
 }
+
+/// The daemon keeps a manifest's Ollama model warm: `/status`, `/metrics`, the
+/// warm record the driver reads and the manifest's pin, under `ollama/<name>`.
+#[tokio::test]
+async fn the_daemon_keeps_manifest_ollama_models_warm() {
+    use aimodel_integration::support::http_body;
+    let Some(reg) = OllamaRegistry::start() else { return };
+    let pushed = reg.push_model("library/tiny", "1b", &[(MODEL, &weights(1 << 20, 9)), (TEMPLATE, TEMPLATE_TEXT)]);
+    let home = tempfile::tempdir().unwrap();
+    let port = aimodel_integration::task::free_port();
+    let cfg = home.path().join("agent.hcl");
+    std::fs::write(
+        &cfg,
+        format!(
+            "hf_home = \"{}\"\nlisten = \"127.0.0.1:{port}\"\nollama_registry = \"{}\"\nmodels = [{{ repo = \"ollama://tiny:1b\", pin = true }}]\n",
+            home.path().display(),
+            reg.endpoint()
+        ),
+    )
+    .unwrap();
+    let mut daemon = tokio::process::Command::new(binary("aimodel-agent").unwrap())
+        .arg("--config")
+        .arg(&cfg)
+        .arg("run")
+        .env_remove("OLLAMA_MODELS")
+        .env_remove("AIMODEL_OLLAMA_REGISTRY")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let st = loop {
+        let st: serde_json::Value = serde_json::from_str(&http_body(port, "/status").await).unwrap_or_default();
+        let m = st["models"].as_array().and_then(|a| a.iter().find(|m| m["repo"] == "ollama://tiny:1b").cloned());
+        if m.as_ref().is_some_and(|m| m["state"] == "warm") {
+            break m.unwrap_or_default();
+        }
+        assert!(Instant::now() < deadline, "not warm in time: {st:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(st["revision"], "1b");
+    assert_eq!(st["commit"], digest_of(&pushed));
+    let metrics = http_body(port, "/metrics").await;
+    assert!(metrics.contains("aimodel_agent_model_warm{repo=\"ollama://tiny:1b\",revision=\"1b\"} 1"), "{metrics}");
+    let state = hf_cache::state::StateDir::for_hub(&home.path().join("hub"));
+    assert!(state.warm().iter().any(|r| r.repo == "ollama/tiny:1b" && r.commit == digest_of(&pushed)));
+    assert!(state.pins().iter().any(|p| p.repo == "ollama/tiny:1b"), "{:?}", state.pins());
+    assert_eq!(std::fs::read(home.path().join("ollama/manifests/registry.ollama.ai/library/tiny/1b")).unwrap(), pushed);
+    daemon.kill().await.unwrap();
+}
