@@ -342,7 +342,7 @@ impl AgentConfig {
 
     /// The Ollama store: `ollama_models`, else `<hf_home>/ollama`.
     pub fn ollama_store(&self) -> PathBuf {
-        self.ollama_models.clone().unwrap_or_else(|| self.hf_home.join("ollama"))
+        self.ollama_models.clone().unwrap_or_else(|| hf_cache::ollama::default_store(&self.hf_home))
     }
 
     /// Keys pinned by the manifest (`org/name`, `ollama/<name>` for Ollama models).

@@ -62,6 +62,12 @@ pub const MEDIA_TYPE_MANIFEST: &str = "application/vnd.docker.distribution.manif
 /// Media type of the model weights layer (GGUF).
 pub const MEDIA_TYPE_MODEL: &str = "application/vnd.ollama.image.model";
 
+/// The default store of a cache: `<HF_HOME>/ollama`, beside `hub/` and `aimodel/`
+/// (the agent's `ollama_models` or `OLLAMA_MODELS` may put it elsewhere).
+pub fn default_store(hf_home: &std::path::Path) -> std::path::PathBuf {
+    hf_home.join("ollama")
+}
+
 /// The key of an Ollama model in the shared state records (`aimodel/warm`,
 /// `in-use`, `pins`, `last-used`): `ollama/<short name>`, e.g. `ollama/llama3.2:3b`.
 pub fn state_key(name: &ModelName) -> String {
