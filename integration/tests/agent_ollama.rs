@@ -255,7 +255,9 @@ fn kill_9_at_random_points_never_leaves_a_manifest_with_incomplete_blobs() {
         eprintln!("round {round}: killed after {at:?} (a whole run takes {whole:?})");
         assert_no_incomplete_manifest(&store, &name);
     }
-    // A run to the end completes it, resuming what the killed ones left.
+    // A run to the end completes it, resuming what the killed ones left; it also
+    // removes the killed runs' leases, once they are three stale windows (3 s) old.
+    std::thread::sleep(Duration::from_millis(3100));
     ok(&agent(home.path(), &reg, &args).output().unwrap());
     assert!(hf_cache::ollama::Store::new(&store).verify_deep(&name).is_complete());
     assert!(leftovers(&store).is_empty(), "{:?}", leftovers(&store));
