@@ -106,8 +106,8 @@ fn pulling(blobs: &OwnedFd, fresh: Duration) -> bool {
 /// Removes the blobs no manifest of the store names, unless a pull is in
 /// progress (then nothing: the next pass collects them). Each is moved aside
 /// first and put back if a pull started meanwhile. A manifest that cannot be
-/// read or parsed stops the collection (its blobs cannot be told apart).
-/// Returns the bytes freed.
+/// read or parsed stops the collection (its blobs cannot be told apart; nothing
+/// is removed). Returns the bytes freed.
 pub fn collect_blobs(store: &Store, lease_fresh: Duration) -> std::io::Result<u64> {
     let blobs = match safefs::open_dir(&store.blobs_dir()) {
         Ok(b) => b,
@@ -116,10 +116,10 @@ pub fn collect_blobs(store: &Store, lease_fresh: Duration) -> std::io::Result<u6
     };
     let mut referenced = BTreeSet::new();
     for name in store.models() {
-        let bytes = store.read_manifest(&name)?.unwrap_or_default();
-        let m = Manifest::parse(&bytes).map_err(|e| {
-            std::io::Error::other(format!("{}: {e}; no blob collected", store.manifest_path(&name).display()))
-        })?;
+        let parsed = store.read_manifest(&name).ok().flatten().and_then(|b| Manifest::parse(&b).ok());
+        // Its blobs cannot be told apart: collect nothing (not an error: one bad
+        // manifest, a tenant's, must not stop the HF models' gc).
+        let Some(m) = parsed else { return Ok(0) };
         referenced.extend(m.blobs().into_iter().map(|l| l.digest.clone()));
     }
     let mut freed = 0;
@@ -140,4 +140,57 @@ pub fn collect_blobs(store: &Store, lease_fresh: Duration) -> std::io::Result<u6
         safefs::remove_at(&blobs, OsStr::new(&aside))?;
     }
     Ok(freed)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use sha2::Digest as _;
+
+    use super::*;
+
+    fn put_model(store: &Store, name: &str, blobs: &[&[u8]]) -> Vec<PathBuf> {
+        let name = ModelName::parse(name).unwrap();
+        std::fs::create_dir_all(store.blobs_dir()).unwrap();
+        let layers: Vec<String> = blobs
+            .iter()
+            .map(|b| {
+                let hex = crate::blob::hex(&sha2::Sha256::digest(b));
+                std::fs::write(store.blobs_dir().join(format!("sha256-{hex}")), b).unwrap();
+                format!(r#"{{"digest":"sha256:{hex}","size":{}}}"#, b.len())
+            })
+            .collect();
+        let m = format!(r#"{{"schemaVersion":2,"config":{},"layers":[{}]}}"#, layers[0], layers[1..].join(","));
+        std::fs::create_dir_all(store.manifest_path(&name).parent().unwrap()).unwrap();
+        std::fs::write(store.manifest_path(&name), m).unwrap();
+        blobs
+            .iter()
+            .map(|b| store.blobs_dir().join(format!("sha256-{}", crate::blob::hex(&sha2::Sha256::digest(b)))))
+            .collect()
+    }
+
+    #[test]
+    fn only_blobs_no_manifest_names_go_and_a_bad_manifest_stops_the_collection() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::new(d.path());
+        let a = put_model(&store, "a:1", &[b"cfg-a", b"shared", b"only-a"]);
+        let b = put_model(&store, "b:1", &[b"cfg-b", b"shared"]);
+        std::fs::remove_file(store.manifest_path(&ModelName::parse("b:1").unwrap())).unwrap();
+        // A fresh pull lease: nothing is collected.
+        std::fs::write(store.blobs_dir().join("pull-00.lease"), "x").unwrap();
+        assert_eq!(collect_blobs(&store, Duration::from_secs(60)).unwrap(), 0);
+        assert!(b[0].exists());
+        std::fs::remove_file(store.blobs_dir().join("pull-00.lease")).unwrap();
+        // A manifest that does not parse: nothing is collected either.
+        let bad = ModelName::parse("bad:1").unwrap();
+        std::fs::create_dir_all(store.manifest_path(&bad).parent().unwrap()).unwrap();
+        std::fs::write(store.manifest_path(&bad), "{").unwrap();
+        assert_eq!(collect_blobs(&store, Duration::from_secs(60)).unwrap(), 0);
+        std::fs::remove_file(store.manifest_path(&bad)).unwrap();
+        // b's own config goes; the blob a shares stays, and a is complete.
+        assert_eq!(collect_blobs(&store, Duration::from_secs(60)).unwrap(), 5);
+        assert!(!b[0].exists() && a.iter().all(|p| p.exists()));
+        assert!(store.check(&ModelName::parse("a:1").unwrap()).is_complete());
+    }
 }
