@@ -109,6 +109,9 @@ job "aimodel-agent" {
           models = [
             { repo = "mistralai/Mistral-7B-Instruct-v0.3", include = ["*.safetensors", "*.json", "tokenizer.model"], pin = true },
             { repo = "Qwen/Qwen2.5-0.5B-Instruct" },
+            # Ollama models go to Ollama's own store, <hf_home>/ollama (ollama_models to change it).
+            { repo = "ollama://llama3.2:3b" },
+            { repo = "ollama://codellama:7b" },
           ]
 
           nomad {

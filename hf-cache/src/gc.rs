@@ -41,6 +41,8 @@ pub struct Policy {
     pub in_use_ttl: Duration,
     /// A blob lease modified within this is a download in progress.
     pub lease_fresh: Duration,
+    /// The Ollama store whose models are collected too (`ollama/<name>` keys).
+    pub ollama_store: Option<PathBuf>,
 }
 
 /// Why a model is kept whatever the watermark says.
@@ -143,7 +145,12 @@ pub fn inventory(hub: &Path, policy: &Policy) -> std::io::Result<Vec<Cached>> {
     let in_use: Vec<_> = state.in_use(policy.in_use_ttl).into_iter().filter(|(_, _, live)| *live).collect();
     let shared_pins: Vec<String> = state.pins().into_iter().map(|p| p.repo).collect();
     let mut out = Vec::new();
-    for e in std::fs::read_dir(hub)?.flatten() {
+    let entries = match std::fs::read_dir(hub) {
+        // Only Ollama models on this cache so far.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && policy.ollama_store.is_some() => Vec::new(),
+        r => r?.flatten().collect(),
+    };
+    for e in entries {
         let Some(id) = RepoId::from_folder_name(&e.file_name().to_string_lossy()).filter(|i| i.kind == RepoType::Model)
         else {
             continue;
@@ -170,6 +177,9 @@ pub fn inventory(hub: &Path, policy: &Policy) -> std::io::Result<Vec<Cached>> {
         });
         out.push(Cached { repo, bytes: blob_bytes(&paths), last_used, keep });
     }
+    if let Some(store) = &policy.ollama_store {
+        out.extend(crate::ollama::inventory(&crate::ollama::Store::new(store), &state, policy));
+    }
     out.sort_by(|a, b| a.last_used.cmp(&b.last_used).then_with(|| a.repo.cmp(&b.repo)));
     Ok(out)
 }
@@ -178,7 +188,11 @@ pub fn inventory(hub: &Path, policy: &Policy) -> std::io::Result<Vec<Cached>> {
 pub fn plan(hub: &Path, policy: &Policy) -> std::io::Result<Plan> {
     let models = inventory(hub, policy)?;
     let total: u64 = models.iter().map(|m| m.bytes).sum();
-    let free = crate::mount::space(hub).map(|(f, _)| f)?;
+    let free = match (crate::mount::space(hub), &policy.ollama_store) {
+        (Err(_), Some(store)) => crate::mount::space(store),
+        (r, _) => r,
+    }
+    .map(|(f, _)| f)?;
     let (mut size, mut free_after) = (total, free);
     let met = |size: u64, free: u64| {
         policy.max_size.is_none_or(|m| size <= m) && policy.target_free.is_none_or(|t| free >= t)
@@ -456,9 +470,17 @@ pub fn run_with_lock(
         if !still.evict.contains(repo) {
             continue;
         }
-        if let Some(bytes) = evict(hub, repo, policy.in_use_ttl)? {
+        let evicted = match (&policy.ollama_store, crate::ollama::from_state_key(repo).is_some()) {
+            (Some(store), true) => crate::ollama::evict(&crate::ollama::Store::new(store), &state, repo, policy)?,
+            _ => evict(hub, repo, policy.in_use_ttl)?,
+        };
+        if let Some(bytes) = evicted {
             done.push((repo.clone(), bytes));
         }
+    }
+    if let Some(store) = &policy.ollama_store {
+        // Blobs left by an eviction that stopped, or while a pull was running.
+        crate::ollama::collect_blobs(&crate::ollama::Store::new(store), policy.lease_fresh)?;
     }
     Ok((p, done))
 }

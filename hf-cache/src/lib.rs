@@ -3,10 +3,12 @@
 //! and publishing. No network, no async, no Docker.
 
 pub mod backoff;
+mod blob;
 pub mod check;
 pub mod gc;
 pub mod layout;
 pub mod mount;
+pub mod ollama;
 pub mod publish;
 pub mod safefs;
 pub mod state;

@@ -18,6 +18,13 @@
 //!   the model: the order of least-recently-used eviction.
 //! - `trash/`: repos being evicted (renamed here in one step, then removed).
 //!
+//! Ollama models share these records under the key `ollama/<short name>`
+//! ([`crate::ollama::state_key`], e.g. `ollama/llama3.2:3b`; an HF repo id never
+//! holds a `:`): `warm/ollama--llama3.2:3b@3b.json` with `revision` = the tag
+//! and `commit` = `sha256:<hex>` of the manifest, `in-use` markers whose `repo`
+//! is the key (and `commit` the manifest digest), `pins/ollama--llama3.2:3b.json`,
+//! `last-used/ollama--llama3.2:3b`.
+//!
 //! Every file is written whole under a random temp name and renamed, so a
 //! reader on another node sees the old or the new content, never a part.
 //!

@@ -7,8 +7,23 @@ use std::time::Duration;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
+/// A duration or size that does not parse; the message says what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct UnitError(pub String);
+
 /// Parses a Go-style duration (`"1h2m3s"`, `"500ms"`); a bare number means seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, UnitError> {
+    duration(text).map_err(UnitError)
+}
+
+/// Parses a byte size: decimal (`KB`, `MB`, `GB`, `TB`) and binary (`KiB`…`TiB`,
+/// and Docker's `k`, `m`, `g`) suffixes, case-insensitive.
+pub fn parse_bytes(text: &str) -> Result<u64, UnitError> {
+    bytes(text).map_err(UnitError)
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
     if t.starts_with('-') {
         return Err(format!("duration must not be negative, found {text:?}"));
@@ -43,9 +58,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
-/// Parses a byte size: decimal (`KB`, `MB`, `GB`, `TB`) and binary (`KiB`…`TiB`,
-/// and Docker's `k`, `m`, `g`) suffixes, case-insensitive.
-pub fn parse_bytes(text: &str) -> Result<u64, String> {
+fn bytes(text: &str) -> Result<u64, String> {
     let t = text.trim();
     if t.starts_with('-') {
         return Err(format!("size must not be negative, found {text:?}"));
@@ -127,7 +140,7 @@ mod tests {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("15").unwrap(), Duration::from_secs(15));
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
-        assert!(parse_duration("-5s").unwrap_err().contains("negative"));
+        assert!(parse_duration("-5s").unwrap_err().0.contains("negative"));
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("").is_err());
         assert!(parse_duration("s").is_err());
@@ -143,7 +156,7 @@ mod tests {
         assert_eq!(parse_bytes("512MB").unwrap(), 512_000_000);
         assert_eq!(parse_bytes("4096").unwrap(), 4096);
         assert_eq!(parse_bytes("1.5KiB").unwrap(), 1536);
-        assert!(parse_bytes("-1g").unwrap_err().contains("negative"));
+        assert!(parse_bytes("-1g").unwrap_err().0.contains("negative"));
         assert!(parse_bytes("12 furlongs").is_err());
         assert!(parse_bytes("nan").is_err() && parse_bytes("1e300").is_err());
         assert_eq!(human_bytes(10 << 30), "10.0 GiB");

@@ -14,6 +14,7 @@ pub mod jobrun;
 pub mod nomadapi;
 pub mod olah;
 pub mod openai;
+pub mod ollamareg;
 pub mod plugin;
 pub mod pluginhcl;
 pub mod sequence;

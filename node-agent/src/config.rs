@@ -10,6 +10,7 @@
 //! models = [
 //!   { repo = "mistralai/Mistral-7B-Instruct-v0.3", include = ["*.safetensors", "*.json"], pin = true },
 //!   { repo = "Qwen/Qwen2.5-0.5B-Instruct", revision = "main" },
+//!   { repo = "ollama://llama3.2:3b", pin = true },
 //! ]
 //!
 //! nomad {
@@ -28,6 +29,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use hf_cache::units::{Bytes, Dur};
+
+use crate::env::Environment;
 
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
@@ -69,6 +72,13 @@ pub struct AgentConfig {
     /// The manifest.
     #[serde(default)]
     pub models: Vec<ModelSpec>,
+    /// The Ollama store (`OLLAMA_MODELS`); default `$OLLAMA_MODELS`, else `<hf_home>/ollama`.
+    #[serde(default)]
+    pub ollama_models: Option<PathBuf>,
+    /// The registry (or mirror) Ollama models come from; default
+    /// `$AIMODEL_OLLAMA_REGISTRY`, else each model's own host (`https://registry.ollama.ai`).
+    #[serde(default)]
+    pub ollama_registry: Option<String>,
     pub nomad: Option<NomadConfig>,
     pub gc: Option<GcConfig>,
 }
@@ -77,7 +87,7 @@ pub struct AgentConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
-    /// `org/name`.
+    /// `org/name`, or `ollama://<name>[:<tag>]` for an Ollama model.
     pub repo: String,
     #[serde(default = "default_revision")]
     pub revision: String,
@@ -211,11 +221,28 @@ pub struct ConfigError {
 }
 
 impl AgentConfig {
-    /// Parses and checks `text` (`path` is for messages).
+    /// Parses and checks `text` (`path` is for messages), without the environment.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        Self::parse_with(text, path, &Environment::default())
+    }
+
+    /// Parses `text`, completes it from `env` (what the file leaves unset), and checks it.
+    pub fn parse_with(text: &str, path: &Path, env: &Environment) -> Result<Self, ConfigError> {
         let err = |reason: String| ConfigError { path: path.display().to_string(), reason };
-        let cfg: AgentConfig = hcl::from_str(text).map_err(|e| err(e.to_string()))?;
-        for (i, m) in cfg.models.iter().enumerate() {
+        let mut cfg: AgentConfig = hcl::from_str(text).map_err(|e| err(e.to_string()))?;
+        cfg.apply_env(env);
+        for (i, m) in cfg.models.iter_mut().enumerate() {
+            if m.repo.starts_with(hf_cache::ollama::SCHEME) {
+                let name =
+                    hf_cache::ollama::ModelName::parse(&m.repo).map_err(|e| err(format!("models[{i}].repo: {e}")))?;
+                if !(m.include.is_empty() && m.exclude.is_empty()) {
+                    return Err(err(format!("models[{i}]: include and exclude do not apply to Ollama models")));
+                }
+                // One spelling per model: the shortest name, the tag as the revision.
+                m.repo = format!("{}{}", hf_cache::ollama::SCHEME, name.short());
+                m.revision = name.tag;
+                continue;
+            }
             if !hf_cache::layout::is_repo_id(&m.repo) {
                 return Err(err(format!("models[{i}].repo: {:?} {}", m.repo, hf_cache::layout::REPO_ID_RULE)));
             }
@@ -249,6 +276,8 @@ impl AgentConfig {
                 return Err(err("gc: set target_free or max_size (or remove the gc block)".into()));
             }
         }
+        crate::ollama::Registry::new(cfg.ollama_registry.as_deref())
+            .map_err(|e| err(format!("ollama_registry: {e}")))?;
         cfg.listen.parse::<std::net::SocketAddr>().map_err(|e| err(format!("listen {:?}: {e}", cfg.listen)))?;
         if cfg.status_token.as_ref().is_some_and(|t| t.0.trim().is_empty()) {
             return Err(err("status_token: must not be empty (remove it to leave /status open)".into()));
@@ -259,11 +288,11 @@ impl AgentConfig {
             }
         }
         if let Some(n) = &cfg.nomad {
-            let address = crate::nomad::resolve_address(n.address.as_deref());
+            let address = crate::nomad::resolve_address(n.address.as_deref(), env);
             if !["http://", "https://", "unix://"].iter().any(|p| address.starts_with(p)) {
                 return Err(err(format!("nomad.address {address:?}: use http://, https:// or unix://")));
             }
-            let token = n.token.is_some() || std::env::var("NOMAD_TOKEN").is_ok_and(|t| !t.is_empty());
+            let token = n.token.as_ref().is_some_and(|t| !t.is_empty());
             if token && !n.insecure_http && !crate::nomad::token_safe_over(&address) {
                 return Err(err(format!(
                     "nomad.address {address:?}: the Nomad token would cross the network in clear text; use https://, \
@@ -275,18 +304,35 @@ impl AgentConfig {
         Ok(cfg)
     }
 
-    /// Reads and parses a file; `status_token` may also come from
-    /// `$AIMODEL_STATUS_TOKEN` (so a job keeps it out of the rendered file).
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+    /// Reads and parses a file, completed from `env`: `status_token` may come
+    /// from `$AIMODEL_STATUS_TOKEN` (so a job keeps it out of the rendered file),
+    /// the Nomad address and token from `$NOMAD_ADDR`/`$NOMAD_TOKEN`.
+    pub fn load(path: &Path, env: &Environment) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError { path: path.display().to_string(), reason: e.to_string() })?;
-        let mut cfg = Self::parse(&text, path)?;
+        let mut cfg = Self::parse_with(&text, path, env)?;
         if cfg.status_token.is_none() {
-            cfg.status_token = std::env::var("AIMODEL_STATUS_TOKEN").ok().map(Secret);
+            cfg.status_token = env.status_token.clone().map(Secret);
         }
         // A token rendered by a template often ends in a newline.
         cfg.status_token = cfg.status_token.map(|t| Secret(t.0.trim().to_string())).filter(|t| !t.0.is_empty());
         Ok(cfg)
+    }
+
+    /// Fills what the file leaves unset from the environment read at start-up.
+    fn apply_env(&mut self, env: &Environment) {
+        if self.ollama_models.is_none() {
+            self.ollama_models = env.ollama_models.clone();
+        }
+        if self.ollama_registry.is_none() {
+            self.ollama_registry = env.ollama_registry.clone();
+        }
+        if let Some(n) = &mut self.nomad {
+            n.address = Some(crate::nomad::resolve_address(n.address.as_deref(), env));
+            if n.token.is_none() {
+                n.token = env.nomad_token.clone();
+            }
+        }
     }
 
     /// `<hf_home>/hub`.
@@ -294,9 +340,26 @@ impl AgentConfig {
         self.hf_home.join("hub")
     }
 
-    /// Repos pinned by the manifest.
+    /// The Ollama store: `ollama_models`, else `<hf_home>/ollama`.
+    pub fn ollama_store(&self) -> PathBuf {
+        self.ollama_models.clone().unwrap_or_else(|| hf_cache::ollama::default_store(&self.hf_home))
+    }
+
+    /// Keys pinned by the manifest (`org/name`, `ollama/<name>` for Ollama models).
     pub fn pinned(&self) -> Vec<String> {
-        self.models.iter().filter(|m| m.pin).map(|m| m.repo.clone()).collect()
+        self.models.iter().filter(|m| m.pin).map(ModelSpec::state_key).collect()
+    }
+}
+
+impl ModelSpec {
+    /// The Ollama model this entry names, if it is one.
+    pub fn ollama(&self) -> Option<hf_cache::ollama::ModelName> {
+        self.repo.strip_prefix(hf_cache::ollama::SCHEME).and_then(|n| hf_cache::ollama::ModelName::parse(n).ok())
+    }
+
+    /// The key of the shared state records: the repo id, or `ollama/<name>`.
+    pub fn state_key(&self) -> String {
+        self.ollama().map_or_else(|| self.repo.clone(), |n| hf_cache::ollama::state_key(&n))
     }
 }
 
@@ -316,10 +379,12 @@ mod tests {
             .join("\n");
         let c = AgentConfig::parse(&text, Path::new("example.hcl")).unwrap();
         assert_eq!(c.hub_dir(), PathBuf::from("/mnt/hf-cache/hub"));
-        assert_eq!(c.models.len(), 2);
+        assert_eq!(c.models.len(), 3);
         assert_eq!(c.models[0].include, ["*.safetensors", "*.json"]);
         assert_eq!(c.models[1].revision, "main");
-        assert_eq!(c.pinned(), ["mistralai/Mistral-7B-Instruct-v0.3"]);
+        assert_eq!((c.models[2].repo.as_str(), c.models[2].revision.as_str()), ("ollama://llama3.2:3b", "3b"));
+        assert_eq!(c.pinned(), ["mistralai/Mistral-7B-Instruct-v0.3", "ollama/llama3.2:3b"]);
+        assert_eq!(c.ollama_store(), PathBuf::from("/mnt/hf-cache/ollama"));
         assert_eq!(c.nomad.as_ref().unwrap().namespace, "*");
         assert_eq!(c.gc.as_ref().unwrap().target_free, Some(Bytes(200 << 30)));
         // Long enough to ride out a plugin restart or a client upgrade.

@@ -68,6 +68,77 @@ fn transport_reason(e: &reqwest::Error) -> String {
     }
 }
 
+/// Checks an endpoint (an http(s) URL with a host, no query or fragment) and
+/// builds the HTTP client for it; returns the endpoint without a trailing `/`.
+/// reqwest follows redirects (a CDN) and drops `Authorization` when one leads
+/// to another host.
+pub(crate) fn client_for(endpoint: &str) -> Result<(String, Client), String> {
+    let parsed = reqwest::Url::parse(endpoint).map_err(|e| e.to_string())?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!("the scheme {:?} is not http or https", parsed.scheme()));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err("no host".into());
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err("a query or fragment".into());
+    }
+    let http = Client::builder()
+        .connect_timeout(Duration::from_secs(20))
+        .read_timeout(Duration::from_secs(60))
+        .user_agent(concat!("aimodel-agent/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| e.to_string())?;
+    Ok((endpoint.trim_end_matches('/').to_string(), http))
+}
+
+/// How a GET with retries failed.
+#[derive(Debug)]
+pub enum GetFailure {
+    /// An answer that is not retried (4xx), or the last of the retried ones (429, 5xx).
+    Status { resp: Response, attempts: u32 },
+    /// No answer after [`ATTEMPTS`] tries; the reason names the host and the cause.
+    Transport { reason: String },
+}
+
+/// GET `url` with `headers`, retrying 429 (honouring Retry-After, at most
+/// 60 s), 5xx and transport errors with doubling pauses (0.5 s to 16 s), at
+/// most [`ATTEMPTS`] times. Success is 2xx (206 included). Shared by the hub
+/// and the Ollama registry clients.
+pub async fn get_with_retries(http: &Client, url: &str, headers: HeaderMap) -> Result<Response, GetFailure> {
+    let mut delay = Duration::from_millis(500);
+    let mut attempt = 1;
+    loop {
+        match http.get(url).headers(headers.clone()).send().await {
+            Ok(r) if r.status().is_success() || r.status() == StatusCode::PARTIAL_CONTENT => return Ok(r),
+            Ok(r) if matches!(r.status().as_u16(), 429 | 500..=599) && attempt < ATTEMPTS => {
+                let wait = r
+                    .headers()
+                    .get(RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .map(Duration::from_secs)
+                    .unwrap_or(delay)
+                    .min(Duration::from_secs(60));
+                tokio::time::sleep(wait).await;
+            }
+            Ok(resp) => return Err(GetFailure::Status { resp, attempts: attempt }),
+            Err(_) if attempt < ATTEMPTS => tokio::time::sleep(delay).await,
+            Err(e) => {
+                let host = reqwest::Url::parse(url).ok().and_then(|u| u.host_str().map(str::to_string));
+                let reason = format!(
+                    "cannot reach {} after {attempt} attempts: {}",
+                    host.unwrap_or_else(|| url.to_string()),
+                    transport_reason(&e)
+                );
+                return Err(GetFailure::Transport { reason });
+            }
+        }
+        delay = (delay * 2).min(Duration::from_secs(16));
+        attempt += 1;
+    }
+}
+
 /// One file of a commit, as the tree API lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct TreeItem {
@@ -114,32 +185,17 @@ struct RevisionInfo {
 }
 
 impl Hub {
-    /// `HF_ENDPOINT` (default https://huggingface.co) and `HF_TOKEN` from the environment.
-    pub fn from_env() -> Result<Self, HubError> {
-        let endpoint = std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into());
-        Hub::new(&endpoint, std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()))
+    /// `HF_ENDPOINT` (default https://huggingface.co) and `HF_TOKEN` as read at start-up.
+    pub fn from_env(env: &crate::env::Environment) -> Result<Self, HubError> {
+        let endpoint = env.hf_endpoint.as_deref().unwrap_or("https://huggingface.co");
+        Hub::new(endpoint, env.hf_token.clone())
     }
 
     /// A client for `endpoint`.
     pub fn new(endpoint: &str, token: Option<String>) -> Result<Self, HubError> {
-        let bad = |reason: &str| HubError::Endpoint { endpoint: endpoint.into(), reason: reason.into() };
-        let parsed = reqwest::Url::parse(endpoint).map_err(|e| bad(&e.to_string()))?;
-        if !matches!(parsed.scheme(), "http" | "https") {
-            return Err(bad(&format!("the scheme {:?} is not http or https", parsed.scheme())));
-        }
-        if parsed.host_str().is_none_or(str::is_empty) {
-            return Err(bad("no host"));
-        }
-        if parsed.query().is_some() || parsed.fragment().is_some() {
-            return Err(bad("a query or fragment"));
-        }
-        let http = Client::builder()
-            .connect_timeout(Duration::from_secs(20))
-            .read_timeout(Duration::from_secs(60))
-            .user_agent(concat!("aimodel-agent/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| HubError::Transport { url: endpoint.into(), reason: e.to_string() })?;
-        Ok(Hub { endpoint: endpoint.trim_end_matches('/').to_string(), token, http })
+        let (endpoint, http) =
+            client_for(endpoint).map_err(|reason| HubError::Endpoint { endpoint: endpoint.into(), reason })?;
+        Ok(Hub { endpoint, token, http })
     }
 
     fn headers(&self) -> HeaderMap {
@@ -154,53 +210,24 @@ impl Hub {
 
     /// GET with retries on 429 (honouring Retry-After), 5xx and transport errors.
     pub async fn get(&self, url: &str, extra: HeaderMap, repo: &str) -> Result<Response, HubError> {
-        let mut delay = Duration::from_millis(500);
-        for attempt in 1..=ATTEMPTS {
-            let mut headers = self.headers();
-            headers.extend(extra.clone());
-            match self.http.get(url).headers(headers).send().await {
-                Ok(r) if r.status().is_success() || r.status() == StatusCode::PARTIAL_CONTENT => return Ok(r),
-                Ok(r) => {
-                    let status = r.status();
-                    let code = r.headers().get("x-error-code").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-                    match status.as_u16() {
-                        401 | 404 if code == "RevisionNotFound" => {
-                            return Err(HubError::RevisionNotFound { repo: repo.into(), revision: String::new() })
-                        }
-                        401 | 404 if code == "GatedRepo" => return Err(HubError::Denied { repo: repo.into(), code }),
-                        401 | 404 => return Err(HubError::NotFound { repo: repo.into(), code }),
-                        403 => return Err(HubError::Denied { repo: repo.into(), code }),
-                        429 | 500..=599 if attempt < ATTEMPTS => {
-                            let wait = r
-                                .headers()
-                                .get(RETRY_AFTER)
-                                .and_then(|v| v.to_str().ok())
-                                .and_then(|v| v.parse::<u64>().ok())
-                                .map(Duration::from_secs)
-                                .unwrap_or(delay)
-                                .min(Duration::from_secs(60));
-                            tokio::time::sleep(wait).await;
-                        }
-                        s => return Err(HubError::Status { url: url.into(), status: s, attempts: attempt }),
+        let mut headers = self.headers();
+        headers.extend(extra);
+        match get_with_retries(&self.http, url, headers).await {
+            Ok(r) => Ok(r),
+            Err(GetFailure::Status { resp, attempts }) => {
+                let code = resp.headers().get("x-error-code").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+                Err(match resp.status().as_u16() {
+                    401 | 404 if code == "RevisionNotFound" => {
+                        HubError::RevisionNotFound { repo: repo.into(), revision: String::new() }
                     }
-                }
-                Err(e) if attempt < ATTEMPTS => {
-                    let _ = e;
-                    tokio::time::sleep(delay).await;
-                }
-                Err(e) => {
-                    let host = reqwest::Url::parse(url).ok().and_then(|u| u.host_str().map(str::to_string));
-                    let reason = format!(
-                        "cannot reach {} after {attempt} attempts: {}",
-                        host.unwrap_or_else(|| url.to_string()),
-                        transport_reason(&e)
-                    );
-                    return Err(HubError::Transport { url: url.into(), reason });
-                }
+                    401 | 404 if code == "GatedRepo" => HubError::Denied { repo: repo.into(), code },
+                    401 | 404 => HubError::NotFound { repo: repo.into(), code },
+                    403 => HubError::Denied { repo: repo.into(), code },
+                    s => HubError::Status { url: url.into(), status: s, attempts },
+                })
             }
-            delay = (delay * 2).min(Duration::from_secs(16));
+            Err(GetFailure::Transport { reason }) => Err(HubError::Transport { url: url.into(), reason }),
         }
-        Err(HubError::Status { url: url.into(), status: 0, attempts: ATTEMPTS })
     }
 
     /// The commit a revision points at.
@@ -238,7 +265,7 @@ impl Hub {
             let next = next_link(&link.join(", "))
                 .map_err(|reason| HubError::Protocol { url: url.clone(), reason: format!("Link header: {reason}") })?;
             let body = read_capped(r, &url, MAX_JSON_BYTES, JSON_TIMEOUT).await?;
-            for item in parse_tree_page(&body).map_err(|reason| HubError::Listing { url: url.clone(), reason })? {
+            for item in parse_tree_page(&body).map_err(|e| HubError::Listing { url: url.clone(), reason: e.0 })? {
                 total = total.checked_add(item.content_size()).ok_or_else(|| HubError::Listing {
                     url: url.clone(),
                     reason: "the listed sizes add up past 2^64 bytes".into(),
@@ -336,7 +363,16 @@ pub fn is_hex(s: &str, n: usize) -> bool {
 /// file has a safe relative path, a git blob id of 40 lowercase hex, for LFS
 /// files a sha256 of 64 lowercase hex (these become names in `blobs/`), and
 /// sizes within [`MAX_FILE_SIZE`]. Directories are dropped.
-pub fn parse_tree_page(body: &[u8]) -> Result<Vec<TreeItem>, String> {
+pub fn parse_tree_page(body: &[u8]) -> Result<Vec<TreeItem>, ParseError> {
+    tree_page(body).map_err(ParseError)
+}
+
+/// Why a tree page or a Link header is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ParseError(pub String);
+
+fn tree_page(body: &[u8]) -> Result<Vec<TreeItem>, String> {
     let page: Vec<TreeItem> = serde_json::from_slice(body).map_err(|e| format!("not a tree page: {e}"))?;
     let mut files = Vec::new();
     for item in page.into_iter().filter(|i| i.kind == "file") {
@@ -377,7 +413,11 @@ impl TreeItem {
 
 /// The target of the `rel="next"` link of a Link header (RFC 8288), if any.
 /// Never panics; a header that names a next link it cannot parse is an error.
-pub fn next_link(h: &str) -> Result<Option<String>, String> {
+pub fn next_link(h: &str) -> Result<Option<String>, ParseError> {
+    next_link_text(h).map_err(ParseError)
+}
+
+fn next_link_text(h: &str) -> Result<Option<String>, String> {
     let mut rest = h;
     let mut next = None;
     loop {
@@ -513,7 +553,7 @@ mod tests {
             (b"{".to_vec(), "not a tree page"),
         ] {
             let e = parse_tree_page(&body).unwrap_err();
-            assert!(e.contains(needle), "{e}");
+            assert!(e.0.contains(needle), "{e}");
         }
     }
 

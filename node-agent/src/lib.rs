@@ -5,8 +5,11 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod env;
+pub mod fetch;
 pub mod hub;
 pub mod lease;
 pub mod logging;
 pub mod nomad;
+pub mod ollama;
 pub mod prewarm;

@@ -32,13 +32,13 @@ pub fn directives(env: Option<&str>) -> String {
 }
 
 /// Installs the subscriber (once; later calls do nothing).
-pub fn init() {
-    let env = std::env::var("AIMODEL_LOG").ok();
+pub fn init(environment: &crate::env::Environment) {
+    let env = environment.log.clone();
     let filter = tracing_subscriber::EnvFilter::try_new(directives(env.as_deref())).unwrap_or_else(|e| {
         eprintln!("aimodel-agent: AIMODEL_LOG={:?} is not a log filter ({e}); using info", env.unwrap_or_default());
         tracing_subscriber::EnvFilter::new(directives(None))
     });
-    let json = std::env::var("AIMODEL_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
+    let json = environment.log_format.as_deref().is_some_and(|f| f.eq_ignore_ascii_case("json"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = if json {
         builder.event_format(JsonLines).try_init()

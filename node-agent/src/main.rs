@@ -4,6 +4,8 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let args = aimodel_agent::cli::Args::parse();
+    // The only place the environment is read.
+    let env = aimodel_agent::env::Environment::from_process();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -11,7 +13,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(1);
         }
     };
-    let code = match rt.block_on(aimodel_agent::cli::run(args)) {
+    let code = match rt.block_on(aimodel_agent::cli::run(args, env)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("aimodel-agent: {e:#}");

@@ -65,7 +65,18 @@ pub fn models_of_job(job: &serde_json::Value) -> Vec<Wanted> {
             let cfg = t.get("Config").cloned().unwrap_or_default();
             let s = |k: &str| cfg.get(k).and_then(|v| v.as_str()).map(str::to_string);
             if s("engine").as_deref() == Some("ollama") {
-                continue; // Ollama models are not HF repos.
+                // `model = "llama3.2:3b"` and/or `models = ["llama3.2:3b", "codellama:7b"]`.
+                let listed = cfg.get("models").and_then(|v| v.as_array()).cloned().unwrap_or_default();
+                let names = s("model").into_iter().chain(listed.iter().filter_map(|v| v.as_str().map(str::to_string)));
+                for name in names.filter(|n| !n.contains("${")) {
+                    if let Ok(n) = hf_cache::ollama::ModelName::parse(&name) {
+                        out.insert(Wanted {
+                            repo: format!("{}{}", hf_cache::ollama::SCHEME, n.short()),
+                            revision: n.tag,
+                        });
+                    }
+                }
+                continue;
             }
             let Some(repo) = s("model") else { continue };
             let revision = s("revision").unwrap_or_else(|| "main".into());
@@ -230,14 +241,12 @@ fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
 
 /// Where the Nomad API is: the configured address, else `$NOMAD_ADDR`, else
 /// the task API socket when running as a Nomad task, else the local agent.
-pub fn resolve_address(configured: Option<&str>) -> String {
-    if let Some(a) =
-        configured.map(str::to_string).or_else(|| std::env::var("NOMAD_ADDR").ok()).filter(|a| !a.is_empty())
-    {
+pub fn resolve_address(configured: Option<&str>, env: &crate::env::Environment) -> String {
+    if let Some(a) = configured.map(str::to_string).or_else(|| env.nomad_addr.clone()).filter(|a| !a.is_empty()) {
         return a.trim_end_matches('/').to_string();
     }
-    if let Some(dir) = std::env::var_os("NOMAD_SECRETS_DIR") {
-        let sock = std::path::Path::new(&dir).join("api.sock");
+    if let Some(dir) = &env.nomad_secrets_dir {
+        let sock = dir.join("api.sock");
         if sock.exists() {
             return format!("unix://{}", sock.display());
         }
@@ -272,8 +281,9 @@ fn enc(s: &str) -> String {
 /// Watches the job list and sends the set of wanted models whenever it changes.
 /// Runs until `tx` has no receivers.
 pub async fn watch(cfg: NomadConfig, tx: watch::Sender<BTreeSet<Wanted>>, status: Arc<Mutex<NomadStatus>>) {
-    let address = resolve_address(cfg.address.as_deref());
-    let token = cfg.token.clone().or_else(|| std::env::var("NOMAD_TOKEN").ok()).filter(|t| !t.is_empty());
+    // Both were completed from the environment when the configuration was loaded.
+    let address = resolve_address(cfg.address.as_deref(), &crate::env::Environment::default());
+    let token = cfg.token.clone().filter(|t| !t.is_empty());
     let client = Client::new(&address, token);
     {
         let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
@@ -379,6 +389,7 @@ mod tests {
                     {"Driver": "aimodel", "Config": {"engine": "vllm", "model": "org/a", "revision": "v1"}},
                     {"Driver": "aimodel", "Config": {"engine": "sglang", "model": "org/b"}},
                     {"Driver": "aimodel", "Config": {"engine": "ollama", "model": "llama3"}},
+                    {"Driver": "aimodel", "Config": {"engine": "ollama", "models": ["llama3.2:3b", "../x", "${NOMAD_META_m}"]}},
                     {"Driver": "docker", "Config": {"model": "org/c"}},
                     {"Driver": "aimodel", "Config": {"engine": "vllm", "model": "${NOMAD_META_model}"}}
                 ]},
@@ -389,6 +400,8 @@ mod tests {
         assert_eq!(
             w,
             [
+                Wanted { repo: "ollama://llama3.2:3b".into(), revision: "3b".into() },
+                Wanted { repo: "ollama://llama3:latest".into(), revision: "latest".into() },
                 Wanted { repo: "org/a".into(), revision: "v1".into() },
                 Wanted { repo: "org/b".into(), revision: "main".into() }
             ]
