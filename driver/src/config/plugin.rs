@@ -157,7 +157,12 @@ const IMAGES_SCHEMA: &[Field] = &[
         "Default image for `engine = \"tgi\"`.",
     ),
     attr("ray", "string", Some(r#""rayproject/ray:latest-gpu""#), "Default image for `engine = \"ray\"`."),
-    attr("llamacpp", "string", Some(r#""ghcr.io/ggml-org/llama.cpp:server""#), "Default image for `engine = \"llamacpp\"`."),
+    attr(
+        "llamacpp",
+        "string",
+        Some(r#""ghcr.io/ggml-org/llama.cpp:server""#),
+        "Default image for `engine = \"llamacpp\"`.",
+    ),
 ];
 
 /// Registry credentials; shared by the plugin and task schemas.

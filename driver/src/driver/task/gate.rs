@@ -203,7 +203,8 @@ async fn chosen_file(
         .await
         .map_err(|e| DriverError::CacheUnavailable { path: cache.host_path.clone(), reason: e.to_string() })?;
     if let Err(finding) = found {
-        let incomplete = crate::driver::cache::ModelCheck { complete: false, findings: vec![finding], ..checked.clone() };
+        let incomplete =
+            crate::driver::cache::ModelCheck { complete: false, findings: vec![finding], ..checked.clone() };
         return Err(DriverError::ModelIncomplete { message: incomplete.failure_message(hub) });
     }
     Ok(Some(snapshot_file(&checked.repo, &commit, &file)))
