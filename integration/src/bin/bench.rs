@@ -494,6 +494,7 @@ fn main() -> Result<()> {
         Some("llamacpp-first-token") => {
             rt.block_on(llamacpp_first_token(args.get(1).and_then(|n| n.parse().ok()).unwrap_or(5)))
         }
+        Some("prewarm-tiny") => rt.block_on(prewarm_tiny(args.get(1).map_or("", String::as_str))),
         Some("gpu-inner") => gpu_inner(args.get(1).map_or("", String::as_str)),
         Some("cache") => cache(args.get(1).map_or("target/pyenv/bin/python", String::as_str)),
         Some("prewarm") => rt.block_on(prewarm_bench(
@@ -523,7 +524,7 @@ fn main() -> Result<()> {
                 std::env::var_os("AIMODEL_IN_NETNS").is_some(),
             ))
         }
-        _ => bail!("usage: bench startup [RUNS] | bench lifecycle [RUNS] [TASKS] | bench stats [TASKS] [SECONDS] | bench attributes [SECONDS] | bench cache [PYTHON] | bench gpu | bench prewarm [PYTHON] [ROUNDS] | bench prewarm-netem [PYTHON] [ROUNDS] | bench engine-first-token [RUNS] | bench llamacpp-first-token [RUNS]"),
+        _ => bail!("usage: bench startup [RUNS] | bench lifecycle [RUNS] [TASKS] | bench stats [TASKS] [SECONDS] | bench attributes [SECONDS] | bench cache [PYTHON] | bench gpu | bench prewarm [PYTHON] [ROUNDS] | bench prewarm-netem [PYTHON] [ROUNDS] | bench engine-first-token [RUNS] | bench llamacpp-first-token [RUNS] | bench prewarm-tiny HF_HOME"),
     }
 }
 
@@ -588,6 +589,17 @@ async fn llamacpp_first_token(runs: usize) -> Result<()> {
     println!("| StartTask / `docker run -d` returned | {d0:.0} ms | {h0:.0} ms | {:.2}× |", d0 / h0);
     println!("| `/health` answers 200 | {d1:.0} ms | {h1:.0} ms | {:.2}× |", d1 / h1);
     println!("| first streamed completion token | {d2:.0} ms | {h2:.0} ms | {:.2}× |", d2 / h2);
+    Ok(())
+}
+
+/// For scripts/demo: the tiny GGUF model published on a local hub and
+/// prewarmed by the agent into the HF cache at `hf_home`; prints the commit.
+async fn prewarm_tiny(hf_home: &str) -> Result<()> {
+    if hf_home.is_empty() {
+        bail!("usage: bench prewarm-tiny HF_HOME");
+    }
+    let model = aimodel_integration::engines::prewarm_tiny_model(std::path::Path::new(hf_home)).await?;
+    println!("{}", model.commit);
     Ok(())
 }
 
