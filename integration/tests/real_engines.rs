@@ -77,6 +77,8 @@ async fn a_llamacpp_task_through_the_plugin_serves_the_gguf_file_the_gate_chose(
     let props = openai::get(port, "/props").await.unwrap().json().unwrap();
     let path = format!("{CONTAINER_HF_HOME}/hub/{}", model.snapshot_file(served));
     assert_eq!(props["model_path"], path.as_str(), "{props}");
+    let events = live.event_messages(&t.config.id).join("\n");
+    assert!(events.contains(&format!("; loading {}", model.snapshot_file(served))), "{events}");
     // The tokens came from llama-server's own generation, as its log says.
     assert!(log().contains(served), "llama-server's log does not name {served}:\n{}", log());
     live.process.driver().destroy_task(DestroyTaskRequest { task_id: t.config.id.clone(), force: true }).await.unwrap();

@@ -39,10 +39,11 @@ impl Driver {
             self.event(
                 task,
                 format!(
-                    "model {model}@{} is {commit}: {} files, {:.2} GB, complete in the cache",
+                    "model {model}@{} is {commit}: {} files, {:.2} GB, complete in the cache{}",
                     cfg.revision,
                     checked.files,
                     checked.bytes as f64 / 1e9,
+                    facts.model_file.as_deref().map(|f| format!("; loading {f}")).unwrap_or_default(),
                 ),
                 &[("commit", commit.clone())],
             );
