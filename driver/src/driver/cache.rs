@@ -423,6 +423,19 @@ mod tests {
     }
 
     #[test]
+    fn the_chosen_file_must_be_there_whole() {
+        let d = tempfile::tempdir().unwrap();
+        let c = cfg(d.path(), false);
+        let f = hub_dir(&c).join(snapshot_file("org/m", "abc", "m.gguf"));
+        assert!(check_file(&c, "org/m", "abc", "m.gguf", 4).unwrap_err().contains("m.gguf is missing"));
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(&f, b"GG").unwrap();
+        assert_eq!(check_file(&c, "org/m", "abc", "m.gguf", 4).unwrap_err(), "m.gguf has 2 of its 4 bytes");
+        std::fs::write(&f, b"GGUF").unwrap();
+        assert_eq!(check_file(&c, "org/m", "abc", "m.gguf", 4), Ok(()));
+    }
+
+    #[test]
     fn the_fix_command_names_the_cache() {
         let c = ModelCheck {
             repo: "org/m".into(),
