@@ -18,6 +18,7 @@ pub enum Engine {
     Ollama,
     Tgi,
     Ray,
+    Llamacpp,
     Custom,
 }
 
@@ -48,6 +49,10 @@ pub struct Launch<'a> {
     pub load_format: Option<&'a str>,
     /// Whether the task named its port (Ray's dashboard then moves to it).
     pub port_named: bool,
+    /// The GPUs assigned (0: none).
+    pub gpus: usize,
+    /// The model file to load, its path inside the container (llama.cpp's GGUF).
+    pub model_file: Option<&'a str>,
 }
 
 /// An engine's entrypoint (`None`: the image's own) and arguments.
@@ -151,6 +156,13 @@ fn ray_argv(l: &Launch<'_>) -> Argv {
     (None, c)
 }
 
+fn llamacpp_argv(l: &Launch<'_>) -> Argv {
+    let ngl = if l.gpus > 0 { "999" } else { "0" };
+    let mut c = strings(&["-m", l.model_file.unwrap_or_default(), "--host", l.bind, "--port", l.port]);
+    c.extend(strings(&["-ngl", ngl]));
+    (None, c)
+}
+
 fn custom_argv(_: &Launch<'_>) -> Argv {
     (None, Vec::new())
 }
@@ -230,6 +242,18 @@ pub const ENGINES: &[EngineSpec] = &[
         load_flags: none,
     },
     EngineSpec {
+        engine: Engine::Llamacpp,
+        name: "llamacpp",
+        image_key: Some("llamacpp"),
+        port: 8080,
+        health_path: Some("/health"),
+        needs_model: true,
+        uses_hf_cache: true,
+        listen_env: None,
+        argv: llamacpp_argv,
+        load_flags: none,
+    },
+    EngineSpec {
         engine: Engine::Custom,
         name: "custom",
         image_key: None,
@@ -273,6 +297,7 @@ mod tests {
             Engine::Ollama,
             Engine::Tgi,
             Engine::Ray,
+            Engine::Llamacpp,
             Engine::Custom,
         ] {
             assert_eq!(ENGINES.iter().filter(|s| s.engine == e).count(), 1, "{e:?}");

@@ -180,10 +180,63 @@ pub const CONTAINER_HF_HOME: &str = "/root/.cache/huggingface";
 /// listening on `port`: small context, one slot, two threads, no web UI.
 pub fn llama_server_args(model_path: &str, port: u16) -> Vec<String> {
     let p = port.to_string();
-    ["-m", model_path, "--host", "0.0.0.0", "--port", &p, "-c", "512", "-np", "1", "-t", "2", "--no-webui"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    let mut args: Vec<String> =
+        ["-m", model_path, "--host", "0.0.0.0", "--port", &p, "-ngl", "0"].iter().map(|s| s.to_string()).collect();
+    args.extend(LLAMA_TASK_ARGS.iter().map(|s| s.to_string()));
+    args
+}
+
+/// What follows the `llamacpp` engine's own command line (`-m … --host … --port … -ngl 0`)
+/// in tests, the demo and the bench: small context, one slot, two threads, no web UI.
+pub const LLAMA_TASK_ARGS: [&str; 7] = ["-c", "512", "-np", "1", "-t", "2", "--no-webui"];
+
+/// The plugin, started through the simulator's sequence as a Nomad client
+/// would, with its HF cache at `hf_home` and `images.llamacpp = image`.
+pub async fn start_plugin_for_llama(hf_home: &Path, image: &str, tmp: &Path) -> Result<crate::sequence::LiveDriver> {
+    let hcl = format!(
+        "plugin \"nomad-driver-aimodel\" {{\n  config {{\n    hf_cache {{ host_path = \"{}\" }}\n    images {{ llamacpp = \"{image}\" }}\n    gpu {{ enabled = false }}\n  }}\n}}\n",
+        hf_home.display()
+    );
+    let tmp = tmp.to_str().context("non-UTF-8 path")?;
+    Ok(crate::sequence::start(&binary(crate::support::DRIVER_BIN)?, &hcl, &[("TMPDIR", tmp)]).await?.live)
+}
+
+/// A `llamacpp` task on the tiny model serving `gguf_file` (a name or a
+/// pattern) on 127.0.0.1:`port`, with [`LLAMA_TASK_ARGS`].
+pub fn llamacpp_task(name: &str, gguf_file: &str, port: u16) -> crate::task::TaskBuilder {
+    let args: Vec<String> = LLAMA_TASK_ARGS.iter().map(|a| format!("{a:?}")).collect();
+    let cfg = format!(
+        "engine = \"llamacpp\"\nmodel = \"{TINY_REPO}\"\ngguf_file = \"{gguf_file}\"\nport = \"http\"\nargs = [{}]\nreadiness {{\n  interval = \"100ms\"\n}}\n",
+        args.join(", ")
+    );
+    crate::task::TaskBuilder::new(name, &cfg).port("http", port, 8080)
+}
+
+/// StartTask of a `llamacpp` task through `live` (the plugin of
+/// [`start_plugin_for_llama`]), then the same requests as
+/// [`time_docker_run_to_first_token`]: the bench's driver half. The task is
+/// destroyed after; `FirstToken::docker_run` is when StartTask returned.
+pub async fn time_start_task_to_first_token(
+    live: &crate::sequence::LiveDriver,
+    data_dir: &Path,
+    gguf_file: &str,
+) -> Result<FirstToken> {
+    use aimodel_proto::drivers::{DestroyTaskRequest, StartTaskRequest};
+    let port = crate::task::free_port();
+    let t = llamacpp_task("llm", gguf_file, port).build(&live.task_schema, data_dir)?;
+    let started = Instant::now();
+    live.process.driver().start_task(StartTaskRequest { task: Some(t.config.clone()) }).await?;
+    let docker_run = started.elapsed();
+    let timed = async {
+        crate::openai::wait_ok(port, "/health", Duration::from_secs(120)).await?;
+        let healthy = started.elapsed();
+        let (text, _) = crate::openai::first_streamed_token(port, "Say hello.").await?;
+        Ok::<_, anyhow::Error>(FirstToken { docker_run, healthy, first_token: started.elapsed(), text })
+    }
+    .await;
+    let destroy = DestroyTaskRequest { task_id: t.config.id.clone(), force: true };
+    live.process.driver().destroy_task(destroy).await?;
+    timed
 }
 
 /// Label of the containers started here (removed on drop; scripts/test checks none is left).

@@ -12,8 +12,9 @@ use aimodel_driver::nomad::decode::task_config as decode_task_config;
 use aimodel_driver::nomad::hclspec::to_spec;
 use aimodel_driver::plan::LABEL_ALLOC_ID;
 use aimodel_integration::engines::{
-    engine_image, prewarm_tiny_model, run_llama_server, time_docker_run_to_first_token, write_tiny_gguf, Container,
-    EngineImage, CONTAINER_HF_HOME, TINY_GGUF_FILES,
+    engine_image, llamacpp_task, prewarm_tiny_model, run_llama_server, start_plugin_for_llama,
+    time_docker_run_to_first_token, time_start_task_to_first_token, write_tiny_gguf, Container, EngineImage,
+    CONTAINER_HF_HOME, TINY_GGUF_FILES,
 };
 use aimodel_integration::jobrun::{aimodel_tasks, eval_context, seed_tiny_model};
 use aimodel_integration::openai::{self, chat_body};
@@ -21,6 +22,113 @@ use aimodel_integration::sequence;
 use aimodel_integration::support::{binary, remove_containers_with_label, require_docker, standin_image, DRIVER_BIN};
 use aimodel_integration::task::{free_port, PreparedTask};
 use aimodel_proto::drivers::{DestroyTaskRequest, StartTaskRequest};
+
+/// A `llamacpp` task started through the plugin (the simulator's sequence, as
+/// a Nomad client does) on the tiny model the agent prewarmed: the gate picks
+/// the one file `gguf_file` matches, llama-server loads it from the cache
+/// mount and generates the tokens of a chat completion. A pattern matching two
+/// files is a configuration error; a truncated blob or a missing file of the
+/// snapshot is refused as recoverable, with the command that fixes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_llamacpp_task_through_the_plugin_serves_the_gguf_file_the_gate_chose() {
+    use aimodel_driver::nomad::status::recoverable_detail;
+    if !require_docker() {
+        return;
+    }
+    let image = engine_image(EngineImage::LlamaServer).unwrap();
+    let (hf_home, tmp, data) =
+        (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let model = prewarm_tiny_model(hf_home.path()).await.unwrap();
+    let live = start_plugin_for_llama(hf_home.path(), &image, tmp.path()).await.unwrap();
+    struct Cleanup(Vec<String>);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for a in &self.0 {
+                remove_containers_with_label(LABEL_ALLOC_ID, a);
+            }
+        }
+    }
+    let mut cleanup = Cleanup(Vec::new());
+    let mut start = |name: &str, gguf: &str, port: u16| {
+        let t = llamacpp_task(name, gguf, port).build(&live.task_schema, data.path()).unwrap();
+        cleanup.0.push(t.config.alloc_id.clone());
+        let d = live.process.driver();
+        async move {
+            let mut d = d;
+            let r = d.start_task(StartTaskRequest { task: Some(t.config.clone()) }).await;
+            (t, r)
+        }
+    };
+
+    // The second file, by pattern: the first would do by accident.
+    let (served, _) = TINY_GGUF_FILES[1];
+    let port = free_port();
+    let (t, r) = start("llm", "*Q8_0.gguf", port).await;
+    r.unwrap();
+    let log = || t.stderr.as_ref().map(|o| o.text()).unwrap_or_default();
+    if let Err(e) = live.wait_event(&t.config.id, "model server ready", Duration::from_secs(120)).await {
+        panic!("{e}\n{}", log());
+    }
+    let answer = openai::post(port, "/v1/chat/completions", &chat_body("Say hello.", 12)).await.unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let v = answer.json().unwrap();
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap_or_default();
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap_or(0) > 0 && !text.is_empty(), "no tokens: {v}");
+    let props = openai::get(port, "/props").await.unwrap().json().unwrap();
+    let path = format!("{CONTAINER_HF_HOME}/hub/{}", model.snapshot_file(served));
+    assert_eq!(props["model_path"], path.as_str(), "{props}");
+    let events = live.event_messages(&t.config.id).join("\n");
+    assert!(events.contains(&format!("; loading {}", model.snapshot_file(served))), "{events}");
+    // The tokens came from llama-server's own generation, as its log says.
+    assert!(log().contains(served), "llama-server's log does not name {served}:\n{}", log());
+    live.process.driver().destroy_task(DestroyTaskRequest { task_id: t.config.id.clone(), force: true }).await.unwrap();
+
+    // Two files match: a configuration error naming them, nothing created.
+    let (t, r) = start("ambiguous", "*.gguf", free_port()).await;
+    let err = r.unwrap_err();
+    assert_eq!(recoverable_detail(&err), None, "{err:?}");
+    assert!(err.message().contains("gguf_file") && err.message().contains("matches 2 files"), "{}", err.message());
+    assert!(container_of(&t.config.alloc_id).is_empty());
+
+    // A truncated blob, then a missing file: the model is not complete.
+    let hub = hf_home.path().join("hub");
+    let blob = std::fs::canonicalize(hub.join(model.snapshot_file(TINY_GGUF_FILES[0].0))).unwrap();
+    let len = std::fs::metadata(&blob).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&blob).unwrap().set_len(len / 2).unwrap();
+    std::fs::remove_file(hub.join(model.snapshot_file(served))).unwrap();
+    for (name, file) in [("short", TINY_GGUF_FILES[0].0), ("missing", served)] {
+        let (t, r) = start(name, file, free_port()).await;
+        let err = r.unwrap_err();
+        assert_eq!(recoverable_detail(&err), Some(true), "Nomad must retry once the cache is fixed: {err:?}");
+        let m = err.message();
+        assert!(m.contains("is not complete") && m.contains(file), "{m}");
+        assert!(m.contains(&format!("Fix: aimodel-agent --hf-home {} prewarm", hf_home.path().display())), "{m}");
+        assert!(container_of(&t.config.alloc_id).is_empty(), "{name}: a container was created");
+    }
+    drop(cleanup);
+    live.kill().await.unwrap();
+}
+
+/// The bench's two halves work: StartTask through the driver and `docker run`
+/// by hand, each to the first streamed token of the same llama-server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_task_and_docker_run_both_reach_a_first_token() {
+    if !require_docker() {
+        return;
+    }
+    let image = engine_image(EngineImage::LlamaServer).unwrap();
+    let (hf_home, tmp, data) =
+        (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let model = prewarm_tiny_model(hf_home.path()).await.unwrap();
+    let live = start_plugin_for_llama(hf_home.path(), &image, tmp.path()).await.unwrap();
+    let t = time_start_task_to_first_token(&live, data.path(), TINY_GGUF_FILES[0].0).await.unwrap();
+    assert!(!t.text.is_empty() && t.docker_run <= t.healthy && t.healthy <= t.first_token, "{t:?}");
+    let d = time_docker_run_to_first_token(&image, hf_home.path(), &model.snapshot_file(TINY_GGUF_FILES[0].0))
+        .await
+        .unwrap();
+    assert!(!d.text.is_empty(), "{d:?}");
+    live.kill().await.unwrap();
+}
 
 #[test]
 fn the_tiny_gguf_is_deterministic_and_a_few_megabytes() {

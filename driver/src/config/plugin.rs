@@ -157,6 +157,12 @@ const IMAGES_SCHEMA: &[Field] = &[
         "Default image for `engine = \"tgi\"`.",
     ),
     attr("ray", "string", Some(r#""rayproject/ray:latest-gpu""#), "Default image for `engine = \"ray\"`."),
+    attr(
+        "llamacpp",
+        "string",
+        Some(r#""ghcr.io/ggml-org/llama.cpp:server""#),
+        "Default image for `engine = \"llamacpp\"`.",
+    ),
 ];
 
 /// Registry credentials; shared by the plugin and task schemas.
@@ -310,6 +316,7 @@ pub struct ImagesConfig {
     pub ollama: String,
     pub tgi: String,
     pub ray: String,
+    pub llamacpp: String,
 }
 
 impl ImagesConfig {
@@ -322,6 +329,7 @@ impl ImagesConfig {
             "ollama" => &self.ollama,
             "tgi" => &self.tgi,
             "ray" => &self.ray,
+            "llamacpp" => &self.llamacpp,
             _ => return None,
         })
     }
@@ -336,6 +344,7 @@ impl Default for ImagesConfig {
             ollama: "ollama/ollama:latest".into(),
             tgi: "ghcr.io/huggingface/text-generation-inference:latest".into(),
             ray: "rayproject/ray:latest-gpu".into(),
+            llamacpp: "ghcr.io/ggml-org/llama.cpp:server".into(),
         }
     }
 }
@@ -462,6 +471,7 @@ impl PluginConfig {
             ("images.ollama", &images.ollama),
             ("images.tgi", &images.tgi),
             ("images.ray", &images.ray),
+            ("images.llamacpp", &images.llamacpp),
         ] {
             if image.trim().is_empty() || image.contains(char::is_whitespace) {
                 return invalid(field, format!("{image:?} is not an image reference"));

@@ -16,7 +16,7 @@ pub const TASK_SCHEMA: &[Field] = &[
     required(
         "engine",
         "string",
-        "Model server: `vllm`, `sglang`, `sglang-router`, `ollama`, `tgi`, `ray` or `custom`.",
+        "Model server: `vllm`, `sglang`, `sglang-router`, `ollama`, `tgi`, `ray`, `llamacpp` or `custom`.",
     ),
     attr("image", "string", None, "Container image; defaults to the plugin's `images` entry for the engine."),
     attr(
@@ -25,7 +25,13 @@ pub const TASK_SCHEMA: &[Field] = &[
         Some(r#""missing""#),
         "`missing`: pull only when the image is not on the node (what the agent pulled ahead is used); `always`: pull on every start (keeps tags like `latest` current).",
     ),
-    attr("model", "string", None, "HuggingFace repo id (`org/name`); required for vllm, sglang and tgi."),
+    attr("model", "string", None, "HuggingFace repo id (`org/name`); required for vllm, sglang, tgi and llamacpp."),
+    attr(
+        "gguf_file",
+        "string",
+        None,
+        "Engine `llamacpp`: the GGUF file of `model` to serve, a path in the repo or a pattern (`*Q4_K_M.gguf`); exactly one file of the snapshot must match. Defaults to `*.gguf`.",
+    ),
     attr(
         "revision",
         "string",
@@ -131,6 +137,8 @@ pub struct TaskConfig {
     #[serde(default = "default_revision")]
     pub revision: String,
     #[serde(default)]
+    pub gguf_file: Option<String>,
+    #[serde(default)]
     pub served_model_name: Option<String>,
     #[serde(default)]
     pub port: Option<String>,
@@ -209,6 +217,14 @@ impl TaskConfig {
         {
             return invalid("revision", format!("{:?} is not a branch, tag or commit", self.revision));
         }
+        if let Some(g) = &self.gguf_file {
+            if self.engine != Engine::Llamacpp {
+                return invalid("gguf_file", "is only for engine \"llamacpp\"".into());
+            }
+            if g.is_empty() || g.starts_with('/') || g.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+                return invalid("gguf_file", format!("{g:?} is not a file name or pattern inside the model's repo"));
+            }
+        }
         if self.engine == Engine::Custom && self.image.is_none() {
             return invalid("image", "is required for engine \"custom\"".into());
         }
@@ -252,6 +268,11 @@ impl TaskConfig {
             }
         }
         Ok(())
+    }
+
+    /// The GGUF file name or pattern (`llamacpp`): `gguf_file`, else `*.gguf`.
+    pub fn gguf_pattern(&self) -> &str {
+        self.gguf_file.as_deref().unwrap_or("*.gguf")
     }
 
     /// The requested GPU count, when the task config sets `gpus`.

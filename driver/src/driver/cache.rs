@@ -128,6 +128,8 @@ pub struct ModelCheck {
     pub verifiable: bool,
     pub files: usize,
     pub bytes: u64,
+    /// The commit's files (path in the repo → size), as far as they are known.
+    pub sizes: BTreeMap<String, u64>,
     /// Human lines, one per finding.
     pub findings: Vec<String>,
 }
@@ -178,8 +180,63 @@ pub fn check_model(
         verifiable: report.verifiable,
         files: report.files.len(),
         bytes: report.total_bytes(),
+        sizes: report.files.clone(),
         findings: report.findings.iter().map(ToString::to_string).collect(),
     })
+}
+
+/// Whether `text` matches the glob `pattern` (`*` any run of characters but
+/// `/`, `?` one character; anything else literally).
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    fn go(p: &[char], t: &[char]) -> bool {
+        match (p.first(), t.first()) {
+            (None, None) => true,
+            (Some('*'), _) => go(&p[1..], t) || t.first().is_some_and(|c| *c != '/') && go(p, &t[1..]),
+            (Some('?'), Some(c)) if *c != '/' => go(&p[1..], &t[1..]),
+            (Some(a), Some(b)) if a == b => go(&p[1..], &t[1..]),
+            _ => false,
+        }
+    }
+    go(&pattern.chars().collect::<Vec<_>>(), &text.chars().collect::<Vec<_>>())
+}
+
+/// The one file of `sizes` that `pattern` names (its path in the repo, or, for
+/// a pattern without `/`, its file name); an error says what matched instead.
+pub fn choose_file(sizes: &BTreeMap<String, u64>, pattern: &str) -> Result<(String, u64), String> {
+    let name = |p: &str| p.rsplit('/').next().unwrap_or(p).to_string();
+    let hits: Vec<(&String, &u64)> = sizes
+        .iter()
+        .filter(|(p, _)| glob_match(pattern, p) || !pattern.contains('/') && glob_match(pattern, &name(p)))
+        .collect();
+    match hits.as_slice() {
+        [(p, n)] => Ok(((*p).clone(), **n)),
+        [] => {
+            let ggufs: Vec<&str> = sizes.keys().filter(|p| p.ends_with(".gguf")).map(String::as_str).collect();
+            Err(format!("{pattern:?} matches no file of the model (its GGUF files: {})", ggufs.join(", ")))
+        }
+        many => {
+            let names: Vec<&str> = many.iter().map(|(p, _)| p.as_str()).collect();
+            Err(format!("{pattern:?} matches {} files ({}); name exactly one", names.len(), names.join(", ")))
+        }
+    }
+}
+
+/// `models--org--name/snapshots/<commit>/<file>`, relative to the hub cache.
+pub fn snapshot_file(model: &str, commit: &str, file: &str) -> String {
+    format!("{}/snapshots/{commit}/{file}", RepoId::model(model).folder_name())
+}
+
+/// Checks that `file` of the snapshot is there with `size` bytes (following its
+/// link to the blob), under the probe timeout; an error is a finding.
+pub fn check_file(cache: &HfCacheConfig, model: &str, commit: &str, file: &str, size: u64) -> Result<(), String> {
+    let path = hub_dir(cache).join(snapshot_file(model, commit, file));
+    let p = path.clone();
+    match with_timeout_for(Path::new(&cache.host_path), cache.probe_timeout.0, move || std::fs::metadata(&p)) {
+        Err(t) => Err(format!("{file}: {t}")),
+        Ok(Err(e)) => Err(format!("{file} is missing ({e})")),
+        Ok(Ok(m)) if m.len() != size => Err(format!("{file} has {} of its {size} bytes", m.len())),
+        Ok(Ok(_)) => Ok(()),
+    }
 }
 
 /// `driver.aimodel.warm.<org>/<name>` = commit for every model the agent
@@ -349,6 +406,36 @@ mod tests {
     }
 
     #[test]
+    fn a_gguf_pattern_names_exactly_one_file() {
+        let sizes: BTreeMap<String, u64> =
+            [("a-Q4_K_M.gguf", 4), ("a-Q8_0.gguf", 8), ("sub/b-Q4_K_M.gguf", 5), ("README.md", 1)]
+                .into_iter()
+                .map(|(p, n)| (p.to_string(), n))
+                .collect();
+        assert_eq!(choose_file(&sizes, "a-Q8_0.gguf").unwrap(), ("a-Q8_0.gguf".into(), 8));
+        assert_eq!(choose_file(&sizes, "sub/*.gguf").unwrap(), ("sub/b-Q4_K_M.gguf".into(), 5));
+        assert_eq!(choose_file(&sizes, "a-*Q?_0.gguf").unwrap().0, "a-Q8_0.gguf");
+        let many = choose_file(&sizes, "*Q4_K_M.gguf").unwrap_err();
+        assert!(many.contains("matches 2 files"), "{many}");
+        let none = choose_file(&sizes, "*Q2_K.gguf").unwrap_err();
+        assert!(none.contains("matches no file") && none.contains("a-Q8_0.gguf"), "{none}");
+        assert!(!glob_match("*.gguf", "sub/b.gguf"));
+    }
+
+    #[test]
+    fn the_chosen_file_must_be_there_whole() {
+        let d = tempfile::tempdir().unwrap();
+        let c = cfg(d.path(), false);
+        let f = hub_dir(&c).join(snapshot_file("org/m", "abc", "m.gguf"));
+        assert!(check_file(&c, "org/m", "abc", "m.gguf", 4).unwrap_err().contains("m.gguf is missing"));
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(&f, b"GG").unwrap();
+        assert_eq!(check_file(&c, "org/m", "abc", "m.gguf", 4).unwrap_err(), "m.gguf has 2 of its 4 bytes");
+        std::fs::write(&f, b"GGUF").unwrap();
+        assert_eq!(check_file(&c, "org/m", "abc", "m.gguf", 4), Ok(()));
+    }
+
+    #[test]
     fn the_fix_command_names_the_cache() {
         let c = ModelCheck {
             repo: "org/m".into(),
@@ -358,6 +445,7 @@ mod tests {
             verifiable: false,
             files: 0,
             bytes: 0,
+            sizes: BTreeMap::new(),
             findings: vec!["refs/main is missing".into()],
         };
         let m = c.failure_message(Path::new("/mnt/hf-cache/hub"));

@@ -45,6 +45,9 @@ pub struct NodeFacts {
     pub resolved_revision: Option<String>,
     /// Bytes of the model's files in the cache, when known.
     pub model_bytes: Option<u64>,
+    /// The one file the engine loads (llama.cpp's GGUF), relative to the hub
+    /// cache (`models--org--name/snapshots/<commit>/<file>`), as the gate chose it.
+    pub model_file: Option<String>,
 }
 
 fn err(field: &str, message: String) -> ConfigError {
@@ -238,6 +241,14 @@ pub fn plan(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, facts: &N
     let served = cfg.served_model_name.clone().unwrap_or_else(|| model.clone());
     let p = port.to_string();
     let tp = gpu_count(&gpus).filter(|n| *n > 1).map(|n| n.to_string());
+    let hf = &plugin.hf_cache;
+    let model_file = match (&facts.model_file, cfg.engine) {
+        (Some(f), _) => Some(format!("{}/hub/{f}", hf.container_path.trim_end_matches('/'))),
+        (None, crate::engines::Engine::Llamacpp) => {
+            return Err(err("gguf_file", "names no file of the model in the cache (the cache gate chose none)".into()))
+        }
+        (None, _) => None,
+    };
     let launch = Launch {
         model: &model,
         revision: &revision,
@@ -247,6 +258,8 @@ pub fn plan(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, facts: &N
         tensor_parallel: tp.as_deref(),
         load_format: cfg.load_format.as_deref(),
         port_named: cfg.port.is_some(),
+        gpus: gpu_count(&gpus).unwrap_or(usize::from(gpus.is_some())),
+        model_file: model_file.as_deref(),
     };
     let (mut entrypoint, mut cmd) = (engine.argv)(&launch);
     cmd.extend(flags.iter().cloned());
@@ -302,7 +315,6 @@ pub fn plan(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, facts: &N
             env.insert("NVIDIA_VISIBLE_DEVICES".into(), "void".into());
         }
     }
-    let hf = &plugin.hf_cache;
     let cache_writable = !cfg.offline && hf.allow_write;
     env.insert("HF_HOME".into(), hf.container_path.clone());
     env.insert("HF_HUB_CACHE".into(), format!("{}/hub", hf.container_path.trim_end_matches('/')));

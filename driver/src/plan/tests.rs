@@ -59,7 +59,6 @@ fn vllm_command_line_and_docker_bridge_like_the_docker_driver() {
     // Nomad picked, host port → `to`, and the server listening on `to`.
     assert_eq!(p.spec.network_mode, "bridge");
     assert_eq!(p.spec.ports, [PortBinding { container_port: 8000, host_ip: "10.0.0.5".into(), host_port: 23456 }]);
-    assert_eq!(p.readiness_url.as_deref(), Some("http://10.0.0.5:23456/health"));
     assert_eq!(p.port_map["http"], 23456);
     assert_eq!(p.spec.memory_bytes, Some(1024 << 20));
     assert_eq!(p.spec.cpu_shares, Some(500));
@@ -159,7 +158,6 @@ fn group_network_publishes_the_tasks_ports() {
         ]
     );
     assert!(p.spec.cmd.unwrap().windows(2).any(|w| w == ["--port", "8000"]));
-    assert_eq!(p.readiness_url.as_deref(), Some("http://10.0.0.5:23456/health"));
 }
 
 #[test]
@@ -354,7 +352,7 @@ fn every_engine_builds_its_command() {
 
 #[test]
 fn load_strategy_auto_is_eager_on_nfs() {
-    let facts = NodeFacts { cache_on_nfs: true, resolved_revision: Some("abc123".into()), model_bytes: None };
+    let facts = NodeFacts { cache_on_nfs: true, resolved_revision: Some("abc123".into()), ..NodeFacts::default() };
     let p = plan(&cfg(&vllm()), &task(), &PluginConfig::default(), &facts).unwrap();
     let cmd = p.spec.cmd.unwrap();
     assert!(cmd.windows(2).any(|w| w == ["--safetensors-load-strategy", "eager"]));
@@ -445,4 +443,40 @@ fn resources_mounts_devices_and_logs_follow_the_docker_driver() {
     assert_eq!(p.spec.devices[0].container_path, "/dev/kfd");
     assert_eq!(p.spec.devices[0].permissions, "rwm");
     assert_eq!((p.spec.log_max_size.as_deref(), p.spec.log_max_files), (Some("2m"), 2));
+}
+
+#[test]
+fn llamacpp_loads_the_chosen_gguf_from_the_cache_mount() {
+    let c = cfg(&[
+        ("engine", Value::str("llamacpp")),
+        ("model", Value::str("org/m-GGUF")),
+        ("gguf_file", Value::str("*Q4_K_M.gguf")),
+        ("args", Value::List(vec![Value::str("-c"), Value::str("4096"), Value::str("-np"), Value::str("2")])),
+    ]);
+    let file = "models--org--m-GGUF/snapshots/abc/m-Q4_K_M.gguf".to_string();
+    let facts = NodeFacts { model_file: Some(file), ..NodeFacts::default() };
+    let p = plan(&c, &task(), &PluginConfig::default(), &facts).unwrap();
+    let m = "/root/.cache/huggingface/hub/models--org--m-GGUF/snapshots/abc/m-Q4_K_M.gguf";
+    let want = ["-m", m, "--host", "0.0.0.0", "--port", "8080", "-ngl", "0", "-c", "4096", "-np", "2"];
+    assert_eq!(p.spec.cmd.clone().unwrap(), want);
+    assert_eq!(p.spec.image, "ghcr.io/ggml-org/llama.cpp:server");
+    let mut t = task();
+    t.device_env.insert("NVIDIA_VISIBLE_DEVICES".into(), "GPU-1".into());
+    let p = plan(&c, &t, &PluginConfig::default(), &facts).unwrap();
+    assert_eq!(p.spec.cmd.unwrap()[6..8], ["-ngl", "999"]);
+    // Without the gate's choice there is no file to load.
+    assert!(plan(&c, &task(), &PluginConfig::default(), &NodeFacts::default()).is_err());
+    // gguf_file is for llamacpp only, and stays inside the repo.
+    let decodes = |pairs: &[(&str, Value)]| {
+        let Value::Map(mut m) = default_value(TASK_SCHEMA, false) else { unreachable!() };
+        m.extend(pairs.iter().map(|(k, v)| ((*k).to_string(), v.clone())));
+        decode_task_config(&encode(&Value::Map(m))).is_ok()
+    };
+    let mut other = vllm();
+    other.push(("gguf_file", Value::str("x.gguf")));
+    assert!(!decodes(&other));
+    let gguf = |f: &str| {
+        decodes(&[("engine", Value::str("llamacpp")), ("model", Value::str("org/m")), ("gguf_file", Value::str(f))])
+    };
+    assert!(gguf("sub/*.gguf") && !gguf("../x.gguf") && !gguf("/x.gguf"));
 }

@@ -17,16 +17,18 @@ impl Driver {
         let plugin = self.config();
         let cache_cfg = plugin.hf_cache.clone();
         let on_nfs = crate::driver::cache::on_nfs(&cache_cfg);
-        let mut facts = NodeFacts { cache_on_nfs: on_nfs, resolved_revision: None, model_bytes: None };
+        let mut facts = NodeFacts { cache_on_nfs: on_nfs, ..NodeFacts::default() };
         let (Some(model), true) = (&cfg.model, crate::driver::cache::uses_hf_cache(cfg)) else { return Ok(facts) };
         // In use before the check: an agent's gc that reads the markers after
         // this cannot evict what the check is about to accept.
         let (c, id, node, m) = (cache_cfg.clone(), task.id.clone(), task.node_name.clone(), model.clone());
         let _ =
             tokio::task::spawn_blocking(move || crate::driver::cache::mark_in_use(&c, &id, &node, &m, "", true)).await;
+        let hub = crate::driver::cache::hub_dir(&cache_cfg);
         let checked = check_cached(&cache_cfg, model, &cfg.revision).await?;
         if checked.complete {
             let commit = checked.commit.clone().unwrap_or_default();
+            facts.model_file = chosen_file(cfg, &checked, &cache_cfg, &hub).await?;
             facts.resolved_revision = Some(commit.clone());
             facts.model_bytes = Some(checked.bytes);
             let (c, id, node, m, k) =
@@ -37,16 +39,16 @@ impl Driver {
             self.event(
                 task,
                 format!(
-                    "model {model}@{} is {commit}: {} files, {:.2} GB, complete in the cache",
+                    "model {model}@{} is {commit}: {} files, {:.2} GB, complete in the cache{}",
                     cfg.revision,
                     checked.files,
                     checked.bytes as f64 / 1e9,
+                    facts.model_file.as_deref().map(|f| format!("; loading {f}")).unwrap_or_default(),
                 ),
                 &[("commit", commit.clone())],
             );
             return Ok(facts);
         }
-        let hub = crate::driver::cache::hub_dir(&cache_cfg);
         let message = checked.failure_message(&hub);
         if cfg.prewarm {
             self.event(task, format!("{message}; prewarm = true: fetching it with aimodel-agent"), &[]);
@@ -54,6 +56,7 @@ impl Driver {
             let again = check_cached(&cache_cfg, model, &cfg.revision).await?;
             if again.complete {
                 let commit = again.commit.clone().unwrap_or_default();
+                facts.model_file = chosen_file(cfg, &again, &cache_cfg, &hub).await?;
                 facts.resolved_revision = Some(commit.clone());
                 facts.model_bytes = Some(again.bytes);
                 self.event(
@@ -69,7 +72,7 @@ impl Driver {
             }
             return Err(DriverError::ModelIncomplete { message: again.failure_message(&hub) });
         }
-        if !cfg.offline {
+        if !cfg.offline && !reads_a_file(cfg) {
             // The engine may download what is missing itself.
             self.event(task, format!("{message}; offline = false, the engine will download it"), &[]);
             return Ok(facts);
@@ -170,6 +173,42 @@ async fn check_cached(
     tokio::task::spawn_blocking(move || crate::driver::cache::check_model(&c, &m, &r, t))
         .await
         .map_err(|e| DriverError::CacheUnavailable { path: cache.host_path.clone(), reason: e.to_string() })?
+}
+
+/// Whether the engine loads one file of the snapshot (llama.cpp's GGUF): it
+/// downloads nothing, so the model must be in the cache whatever `offline` says.
+fn reads_a_file(cfg: &TaskConfig) -> bool {
+    cfg.engine == crate::config::Engine::Llamacpp
+}
+
+/// For an engine that loads one file: the file `gguf_file` names among the
+/// complete model's files, checked there with its full size; its path relative
+/// to the hub cache. No match, or several, is a task configuration error; a
+/// missing or short file makes the model incomplete.
+async fn chosen_file(
+    cfg: &TaskConfig,
+    checked: &crate::driver::cache::ModelCheck,
+    cache: &crate::config::HfCacheConfig,
+    hub: &Path,
+) -> Result<Option<String>, DriverError> {
+    use crate::driver::cache::{check_file, choose_file, snapshot_file};
+    if !reads_a_file(cfg) {
+        return Ok(None);
+    }
+    let (file, size) = choose_file(&checked.sizes, cfg.gguf_pattern()).map_err(|message| {
+        DriverError::TaskConfig(crate::config::ConfigError::Invalid { field: "gguf_file".into(), message })
+    })?;
+    let commit = checked.commit.clone().unwrap_or_default();
+    let (c, m, k, f) = (cache.clone(), checked.repo.clone(), commit.clone(), file.clone());
+    let found = tokio::task::spawn_blocking(move || check_file(&c, &m, &k, &f, size))
+        .await
+        .map_err(|e| DriverError::CacheUnavailable { path: cache.host_path.clone(), reason: e.to_string() })?;
+    if let Err(finding) = found {
+        let incomplete =
+            crate::driver::cache::ModelCheck { complete: false, findings: vec![finding], ..checked.clone() };
+        return Err(DriverError::ModelIncomplete { message: incomplete.failure_message(hub) });
+    }
+    Ok(Some(snapshot_file(&checked.repo, &commit, &file)))
 }
 
 /// The agent binary: `AIMODEL_AGENT_BIN`, else beside the plugin (`plugin_dir`), else on PATH.
