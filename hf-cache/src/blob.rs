@@ -10,7 +10,6 @@ use std::path::Path;
 use nix::sys::stat::FileStat;
 use sha1::Digest as _;
 
-use crate::check::refused;
 use crate::layout::{is_blob_name, RepoPaths};
 use crate::safefs;
 
@@ -133,4 +132,17 @@ pub fn git_blob_sha1(path: &Path) -> std::io::Result<String> {
 
 pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub(crate) fn refused(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::InvalidData
+}
+
+/// Reads `rel` below the repo folder through real directories only (no
+/// symlink anywhere below the repo folder), capped at `cap` bytes.
+pub(crate) fn read_repo_file(paths: &RepoPaths, rel: &Path, cap: u64) -> std::io::Result<Vec<u8>> {
+    let root = safefs::open_dir(&paths.root)?;
+    let name = rel.file_name().ok_or_else(|| std::io::Error::other("no file name"))?;
+    let dir = safefs::open_dir_path_at(&root, rel.parent().unwrap_or(Path::new("")))?;
+    safefs::read_capped_at(&dir, name, cap)
 }

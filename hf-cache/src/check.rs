@@ -24,7 +24,7 @@ use crate::layout::{is_blob_name, is_commit, RepoId, RepoPaths, TreeEntry, TreeF
 use crate::safefs;
 
 pub use crate::blob::{git_blob_sha1, sha256_file};
-pub(crate) use crate::blob::{hash_blob, open_blob, BlobError};
+pub(crate) use crate::blob::{hash_blob, open_blob, read_repo_file, refused, BlobError};
 
 /// How thoroughly to check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,19 +157,6 @@ impl Report {
 /// progress when its blob is there and sound (older ones are strays; the
 /// agent's prewarm removes them).
 pub const PARTIAL_FRESH: Duration = Duration::from_secs(600);
-
-pub(crate) fn refused(e: &std::io::Error) -> bool {
-    e.kind() == std::io::ErrorKind::InvalidData
-}
-
-/// Reads `rel` below the repo folder through real directories only (no
-/// symlink anywhere below the repo folder), capped at `cap` bytes.
-pub(crate) fn read_repo_file(paths: &RepoPaths, rel: &Path, cap: u64) -> std::io::Result<Vec<u8>> {
-    let root = safefs::open_dir(&paths.root)?;
-    let name = rel.file_name().ok_or_else(|| std::io::Error::other("no file name"))?;
-    let dir = safefs::open_dir_path_at(&root, rel.parent().unwrap_or(Path::new("")))?;
-    safefs::read_capped_at(&dir, name, cap)
-}
 
 /// Resolves a revision: a cached commit as is, else `refs/<rev>`.
 pub fn resolve(paths: &RepoPaths, rev: &str) -> Result<String, Finding> {

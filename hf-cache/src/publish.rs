@@ -146,7 +146,7 @@ pub fn write_ref(paths: &RepoPaths, rev: &str, commit: &str) -> std::io::Result<
 /// Reads the completion record of `commit`, if there is a valid one.
 pub fn read_completion(paths: &RepoPaths, commit: &str) -> Option<CompletionRecord> {
     let rel = Path::new(".aimodel/complete").join(format!("{commit}.json"));
-    let bytes = crate::check::read_repo_file(paths, &rel, safefs::LISTING_CAP).ok()?;
+    let bytes = crate::blob::read_repo_file(paths, &rel, safefs::LISTING_CAP).ok()?;
     let rec: CompletionRecord = serde_json::from_slice(&bytes).ok()?;
     (rec.format_version == 1 && rec.commit == commit).then_some(rec)
 }
@@ -191,7 +191,7 @@ pub fn check_present_blob(
     entry: &TreeEntry,
 ) -> std::io::Result<PresentBlob> {
     let hub = paths.root.parent().unwrap_or(Path::new("."));
-    let b = crate::check::open_blob(hub, paths, entry.etag())
+    let b = crate::blob::open_blob(hub, paths, entry.etag())
         .map_err(|e| std::io::Error::other(format!("{path}: blob {}: {e}", entry.etag())))?;
     let ctime = (b.stat.st_ctime, b.stat.st_ctime_nsec);
     let recorded = record
@@ -200,7 +200,7 @@ pub fn check_present_blob(
     if recorded {
         return Ok(PresentBlob::Recorded);
     }
-    let actual = crate::check::hash_blob(&b, entry.lfs_sha256.is_some())?;
+    let actual = crate::blob::hash_blob(&b, entry.lfs_sha256.is_some())?;
     if actual != entry.etag() {
         return Ok(PresentBlob::Corrupt { actual });
     }
@@ -236,7 +236,7 @@ pub fn record_completion_hashed(
             if listing.contains_key(path) {
                 continue;
             }
-            if let Ok(b) = crate::check::open_blob(hub, paths, f.entry.etag()) {
+            if let Ok(b) = crate::blob::open_blob(hub, paths, f.entry.etag()) {
                 if (b.stat.st_ctime, b.stat.st_ctime_nsec) <= (f.ctime, f.ctime_nsec) {
                     files.insert(path.clone(), f.clone());
                 }
@@ -247,7 +247,7 @@ pub fn record_completion_hashed(
         if !crate::layout::is_safe_file_path(path) {
             return Err(invalid(format!("{path:?} is not a snapshot path")));
         }
-        let b = crate::check::open_blob(hub, paths, entry.etag())
+        let b = crate::blob::open_blob(hub, paths, entry.etag())
             .map_err(|e| std::io::Error::other(format!("{path}: blob {}: {e}", entry.etag())))?;
         if b.stat.st_size as u64 != entry.content_size() {
             return Err(std::io::Error::other(format!(
@@ -265,7 +265,7 @@ pub fn record_completion_hashed(
                 .and_then(|o| o.files.get(path))
                 .is_some_and(|f| f.entry.etag() == entry.etag() && ctime <= (f.ctime, f.ctime_nsec));
         if !vouched {
-            let actual = crate::check::hash_blob(&b, entry.lfs_sha256.is_some())?;
+            let actual = crate::blob::hash_blob(&b, entry.lfs_sha256.is_some())?;
             if actual != entry.etag() {
                 return Err(std::io::Error::other(format!(
                     "{path}: blob {} hashes to {actual}: not recorded (remove the blob and prewarm again)",

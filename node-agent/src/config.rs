@@ -288,12 +288,12 @@ impl AgentConfig {
             }
         }
         if let Some(n) = &cfg.nomad {
-            let address = crate::nomad::resolve_address(n.address.as_deref(), env);
+            let address = resolve_address(n.address.as_deref(), env);
             if !["http://", "https://", "unix://"].iter().any(|p| address.starts_with(p)) {
                 return Err(err(format!("nomad.address {address:?}: use http://, https:// or unix://")));
             }
             let token = n.token.as_ref().is_some_and(|t| !t.is_empty());
-            if token && !n.insecure_http && !crate::nomad::token_safe_over(&address) {
+            if token && !n.insecure_http && !token_safe_over(&address) {
                 return Err(err(format!(
                     "nomad.address {address:?}: the Nomad token would cross the network in clear text; use https://, \
                      the task API socket (unix://${{NOMAD_SECRETS_DIR}}/api.sock, the default inside a Nomad task), \
@@ -328,7 +328,7 @@ impl AgentConfig {
             self.ollama_registry = env.ollama_registry.clone();
         }
         if let Some(n) = &mut self.nomad {
-            n.address = Some(crate::nomad::resolve_address(n.address.as_deref(), env));
+            n.address = Some(resolve_address(n.address.as_deref(), env));
             if n.token.is_none() {
                 n.token = env.nomad_token.clone();
             }
@@ -361,6 +361,40 @@ impl ModelSpec {
     pub fn state_key(&self) -> String {
         self.ollama().map_or_else(|| self.repo.clone(), |n| hf_cache::ollama::state_key(&n))
     }
+}
+
+/// Where the Nomad API is: the configured address, else `$NOMAD_ADDR`, else
+/// the task API socket when running as a Nomad task, else the local agent.
+pub fn resolve_address(configured: Option<&str>, env: &crate::env::Environment) -> String {
+    if let Some(a) = configured.map(str::to_string).or_else(|| env.nomad_addr.clone()).filter(|a| !a.is_empty()) {
+        return a.trim_end_matches('/').to_string();
+    }
+    if let Some(dir) = &env.nomad_secrets_dir {
+        let sock = dir.join("api.sock");
+        if sock.exists() {
+            return format!("unix://{}", sock.display());
+        }
+    }
+    "http://127.0.0.1:4646".into()
+}
+
+/// Whether a token may travel to `address`: over TLS, the task API socket, or
+/// plain http to this machine only.
+pub fn token_safe_over(address: &str) -> bool {
+    if address.starts_with("https://") || address.starts_with("unix://") {
+        return true;
+    }
+    let Some(rest) = address.strip_prefix("http://") else { return false };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.contains('@') {
+        // `http://localhost:4646@evil.example/` goes to evil.example.
+        return false;
+    }
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]

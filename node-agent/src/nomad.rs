@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::config::NomadConfig;
+pub use crate::config::{resolve_address, token_safe_over};
 
 /// A model and revision some job wants.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -237,40 +238,6 @@ fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
         out.extend_from_slice(b.get(..size)?);
         b = b.get(size + 2..)?;
     }
-}
-
-/// Where the Nomad API is: the configured address, else `$NOMAD_ADDR`, else
-/// the task API socket when running as a Nomad task, else the local agent.
-pub fn resolve_address(configured: Option<&str>, env: &crate::env::Environment) -> String {
-    if let Some(a) = configured.map(str::to_string).or_else(|| env.nomad_addr.clone()).filter(|a| !a.is_empty()) {
-        return a.trim_end_matches('/').to_string();
-    }
-    if let Some(dir) = &env.nomad_secrets_dir {
-        let sock = dir.join("api.sock");
-        if sock.exists() {
-            return format!("unix://{}", sock.display());
-        }
-    }
-    "http://127.0.0.1:4646".into()
-}
-
-/// Whether a token may travel to `address`: over TLS, the task API socket, or
-/// plain http to this machine only.
-pub fn token_safe_over(address: &str) -> bool {
-    if address.starts_with("https://") || address.starts_with("unix://") {
-        return true;
-    }
-    let Some(rest) = address.strip_prefix("http://") else { return false };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    if authority.contains('@') {
-        // `http://localhost:4646@evil.example/` goes to evil.example.
-        return false;
-    }
-    let host = match authority.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or(""),
-        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
-    };
-    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// A query or path value (`*` stays: it is the all-namespaces wildcard).

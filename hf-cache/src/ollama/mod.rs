@@ -47,12 +47,10 @@
 //! a starting Ollama server otherwise prunes blobs no manifest names yet —
 //! blobs another node is pulling right now — and our partial files.
 
-mod gc;
 mod manifest;
 mod name;
 mod store;
 
-pub use gc::{collect_blobs, evict, inventory};
 pub use manifest::{Digest, Layer, Manifest, ManifestError, MAX_BLOB_SIZE, MAX_LAYERS, MAX_MANIFEST_BYTES};
 pub use name::{ModelName, NameError, DEFAULT_HOST, DEFAULT_NAMESPACE, DEFAULT_TAG, SCHEME};
 pub use store::{Check, Problem, Store};

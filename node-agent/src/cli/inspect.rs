@@ -1,5 +1,6 @@
 //! `aimodel-agent verify` and `status`.
 
+use super::Row;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -60,19 +61,6 @@ pub(super) fn verify(dir: &Path, model: &str, deep: bool, json: bool) -> Result<
         }
     );
     Ok(code)
-}
-
-/// One line of `status`.
-pub(super) struct Row {
-    /// `org/name@rev` or `ollama://<name>`.
-    pub model: String,
-    pub repo: String,
-    pub revision: String,
-    pub commit: Option<String>,
-    pub bytes: u64,
-    pub complete: bool,
-    pub used: Option<std::time::SystemTime>,
-    pub pinned: bool,
 }
 
 /// Every cached model of `dir` (the hub cache) and of `store` (Ollama's).

@@ -259,3 +259,16 @@ pub async fn run(args: Args, env: Environment) -> Result<ExitCode> {
         }
     }
 }
+
+/// One line of `status`.
+pub(crate) struct Row {
+    /// `org/name@rev` or `ollama://<name>`.
+    pub model: String,
+    pub repo: String,
+    pub revision: String,
+    pub commit: Option<String>,
+    pub bytes: u64,
+    pub complete: bool,
+    pub used: Option<std::time::SystemTime>,
+    pub pinned: bool,
+}

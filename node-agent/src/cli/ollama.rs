@@ -10,9 +10,9 @@ use hf_cache::ollama::{ModelName, Store};
 use hf_cache::state::StateDir;
 use hf_cache::units::human_bytes;
 
-use super::inspect::Row;
 use super::prewarm::show_progress;
 use super::PrewarmArgs;
+use super::Row;
 use crate::fetch::{FetchOptions, Progress};
 use crate::ollama::{pull, record_if_warm, PullOptions, Registry};
 

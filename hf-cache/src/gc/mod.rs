@@ -12,6 +12,8 @@
 //! filesystem is never entered; a `trash` that is a symlink is replaced by a
 //! real directory, never followed.
 
+mod ollama;
+
 use std::ffi::OsStr;
 use std::io::Write;
 use std::os::fd::OwnedFd;
@@ -178,7 +180,7 @@ pub fn inventory(hub: &Path, policy: &Policy) -> std::io::Result<Vec<Cached>> {
         out.push(Cached { repo, bytes: blob_bytes(&paths), last_used, keep });
     }
     if let Some(store) = &policy.ollama_store {
-        out.extend(crate::ollama::inventory(&crate::ollama::Store::new(store), &state, policy));
+        out.extend(ollama::inventory(&crate::ollama::Store::new(store), &state, policy));
     }
     out.sort_by(|a, b| a.last_used.cmp(&b.last_used).then_with(|| a.repo.cmp(&b.repo)));
     Ok(out)
@@ -471,7 +473,7 @@ pub fn run_with_lock(
             continue;
         }
         let evicted = match (&policy.ollama_store, crate::ollama::from_state_key(repo).is_some()) {
-            (Some(store), true) => crate::ollama::evict(&crate::ollama::Store::new(store), &state, repo, policy)?,
+            (Some(store), true) => ollama::evict(&crate::ollama::Store::new(store), &state, repo, policy)?,
             _ => evict(hub, repo, policy.in_use_ttl)?,
         };
         if let Some(bytes) = evicted {
@@ -480,7 +482,7 @@ pub fn run_with_lock(
     }
     if let Some(store) = &policy.ollama_store {
         // Blobs left by an eviction that stopped, or while a pull was running.
-        crate::ollama::collect_blobs(&crate::ollama::Store::new(store), policy.lease_fresh)?;
+        ollama::collect_blobs(&crate::ollama::Store::new(store), policy.lease_fresh)?;
     }
     Ok((p, done))
 }

@@ -8,10 +8,8 @@ use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use super::manifest::{Digest, Manifest};
-use super::name::ModelName;
-use super::store::Store;
-use crate::gc::{Cached, Keep, Policy};
+use super::{Cached, Keep, Policy};
+use crate::ollama::{Digest, Manifest, ModelName, Store};
 use crate::safefs;
 use crate::state::StateDir;
 
@@ -35,7 +33,7 @@ pub fn inventory(store: &Store, state: &StateDir, policy: &Policy) -> Vec<Cached
         .collect();
     let mut out = Vec::new();
     for (name, manifest) in &manifests {
-        let key = super::state_key(name);
+        let key = crate::ollama::state_key(name);
         let others: BTreeSet<&Digest> = manifests
             .iter()
             .filter(|(n, _)| n != name)
@@ -69,7 +67,7 @@ pub fn inventory(store: &Store, state: &StateDir, policy: &Policy) -> Vec<Cached
 /// meanwhile), then the blobs no manifest names any more ([`collect_blobs`]).
 /// Returns the bytes freed, or `None` when it was gone or is in use now.
 pub fn evict(store: &Store, state: &StateDir, key: &str, policy: &Policy) -> std::io::Result<Option<u64>> {
-    let Some(name) = super::from_state_key(key) else { return Ok(None) };
+    let Some(name) = crate::ollama::from_state_key(key) else { return Ok(None) };
     let rel = name.manifest_rel();
     let dir = match safefs::open_dir(store.root())
         .and_then(|r| safefs::open_dir_path_at(r, rel.parent().unwrap_or(Path::new(""))))
