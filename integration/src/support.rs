@@ -204,3 +204,15 @@ pub fn fake_nvml() -> Result<PathBuf> {
     let dir = cargo_build_once(&BUILT, &["-p", "fake-nvml"])?;
     Ok(dir.join("libnvidia_ml.so"))
 }
+
+/// The stdout of an agent command that must have succeeded; on failure the
+/// assertion shows both streams.
+pub fn agent_ok(o: &std::process::Output) -> String {
+    assert!(
+        o.status.success(),
+        "agent failed: {}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}

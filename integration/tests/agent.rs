@@ -3,8 +3,9 @@
 //! run fetches nothing; agents sharing one cache fetch every byte once.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
+use aimodel_integration::support::agent_ok as ok;
 use aimodel_integration::support::{binary, hf_python, run_python};
 use hf_cache::{check, Mode, RepoId};
 
@@ -14,16 +15,6 @@ fn agent(cache: &Path, endpoint: &str, args: &[&str]) -> Command {
     let mut c = Command::new(binary(AGENT).unwrap());
     c.arg("--cache").arg(cache).args(args).env("HF_ENDPOINT", endpoint).env_remove("HF_TOKEN");
     c
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "agent failed: {}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 fn weights() -> Vec<u8> {

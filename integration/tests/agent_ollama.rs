@@ -8,10 +8,11 @@
 //! pinned models.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use aimodel_integration::ollamareg::{digest_of, nolock_library, OllamaRegistry, MODEL, PARAMS, TEMPLATE};
+use aimodel_integration::support::agent_ok as ok;
 use aimodel_integration::support::binary;
 
 fn agent(home: &Path, registry: &OllamaRegistry, args: &[&str]) -> Command {
@@ -23,16 +24,6 @@ fn agent(home: &Path, registry: &OllamaRegistry, args: &[&str]) -> Command {
         .env_remove("OLLAMA_MODELS")
         .env_remove("HF_TOKEN");
     c
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "agent failed: {}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 /// GGUF-looking weights: the magic, then `n` bytes of a fixed pseudo-random sequence.
