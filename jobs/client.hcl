@@ -12,12 +12,6 @@ client {
     path      = "/mnt/hf-cache"
     read_only = false
   }
-
-  # Ollama's own model store (jobs/ollama.nomad.hcl), local to the node.
-  host_volume "ollama-models" {
-    path      = "/opt/ollama/models"
-    read_only = false
-  }
 }
 
 plugin_dir = "/opt/nomad/plugins"

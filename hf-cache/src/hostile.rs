@@ -66,7 +66,14 @@ fn a_warm_record_linked_to_dev_zero_is_skipped_not_read() {
     let seen: Vec<String> = s.warm().into_iter().map(|r| r.repo).collect();
     assert_eq!(seen, ["o/good"]);
     // The same for in-use markers and shared pins.
-    s.mark_in_use(&InUse { repo: "o/m".into(), commit: COMMIT.into(), node: "n".into(), task: "t".into() }).unwrap();
+    s.mark_in_use(&InUse {
+        repo: "o/m".into(),
+        commit: COMMIT.into(),
+        node: "n".into(),
+        task: "t".into(),
+        also: vec![],
+    })
+    .unwrap();
     symlink("/dev/zero", s.root().join("in-use/zero.json"));
     assert_eq!(s.in_use(Duration::from_secs(60)).len(), 1);
     s.pin("o/pinned", "n:cli").unwrap();
@@ -88,7 +95,7 @@ fn symlinked_state_directories_are_refused() {
     assert!(s.warm().is_empty());
     let e = s.write_warm(&warm("o/m")).unwrap_err();
     assert!(e.to_string().contains("refused"), "{e}");
-    let u = InUse { repo: "o/m".into(), commit: COMMIT.into(), node: "n".into(), task: "t".into() };
+    let u = InUse { repo: "o/m".into(), commit: COMMIT.into(), node: "n".into(), task: "t".into(), also: vec![] };
     assert!(s.mark_in_use(&u).is_err());
     assert!(s.in_use(Duration::from_secs(60)).is_empty());
     assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 1, "nothing written through the link");

@@ -70,6 +70,17 @@ pub struct InUse {
     pub commit: String,
     pub node: String,
     pub task: String,
+    /// More models the same task uses (an Ollama server serving several):
+    /// one marker per task, so removing it releases them all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub also: Vec<String>,
+}
+
+impl InUse {
+    /// Whether the marker keeps `repo` (its `repo` or one of `also`).
+    pub fn uses(&self, repo: &str) -> bool {
+        self.repo == repo || self.also.iter().any(|r| r == repo)
+    }
 }
 
 /// `org/name` → `org--name` (the hub folder name without `models--`).
@@ -304,7 +315,13 @@ mod tests {
         s.remove_warm("org/m").unwrap();
         assert_eq!(s.warm().iter().map(|r| r.repo.as_str()).collect::<Vec<_>>(), ["org/other"]);
 
-        let u = InUse { repo: "org/m".into(), commit: "c".repeat(40), node: "n1".into(), task: "alloc/web/1".into() };
+        let u = InUse {
+            repo: "org/m".into(),
+            commit: "c".repeat(40),
+            node: "n1".into(),
+            task: "alloc/web/1".into(),
+            also: vec![],
+        };
         s.mark_in_use(&u).unwrap();
         let seen = s.in_use(Duration::from_secs(60));
         assert_eq!(seen.len(), 1);

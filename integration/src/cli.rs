@@ -54,7 +54,8 @@ pub enum Cmd {
         /// `name=value` for the jobspec's variables.
         #[arg(long = "var")]
         vars: Vec<String>,
-        /// Write a tiny model for the task's `model` into this HF hub cache first.
+        /// Write a tiny model for the task's `model` into this HF hub cache first (an `ollama` task's
+        /// models into the Ollama store beside it, `../ollama`).
         #[arg(long)]
         seed_hub: Option<PathBuf>,
         /// The question to ask.
@@ -236,9 +237,10 @@ async fn run_job(a: RunArgs) -> Result<()> {
         let prepared = t.prepare(&live.task_schema, &ctx, a.image.as_deref(), data.path())?;
         if let Some(hub) = &a.seed_hub {
             let cfg = aimodel_driver::nomad::decode::task_config(&prepared.config.msgpack_driver_config)?;
-            if let Some(model) = &cfg.model {
-                let commit = crate::jobrun::seed_tiny_model(hub, model)?;
-                println!("== seeded {model}@{commit} into {}", hub.display());
+            // `--seed-hub` is HF_HOME/hub; Ollama models go to the store beside it.
+            let home = hub.parent().unwrap_or(hub);
+            for seeded in crate::jobrun::seed_task_models(home, &cfg)? {
+                println!("== seeded {seeded} into {}", home.display());
             }
         }
         let id = prepared.config.id.clone();

@@ -207,6 +207,57 @@ pub fn seed_tiny_model(hub: &Path, repo: &str) -> Result<String> {
     Ok(commit)
 }
 
+/// Writes a tiny Ollama model into a store in Ollama's layout (blobs named by
+/// their sha256, the manifest last), as `aimodel-agent prewarm ollama://…`
+/// leaves it. Returns the manifest's digest.
+pub fn seed_tiny_ollama_model(store: &Path, name: &str) -> Result<String> {
+    let name = hf_cache::ollama::ModelName::parse(name).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let hex = |b: &[u8]| format!("{:x}", Sha256::digest(b));
+    let mut weights = b"GGUF".to_vec();
+    weights.extend((0..4096u32).map(|i| (i % 251) as u8));
+    let blobs: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "application/vnd.docker.container.image.v1+json",
+            br#"{"model_format":"gguf","model_family":"tiny"}"#.to_vec(),
+        ),
+        (hf_cache::ollama::MEDIA_TYPE_MODEL, weights),
+        ("application/vnd.ollama.image.template", b"{{ .Prompt }}".to_vec()),
+    ];
+    std::fs::create_dir_all(store.join("blobs"))?;
+    let mut entries = Vec::new();
+    for (media, bytes) in &blobs {
+        let digest = hex(bytes);
+        std::fs::write(store.join("blobs").join(format!("sha256-{digest}")), bytes)?;
+        entries
+            .push(serde_json::json!({"mediaType": media, "digest": format!("sha256:{digest}"), "size": bytes.len()}));
+    }
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": hf_cache::ollama::MEDIA_TYPE_MANIFEST,
+        "config": entries[0],
+        "layers": entries[1..],
+    }))?;
+    let path = hf_cache::ollama::Store::new(store).manifest_path(&name);
+    std::fs::create_dir_all(path.parent().context("manifest path")?)?;
+    std::fs::write(&path, &manifest)?;
+    Ok(format!("sha256:{}", hex(&manifest)))
+}
+
+/// Seeds what a task needs to pass the driver's gate: its HF model into `hf_home/hub`,
+/// or, for `engine = "ollama"`, each of its models into `hf_home/ollama`. Returns
+/// `model@commit` lines for the log.
+pub fn seed_task_models(hf_home: &Path, cfg: &aimodel_driver::config::TaskConfig) -> Result<Vec<String>> {
+    if cfg.engine == aimodel_driver::config::Engine::Ollama {
+        let store = hf_cache::ollama::default_store(hf_home);
+        let names = cfg.ollama_models().map_err(|e| anyhow::anyhow!("{e}"))?;
+        return names.iter().map(|n| Ok(format!("{n}@{}", seed_tiny_ollama_model(&store, &n.short())?))).collect();
+    }
+    match &cfg.model {
+        Some(model) => Ok(vec![format!("{model}@{}", seed_tiny_model(&hf_home.join("hub"), model)?)]),
+        None => Ok(Vec::new()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -47,6 +47,13 @@ impl Sim {
 
     pub async fn start_task(&mut self, b: &TaskBuilder) -> (PreparedTask, TaskHandle) {
         let t = self.prepare(b);
+        let handle = self.start_prepared(&t).await;
+        (t, handle)
+    }
+
+    /// StartTask of a prepared task (again, as Nomad's restart sends the same
+    /// config), checking the answer as the client reads it.
+    pub async fn start_prepared(&self, t: &PreparedTask) -> TaskHandle {
         let resp = self
             .live
             .process
@@ -65,7 +72,7 @@ impl Sim {
         let handle = resp.handle.expect("StartTask must return a handle");
         assert_eq!(handle.config.as_ref().expect("handle.config must be set").id, t.config.id);
         assert_eq!(handle.state, TaskState::Running as i32);
-        (t, handle)
+        handle
     }
 
     pub async fn wait(&self, id: &str) -> aimodel_proto::drivers::ExitResult {

@@ -308,6 +308,7 @@ fn gc_keeps_shared_blobs_and_in_use_and_pinned_models() {
             commit: String::new(),
             node: "n1".into(),
             task: "alloc-1/llm".into(),
+            also: vec![],
         })
         .unwrap();
     ok(&agent(home.path(), &reg, &["pin", "ollama://b:1"]).output().unwrap());

@@ -12,7 +12,7 @@ use aimodel_driver::nomad::decode::{plugin_config as decode_plugin_config, task_
 use aimodel_driver::nomad::hclspec::to_spec;
 use aimodel_driver::plan::LABEL_ALLOC_ID;
 use aimodel_integration::hcl_eval::plugin_stanza;
-use aimodel_integration::jobrun::{aimodel_tasks, eval_context, seed_tiny_model};
+use aimodel_integration::jobrun::{aimodel_tasks, eval_context, seed_task_models};
 use aimodel_integration::pluginhcl::PluginHcl;
 use aimodel_integration::sequence::{self, encode_config};
 use aimodel_integration::support::{
@@ -168,9 +168,7 @@ async fn every_stack_runs_through_the_simulator() {
         let ctx = eval_context(&body, &BTreeMap::new()).unwrap();
         for t in aimodel_tasks(&body, &ctx).unwrap() {
             let cfg = decode_task_config(&t.encoded_config(&task_schema, &ctx, None).unwrap()).unwrap();
-            if let Some(model) = &cfg.model {
-                seed_tiny_model(&cache.path().join("hub"), model).unwrap();
-            }
+            seed_task_models(cache.path(), &cfg).unwrap();
             let prepared = t.prepare(&live.task_schema, &ctx, Some(STANDIN_IMAGE), data.path()).unwrap();
             cleanup.0.borrow_mut().push(prepared.config.alloc_id.clone());
             let id = prepared.config.id.clone();
@@ -412,9 +410,7 @@ fn the_client_configuration_declares_every_volume_device_and_driver_the_jobs_nee
             }
         }
     }
-    for want in
-        ["host_volume hf-cache", "host_volume ollama-models", "device nvidia/gpu", "driver aimodel", "driver exec"]
-    {
+    for want in ["host_volume hf-cache", "device nvidia/gpu", "driver aimodel", "driver exec"] {
         assert!(needs.iter().any(|(_, n)| n == want), "no job needs {want}: {needs:?}");
     }
 }

@@ -46,16 +46,7 @@ async fn incomplete_models_do_not_start_and_complete_ones_are_pinned() {
     // Complete: starts, with the revision pinned to the commit.
     aimodel_integration::jobrun::seed_tiny_model(&hub, "org/gated").unwrap();
     // The same TaskConfig (and its FIFO readers) again, as Nomad's restart would.
-    let handle = sim
-        .live
-        .process
-        .driver()
-        .start_task(StartTaskRequest { task: Some(t.config.clone()) })
-        .await
-        .unwrap()
-        .into_inner()
-        .handle
-        .unwrap();
+    let handle = sim.start_prepared(&t).await;
     let state = aimodel_driver::types::DriverState::decode(&handle.driver_state).unwrap();
     assert_eq!(state.revision.as_deref(), Some(commit.as_str()));
     let ev = sim.live.wait_event(&t.config.id, "complete in the cache", Duration::from_secs(5)).await.unwrap();

@@ -3,6 +3,7 @@
 
 mod auth;
 mod env;
+mod hf_cache;
 mod plugin;
 pub mod schema;
 mod task;
@@ -10,6 +11,7 @@ pub mod units;
 
 pub use auth::*;
 pub use env::EnvOverrides;
+pub use hf_cache::HfCacheConfig;
 pub use plugin::*;
 pub use task::*;
 

@@ -7,7 +7,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::auth::{RegistryAuth, AUTH_SCHEMA};
-use super::units::{Bytes, Dur};
+use super::hf_cache::{HfCacheConfig, HF_CACHE_SCHEMA};
+use super::units::Dur;
 use super::ConfigError;
 use crate::config::schema::{attr, block, Field};
 
@@ -73,40 +74,6 @@ const CONTAINER_LOGS_SCHEMA: &[Field] = &[
         "Largest Docker log file of a container before rotation (the docker driver's default); `\"\"` leaves the daemon's logging alone.",
     ),
     attr("max_files", "number", Some("2"), "Docker log files kept per container."),
-];
-
-const HF_CACHE_SCHEMA: &[Field] = &[
-    attr(
-        "host_path",
-        "string",
-        Some(r#""/mnt/hf-cache""#),
-        "Host path of the HF cache (`HF_HOME`), usually an NFS mount.",
-    ),
-    attr(
-        "container_path",
-        "string",
-        Some(r#""/root/.cache/huggingface""#),
-        "Where the cache is mounted in the container; `HF_HOME` points here.",
-    ),
-    attr("require_nfs", "bool", Some("false"), "Mark the driver unhealthy unless `host_path` is on NFS."),
-    attr(
-        "min_free",
-        "string",
-        Some(r#""10GiB""#),
-        "Mark the driver unhealthy when the cache filesystem has less free space.",
-    ),
-    attr(
-        "probe_timeout",
-        "string",
-        Some(r#""5s""#),
-        "Time limit of every filesystem probe, so a hung NFS server cannot wedge the plugin.",
-    ),
-    attr(
-        "allow_write",
-        "bool",
-        Some("false"),
-        "Mount the cache read-write into tasks with `offline = false` (engines that download); otherwise every task sees it read-only.",
-    ),
 ];
 
 const VOLUMES_SCHEMA: &[Field] = &[attr(
@@ -229,36 +196,6 @@ impl Default for PluginConfig {
             volumes: VolumesConfig::default(),
             gc: GcConfig::default(),
             container_logs: ContainerLogsConfig::default(),
-        }
-    }
-}
-
-/// `hf_cache { ... }`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct HfCacheConfig {
-    pub host_path: String,
-    pub container_path: String,
-    pub require_nfs: bool,
-    pub min_free: Bytes,
-    pub probe_timeout: Dur,
-    pub allow_write: bool,
-    /// Where mount facts are read: not configuration, the plugin sets it from
-    /// [`EnvOverrides::mountinfo`](crate::config::EnvOverrides).
-    #[serde(skip)]
-    pub mountinfo: std::path::PathBuf,
-}
-
-impl Default for HfCacheConfig {
-    fn default() -> Self {
-        HfCacheConfig {
-            host_path: "/mnt/hf-cache".into(),
-            container_path: "/root/.cache/huggingface".into(),
-            require_nfs: false,
-            min_free: Bytes(10 << 30),
-            probe_timeout: Dur(Duration::from_secs(5)),
-            allow_write: false,
-            mountinfo: std::path::PathBuf::from("/proc/self/mountinfo"),
         }
     }
 }
@@ -435,6 +372,10 @@ impl PluginConfig {
             if !path.starts_with('/') {
                 return invalid(field, format!("{path:?} must be an absolute path"));
             }
+        }
+        let store = &self.hf_cache.ollama_path;
+        if !store.is_empty() && !store.starts_with('/') {
+            return invalid("hf_cache.ollama_path", format!("{store:?} must be an absolute path (or \"\")"));
         }
         let size = &self.container_logs.max_size;
         let docker_size = |s: &str| {

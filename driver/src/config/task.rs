@@ -25,7 +25,18 @@ pub const TASK_SCHEMA: &[Field] = &[
         Some(r#""missing""#),
         "`missing`: pull only when the image is not on the node (what the agent pulled ahead is used); `always`: pull on every start (keeps tags like `latest` current).",
     ),
-    attr("model", "string", None, "HuggingFace repo id (`org/name`); required for vllm, sglang, tgi and llamacpp."),
+    attr(
+        "model",
+        "string",
+        None,
+        "HuggingFace repo id (`org/name`); required for vllm, sglang, tgi and llamacpp. Engine `ollama`: an Ollama model name (`llama3.2:3b`), served from the shared store.",
+    ),
+    attr(
+        "models",
+        "list(string)",
+        None,
+        "Engine `ollama`: more Ollama model names (`[\"llama3.2:3b\", \"codellama:7b\"]`); each must be complete in the shared store, and is loaded once the server answers.",
+    ),
     attr(
         "gguf_file",
         "string",
@@ -134,6 +145,8 @@ pub struct TaskConfig {
     pub pull: PullPolicy,
     #[serde(default)]
     pub model: Option<String>,
+    #[serde(default)]
+    pub models: Vec<String>,
     #[serde(default = "default_revision")]
     pub revision: String,
     #[serde(default)]
@@ -212,6 +225,11 @@ impl TaskConfig {
             }
             _ => {}
         }
+        if self.engine == Engine::Ollama {
+            self.ollama_models()?;
+        } else if !self.models.is_empty() {
+            return invalid("models", "is only for engine \"ollama\" (other engines serve one `model`)".into());
+        }
         if !hf_cache::layout::is_safe_revision(&self.revision)
             || self.revision.contains('/') && !self.revision.starts_with("refs/")
         {
@@ -268,6 +286,21 @@ impl TaskConfig {
             }
         }
         Ok(())
+    }
+
+    /// Engine `ollama`: `model` then `models`, parsed as Ollama names, each
+    /// once; the error names the attribute and the value.
+    pub fn ollama_models(&self) -> Result<Vec<hf_cache::ollama::ModelName>, ConfigError> {
+        let mut out: Vec<hf_cache::ollama::ModelName> = Vec::new();
+        let named = self.model.iter().map(|m| ("model", m)).chain(self.models.iter().map(|m| ("models", m)));
+        for (field, text) in named {
+            let name = hf_cache::ollama::ModelName::parse(text)
+                .map_err(|e| ConfigError::Invalid { field: field.into(), message: e.to_string() })?;
+            if !out.iter().any(|n| n.canonical() == name.canonical()) {
+                out.push(name);
+            }
+        }
+        Ok(out)
     }
 
     /// The GGUF file name or pattern (`llamacpp`): `gguf_file`, else `*.gguf`.

@@ -160,6 +160,15 @@ pub fn uses_hf_cache(cfg: &TaskConfig) -> bool {
     cfg.model.is_some() && cfg.engine.spec().uses_hf_cache
 }
 
+/// The shared-state keys of the models a task will keep in use (see
+/// [`crate::types::DriverState::in_use_keys`]).
+pub fn in_use_keys(cfg: &TaskConfig) -> Vec<String> {
+    if cfg.engine == crate::engines::Engine::Ollama {
+        return cfg.ollama_models().unwrap_or_default().iter().map(hf_cache::ollama::state_key).collect();
+    }
+    cfg.model.iter().filter(|_| uses_hf_cache(cfg)).cloned().collect()
+}
+
 /// Checks `model@revision` in `<host_path>/hub` (quick mode) under the probe timeout.
 pub fn check_model(
     cache: &HfCacheConfig,
@@ -240,13 +249,34 @@ pub fn check_file(cache: &HfCacheConfig, model: &str, commit: &str, file: &str, 
 }
 
 /// `driver.aimodel.warm.<org>/<name>` = commit for every model the agent
-/// recorded as warm whose snapshot is still there (one stat each), read under
-/// the probe timeout. Several revisions of one repo: the latest verified wins.
+/// recorded as warm whose snapshot is still there (one stat each), and
+/// `driver.aimodel.warm.ollama/<name>:<tag>` = `sha256:<manifest digest>` for
+/// every Ollama model whose manifest is still in the store; read under the
+/// probe timeout. Several revisions of one repo: the latest verified wins.
 pub fn warm_attributes(cache: &HfCacheConfig) -> BTreeMap<String, AttrValue> {
     let hub = hub_dir(cache);
+    let store = hf_cache::ollama::Store::new(cache.ollama_store());
     with_timeout_for(Path::new(&cache.host_path), cache.probe_timeout.0, move || {
         let mut latest: BTreeMap<String, (u64, String)> = BTreeMap::new();
         for r in StateDir::for_hub(&hub).warm() {
+            if latest.len() >= MAX_WARM_ATTRIBUTES && !latest.contains_key(&r.repo) {
+                continue;
+            }
+            if let Some(name) = hf_cache::ollama::from_state_key(&r.repo) {
+                // An Ollama model: its manifest (a regular file) is still in the store.
+                let key = hf_cache::ollama::state_key(&name);
+                // (Read without following links, as the gate reads it.)
+                if hf_cache::ollama::Digest::parse(&r.commit).is_err()
+                    || !store.read_manifest(&name).is_ok_and(|m| m.is_some())
+                {
+                    continue;
+                }
+                let e = latest.entry(key).or_insert((0, String::new()));
+                if r.verified_at >= e.0 {
+                    *e = (r.verified_at, r.commit);
+                }
+                continue;
+            }
             // Records live on a shared filesystem: only a well-formed repo id and
             // commit become an attribute, and only so many (each is node state).
             if !crate::config::valid_repo_id(&r.repo)
@@ -275,17 +305,22 @@ pub fn warm_attributes(cache: &HfCacheConfig) -> BTreeMap<String, AttrValue> {
 /// At most this many `driver.aimodel.warm.*` attributes.
 const MAX_WARM_ATTRIBUTES: usize = 256;
 
-/// Marks `model` in use by `task` for the agents' gc (any node) and notes the
-/// use for least-recently-used ordering. Errors are logged, never fatal: a
-/// missing marker only weakens gc protection.
-pub fn mark_in_use(cache: &HfCacheConfig, task: &str, node: &str, model: &str, commit: &str, touch: bool) {
+/// Marks `models` (state keys: `org/name`, `ollama/llama3.2:3b`) in use by
+/// `task` for the agents' gc (any node), in one marker, and notes the use for
+/// least-recently-used ordering. Errors are logged, never fatal: a missing
+/// marker only weakens gc protection.
+pub fn mark_in_use(cache: &HfCacheConfig, task: &str, node: &str, models: &[String], commit: &str, touch: bool) {
+    let Some((first, rest)) = models.split_first() else { return };
     let (hub, timeout) = (hub_dir(cache), cache.probe_timeout.0);
-    let u = InUse { repo: model.into(), commit: commit.into(), node: node.into(), task: task.into() };
+    let u =
+        InUse { repo: first.clone(), commit: commit.into(), node: node.into(), task: task.into(), also: rest.to_vec() };
     let r = with_timeout_for(Path::new(&cache.host_path), timeout, move || {
         let s = StateDir::for_hub(&hub);
         s.mark_in_use(&u)?;
         if touch {
-            s.touch_used(&u.repo)?;
+            for m in std::iter::once(&u.repo).chain(&u.also) {
+                s.touch_used(m)?;
+            }
         }
         Ok::<_, std::io::Error>(())
     });
@@ -343,8 +378,35 @@ mod tests {
             };
             state.write_warm(&rec).unwrap();
         }
+        // Ollama models: the record's digest is well formed and the manifest is still in the store.
+        let digest = format!("sha256:{}", "b".repeat(64));
+        for (key, commit, manifest) in [
+            ("ollama/tiny:1b", digest.as_str(), true),
+            ("ollama/gone:1b", digest.as_str(), false),
+            ("ollama/bad:1b", "sha256:zz", true),
+        ] {
+            let name = hf_cache::ollama::from_state_key(key).unwrap();
+            if manifest {
+                let path = hf_cache::ollama::Store::new(d.path().join("ollama")).manifest_path(&name);
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                std::fs::write(path, b"{}").unwrap();
+            }
+            let rec = hf_cache::state::WarmRecord {
+                repo: key.into(),
+                revision: name.tag.clone(),
+                commit: commit.into(),
+                bytes: 1,
+                verified_at: 1,
+                node: "n".into(),
+            };
+            state.write_warm(&rec).unwrap();
+        }
         let attrs = warm_attributes(&cfg(d.path(), false));
-        assert_eq!(attrs.keys().collect::<Vec<_>>(), ["driver.aimodel.warm.org/ok"]);
+        assert_eq!(
+            attrs.keys().collect::<Vec<_>>(),
+            ["driver.aimodel.warm.ollama/tiny:1b", "driver.aimodel.warm.org/ok"]
+        );
+        assert_eq!(attrs["driver.aimodel.warm.ollama/tiny:1b"], AttrValue::Str(digest));
     }
 
     fn mountinfo(point: &Path, fstype: &str, opts: &str) -> String {

@@ -48,7 +48,16 @@ pub struct NodeFacts {
     /// The one file the engine loads (llama.cpp's GGUF), relative to the hub
     /// cache (`models--org--name/snapshots/<commit>/<file>`), as the gate chose it.
     pub model_file: Option<String>,
+    /// Engine `ollama`: the shared store on the host, when there is one (the
+    /// gate found the directory); mounted read-only at [`OLLAMA_MODELS`].
+    pub ollama_store: Option<String>,
+    /// Engine `ollama`: the models the gate found complete (short names).
+    pub ollama_models: Vec<String>,
 }
+
+/// Where an `ollama` task sees the shared store (`OLLAMA_MODELS`): Ollama's
+/// own default for root, so a stock image finds it even without the variable.
+pub const OLLAMA_MODELS: &str = "/root/.ollama/models";
 
 fn err(field: &str, message: String) -> ConfigError {
     ConfigError::Invalid { field: field.into(), message }
@@ -338,6 +347,13 @@ pub fn plan(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, facts: &N
     if let Some(var) = engine.listen_env {
         env.insert(var.into(), format!("{bind}:{port}"));
     }
+    let ollama_store = facts.ollama_store.as_ref().filter(|_| cfg.engine == crate::engines::Engine::Ollama);
+    if ollama_store.is_some() {
+        // The shared store, read-only; a starting server must not prune blobs
+        // no manifest names yet (another node is pulling them).
+        env.insert("OLLAMA_MODELS".into(), OLLAMA_MODELS.into());
+        env.insert("OLLAMA_NOPRUNE".into(), "1".into());
+    }
     env.insert("AIMODEL_PORT".into(), p.clone());
     if !model.is_empty() {
         env.insert("AIMODEL_MODEL".into(), model.clone());
@@ -369,6 +385,9 @@ pub fn plan(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, facts: &N
         binds.push(format!("{a}/{}/secrets:/secrets", task.name));
     }
     binds.push(format!("{}:{}{}", hf.host_path, hf.container_path, if cache_writable { "" } else { ":ro" }));
+    if let Some(store) = ollama_store {
+        binds.push(format!("{store}:{OLLAMA_MODELS}:ro"));
+    }
     for m in &task.mounts {
         // As the docker driver maps Nomad's propagation modes.
         let mut opts: Vec<&str> = Vec::new();

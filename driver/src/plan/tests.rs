@@ -480,3 +480,27 @@ fn llamacpp_loads_the_chosen_gguf_from_the_cache_mount() {
     };
     assert!(gguf("sub/*.gguf") && !gguf("../x.gguf") && !gguf("/x.gguf"));
 }
+
+#[test]
+fn ollama_sees_the_shared_store_read_only_and_never_prunes_it() {
+    let c = cfg(&[
+        ("engine", Value::str("ollama")),
+        ("port", Value::str("http")),
+        ("models", Value::List(vec![Value::str("llama3.2:3b"), Value::str("codellama:7b")])),
+    ]);
+    let names: Vec<String> = c.ollama_models().unwrap().iter().map(|n| n.short()).collect();
+    assert_eq!(names, ["llama3.2:3b", "codellama:7b"]);
+    let facts =
+        NodeFacts { ollama_store: Some("/mnt/hf-cache/ollama".into()), ollama_models: names, ..NodeFacts::default() };
+    let p = plan(&c, &task(), &PluginConfig::default(), &facts).unwrap();
+    assert!(p.spec.binds.contains(&format!("/mnt/hf-cache/ollama:{OLLAMA_MODELS}:ro")), "{:?}", p.spec.binds);
+    assert!(p.spec.env.contains(&format!("OLLAMA_MODELS={OLLAMA_MODELS}")), "{:?}", p.spec.env);
+    assert!(p.spec.env.contains(&"OLLAMA_NOPRUNE=1".to_string()), "{:?}", p.spec.env);
+    // No store on the node: nothing mounted, nothing set.
+    let p = plan(&c, &task(), &PluginConfig::default(), &NodeFacts::default()).unwrap();
+    assert!(!p.spec.binds.iter().any(|b| b.contains(OLLAMA_MODELS)));
+    assert!(!p.spec.env.iter().any(|e| e.starts_with("OLLAMA_MODELS=")));
+    // Another engine never gets the store.
+    let p = plan(&cfg(&vllm()), &task(), &PluginConfig::default(), &facts).unwrap();
+    assert!(!p.spec.binds.iter().any(|b| b.contains(OLLAMA_MODELS)));
+}

@@ -107,6 +107,9 @@ pub struct DriverState {
     pub image: String,
     pub engine: crate::engines::Engine,
     pub model: Option<String>,
+    /// Engine `ollama`: the models it serves from the shared store (short names).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<String>,
     pub revision: Option<String>,
     /// Unix nanoseconds of the start.
     pub started_at_ns: u64,
@@ -132,6 +135,24 @@ pub enum StateError {
 }
 
 impl DriverState {
+    /// The shared-state keys of the models the task keeps in use (its in-use
+    /// marker): the HF repo of an engine that reads the HF cache, or each
+    /// Ollama model as `ollama/<name>`.
+    pub fn in_use_keys(&self) -> Vec<String> {
+        if self.engine == crate::engines::Engine::Ollama {
+            return self
+                .models
+                .iter()
+                .filter_map(|m| hf_cache::ollama::ModelName::parse(m).ok())
+                .map(|n| hf_cache::ollama::state_key(&n))
+                .collect();
+        }
+        match &self.model {
+            Some(m) if self.engine.spec().uses_hf_cache => vec![m.clone()],
+            _ => Vec::new(),
+        }
+    }
+
     /// msgpack (map form), as Go drivers store theirs.
     pub fn encode(&self) -> Result<Vec<u8>, StateError> {
         rmp_serde::to_vec_named(self).map_err(StateError::Encode)
@@ -155,6 +176,7 @@ mod tests {
             image: "img".into(),
             engine: crate::engines::Engine::Vllm,
             model: Some("org/m".into()),
+            models: vec![],
             revision: None,
             started_at_ns: 42,
             stdout_path: "/a".into(),

@@ -165,7 +165,7 @@ pub fn inventory(hub: &Path, policy: &Policy) -> std::io::Result<Vec<Cached>> {
         let repo = id.id.clone();
         let keep = if policy.pinned.contains(&repo) || shared_pins.contains(&repo) {
             Some(Keep::Pinned)
-        } else if let Some((u, _, _)) = in_use.iter().find(|(u, _, _)| u.repo == repo) {
+        } else if let Some((u, _, _)) = in_use.iter().find(|(u, _, _)| u.uses(&repo)) {
             Some(Keep::InUse { node: u.node.clone(), task: u.task.clone() })
         } else if downloading(&paths, policy.lease_fresh) {
             Some(Keep::Downloading)
@@ -252,7 +252,7 @@ pub fn evict(hub: &Path, repo: &str, in_use_ttl: Duration) -> std::io::Result<Op
         Ok(()) => {
             // A driver marks a model in use before it checks it: a marker that
             // appeared since the plan means a task is starting on it.
-            if state.in_use(in_use_ttl).iter().any(|(u, _, live)| *live && u.repo == repo) {
+            if state.in_use(in_use_ttl).iter().any(|(u, _, live)| *live && u.uses(repo)) {
                 nix::fcntl::renameat(&trash, aside.as_os_str(), &hub_fd, folder.as_os_str())?;
                 return Ok(None);
             }
@@ -514,7 +514,14 @@ mod tests {
         seed(&hub, "o/newest", 1000, 100);
         let state = StateDir::for_hub(&hub);
         state
-            .mark_in_use(&InUse { repo: "o/running".into(), commit: "c".into(), node: "n2".into(), task: "t".into() })
+            // One marker for a task using several models: the second one is kept too.
+            .mark_in_use(&InUse {
+                repo: "o/elsewhere".into(),
+                commit: "c".into(),
+                node: "n2".into(),
+                task: "t".into(),
+                also: vec!["o/running".into()],
+            })
             .unwrap();
         let policy = Policy {
             max_size: Some(2000),
@@ -554,7 +561,7 @@ mod tests {
         assert_eq!(run(&hub, &policy).unwrap_err().kind(), std::io::ErrorKind::WouldBlock);
         drop(held);
         // The marker is written after the plan but before the eviction re-checks.
-        let u = InUse { repo: "o/m".into(), commit: String::new(), node: "n".into(), task: "t".into() };
+        let u = InUse { repo: "o/m".into(), commit: String::new(), node: "n".into(), task: "t".into(), also: vec![] };
         state.mark_in_use(&u).unwrap();
         assert_eq!(evict(&hub, "o/m", policy.in_use_ttl).unwrap(), None);
         assert!(RepoPaths::new(&hub, &RepoId::model("o/m")).root.exists(), "put back");

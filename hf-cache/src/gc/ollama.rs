@@ -45,7 +45,7 @@ pub fn inventory(store: &Store, state: &StateDir, policy: &Policy) -> Vec<Cached
             .map_or(0, |m| m.blobs().iter().filter(|l| !others.contains(&l.digest)).map(|l| l.size).sum::<u64>());
         let keep = if policy.pinned.contains(&key) || shared_pins.contains(&key) {
             Some(Keep::Pinned)
-        } else if let Some((u, _, _)) = in_use.iter().find(|(u, _, _)| u.repo == key) {
+        } else if let Some((u, _, _)) = in_use.iter().find(|(u, _, _)| u.uses(&key)) {
             Some(Keep::InUse { node: u.node.clone(), task: u.task.clone() })
         } else if policy.protected.contains(&key) {
             Some(Keep::Protected)
@@ -83,7 +83,7 @@ pub fn evict(store: &Store, state: &StateDir, key: &str, policy: &Policy) -> std
         Err(nix::errno::Errno::ENOENT) => return Ok(None),
         Err(e) => return Err(e.into()),
     }
-    if state.in_use(policy.in_use_ttl).iter().any(|(u, _, live)| *live && u.repo == key) {
+    if state.in_use(policy.in_use_ttl).iter().any(|(u, _, live)| *live && u.uses(key)) {
         nix::fcntl::renameat(&dir, aside.as_str(), &dir, name.tag.as_str())?;
         return Ok(None);
     }

@@ -9,11 +9,17 @@
 //! - `STANDIN_ALLOC_MB=N`: allocate and touch N MiB, then sleep.
 //! - `STANDIN_MODEL_DIR`: directory whose files are listed in answers (the HF snapshot).
 //!
+//! As an Ollama server ([`ollama`]): describes the store under `OLLAMA_MODELS`
+//! at start, lists it at `GET /api/tags`, and loads a model from it for
+//! `POST /api/generate` (404 when its manifest or a blob is missing).
+//!
 //! As an SGLang worker behind SGLang's router (sglang-router 0.3.2, observed):
 //! the router adds a worker after `GET /health` answers 200, then reads
 //! `GET /server_info` and `GET /model_info` (falling back to `/get_server_info`
 //! and `/get_model_info` on 404; both optional) for the model id it serves
 //! under, and forwards `POST /v1/chat/completions` (and `/generate`) as sent.
+
+mod ollama;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -81,6 +87,7 @@ fn serve(args: &[String]) {
         }
     };
     println!("listening on 0.0.0.0:{port}, serving model {model}");
+    ollama::describe_store();
     for conn in listener.incoming().flatten() {
         let ready = started.elapsed() >= delay;
         let model = model.clone();
@@ -108,8 +115,11 @@ fn handle(mut conn: TcpStream, ready: bool, model: &str) {
     let mut body = vec![0u8; content_length.min(1 << 20)];
     let _ = reader.read_exact(&mut body);
     let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let method = request_line.split_whitespace().next().unwrap_or("GET").to_string();
     println!("request {}", request_line.trim());
+    let api = if ready { ollama::answer(&method, &path, &body) } else { None };
     let (status, text) = match path.as_str() {
+        _ if api.is_some() => api.unwrap_or(("500 Internal Server Error", String::new())),
         "/health" | "/api/version" | "/ready" if !ready => {
             ("503 Service Unavailable", "{\"status\":\"loading\"}".to_string())
         }

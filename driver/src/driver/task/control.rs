@@ -81,7 +81,7 @@ impl Driver {
         }
         entry.cancel.cancel();
         entry.fifo_fds.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        if entry.state.model.is_some() {
+        if !entry.state.in_use_keys().is_empty() {
             let (cache, tid) = (self.config().hf_cache.clone(), id.to_string());
             let _ = tokio::task::spawn_blocking(move || crate::driver::cache::clear_in_use(&cache, &tid)).await;
         }

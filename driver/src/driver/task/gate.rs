@@ -18,10 +18,13 @@ impl Driver {
         let cache_cfg = plugin.hf_cache.clone();
         let on_nfs = crate::driver::cache::on_nfs(&cache_cfg);
         let mut facts = NodeFacts { cache_on_nfs: on_nfs, ..NodeFacts::default() };
+        if cfg.engine == crate::config::Engine::Ollama {
+            return self.ollama_gate(task, cfg, facts).await;
+        }
         let (Some(model), true) = (&cfg.model, crate::driver::cache::uses_hf_cache(cfg)) else { return Ok(facts) };
         // In use before the check: an agent's gc that reads the markers after
         // this cannot evict what the check is about to accept.
-        let (c, id, node, m) = (cache_cfg.clone(), task.id.clone(), task.node_name.clone(), model.clone());
+        let (c, id, node, m) = (cache_cfg.clone(), task.id.clone(), task.node_name.clone(), vec![model.clone()]);
         let _ =
             tokio::task::spawn_blocking(move || crate::driver::cache::mark_in_use(&c, &id, &node, &m, "", true)).await;
         let hub = crate::driver::cache::hub_dir(&cache_cfg);
@@ -32,7 +35,7 @@ impl Driver {
             facts.resolved_revision = Some(commit.clone());
             facts.model_bytes = Some(checked.bytes);
             let (c, id, node, m, k) =
-                (cache_cfg.clone(), task.id.clone(), task.node_name.clone(), model.clone(), commit.clone());
+                (cache_cfg.clone(), task.id.clone(), task.node_name.clone(), vec![model.clone()], commit.clone());
             let _ =
                 tokio::task::spawn_blocking(move || crate::driver::cache::mark_in_use(&c, &id, &node, &m, &k, false))
                     .await;
@@ -92,10 +95,29 @@ impl Driver {
         revision: &str,
         hub: &Path,
     ) -> Result<(), DriverError> {
+        let args = vec![
+            "--cache".into(),
+            hub.as_os_str().to_owned(),
+            "prewarm".into(),
+            "--".into(),
+            format!("{model}@{revision}").into(),
+        ];
+        self.run_agent_prewarm(task, &format!("{model}@{revision}"), args).await
+    }
+
+    /// Runs `aimodel-agent <args>` (a prewarm of `what`) as the cache's owner,
+    /// in the plugin's environment (its hub endpoint and Ollama registry, never
+    /// the task's) plus the task's `HF_TOKEN`; each progress line becomes a task event.
+    pub(super) async fn run_agent_prewarm(
+        &self,
+        task: &NomadTask,
+        what: &str,
+        args: Vec<std::ffi::OsString>,
+    ) -> Result<(), DriverError> {
         use tokio::io::AsyncBufReadExt;
         let bin = agent_binary(self.env()).ok_or(DriverError::AgentMissing)?;
         let mut cmd = tokio::process::Command::new(&bin);
-        cmd.arg("--cache").arg(hub).args(["prewarm", "--", &format!("{model}@{revision}")]);
+        cmd.args(args);
         // The hub is the operator's (the plugin's own HF_ENDPOINT), never the
         // task's: a job must not fill the shared cache from a server of its
         // choosing under a real repo's name. The task may bring its token.
@@ -125,12 +147,12 @@ impl Driver {
         let out = child
             .wait_with_output()
             .await
-            .map_err(|e| DriverError::PrewarmFailed { model: format!("{model}@{revision}"), reason: e.to_string() })?;
+            .map_err(|e| DriverError::PrewarmFailed { model: what.to_string(), reason: e.to_string() })?;
         if !out.status.success() {
-            return Err(DriverError::PrewarmFailed { model: format!("{model}@{revision}"), reason: last });
+            return Err(DriverError::PrewarmFailed { model: what.to_string(), reason: last });
         }
         let summary = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        tracing::info!(task_id = %task.id, model = %model, summary = %summary, "prewarmed");
+        tracing::info!(task_id = %task.id, model = %what, summary = %summary, "prewarmed");
         self.event(task, format!("prewarm: {summary}"), &[]);
         Ok(())
     }
@@ -139,24 +161,25 @@ impl Driver {
     /// so the agents' gc on every node keeps seeing them as live.
     pub async fn refresh_in_use(&self) {
         let cache = self.config().hf_cache.clone();
-        let live: Vec<(String, String, String, String)> = self
+        let live: Vec<(String, String, Vec<String>, String)> = self
             .tasks()
             .ids()
             .into_iter()
             .filter_map(|id| self.tasks().get(&id))
-            .filter(|e| e.exit_result().is_none() && e.state.engine.spec().uses_hf_cache)
-            .filter_map(|e| {
-                let model = e.state.model.clone()?;
-                Some((e.task.id.clone(), e.task.node_name.clone(), model, e.state.revision.clone().unwrap_or_default()))
+            .filter(|e| e.exit_result().is_none())
+            .map(|e| {
+                let keys = e.state.in_use_keys();
+                (e.task.id.clone(), e.task.node_name.clone(), keys, e.state.revision.clone().unwrap_or_default())
             })
+            .filter(|(_, _, keys, _)| !keys.is_empty())
             .collect();
         if live.is_empty() {
             return;
         }
         let _ = tokio::task::spawn_blocking(move || {
-            for (id, node, model, commit) in live {
+            for (id, node, keys, commit) in live {
                 // Touching last-used too: a model in use is the most recently used.
-                crate::driver::cache::mark_in_use(&cache, &id, &node, &model, &commit, true);
+                crate::driver::cache::mark_in_use(&cache, &id, &node, &keys, &commit, true);
             }
         })
         .await;

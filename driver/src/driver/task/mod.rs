@@ -1,12 +1,13 @@
 //! The tasks this plugin tracks, one file per operation family: `start`
 //! (StartTask) with the cache `gate`, `control` (WaitTask, StopTask,
 //! SignalTask, DestroyTask), `recover` (RecoverTask, InspectTask), `exec`,
-//! `stats`; a [`TaskHandle`] owns its background loops (`handle`, `readiness`).
+//! `stats`, the `ollama` gate and preload; a [`TaskHandle`] owns its background loops (`handle`, `readiness`).
 
 mod control;
 mod exec;
 mod gate;
 mod handle;
+mod ollama;
 pub mod readiness;
 mod recover;
 mod start;

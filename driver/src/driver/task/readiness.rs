@@ -63,26 +63,27 @@ pub async fn probe(url: &str, timeout: Duration) -> Result<u16, ProbeError> {
 impl TaskHandle {
     /// Polls the readiness URL, emitting "waiting for model server" and "model
     /// server ready after N s", or the last log lines if the server dies first.
+    /// Whether the server became ready.
     pub(super) async fn await_ready(
-        self: Arc<Self>,
-        driver: Driver,
-        url: String,
+        self: &Arc<Self>,
+        driver: &Driver,
+        url: &str,
         interval: Duration,
         timeout: Duration,
-    ) {
+    ) -> bool {
         let started = Instant::now();
-        driver.event(&self.task, format!("waiting for model server at {url}"), &[("url", url.clone())]);
+        driver.event(&self.task, format!("waiting for model server at {url}"), &[("url", url.to_string())]);
         loop {
             if let Some(exit) = self.exit_result() {
-                let tail = last_log_lines(&driver, &self.state.container_id).await;
+                let tail = last_log_lines(driver, &self.state.container_id).await;
                 driver.event(
                     &self.task,
                     format!("model server exited with code {} while starting; last lines:\n{tail}", exit.exit_code),
                     &[("exit_code", exit.exit_code.to_string())],
                 );
-                return;
+                return false;
             }
-            if let Ok(code) = probe(&url, interval.max(Duration::from_secs(1))).await {
+            if let Ok(code) = probe(url, interval.max(Duration::from_secs(1))).await {
                 if (200..300).contains(&code) {
                     let secs = started.elapsed().as_secs_f64();
                     driver.event(
@@ -90,16 +91,16 @@ impl TaskHandle {
                         format!("model server ready after {secs:.1} s"),
                         &[("ready_after_seconds", format!("{secs:.1}"))],
                     );
-                    return;
+                    return true;
                 }
             }
             if started.elapsed() > timeout {
                 driver.event(&self.task, format!("model server not ready after {timeout:?}"), &[]);
-                return;
+                return false;
             }
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
-                _ = self.cancel.cancelled() => return,
+                _ = self.cancel.cancelled() => return false,
             }
         }
     }

@@ -24,7 +24,8 @@ impl Driver {
             (state.started_at_ns % 1_000_000_000) as u32,
         );
         self.image_ref(&state.image);
-        if let Some(model) = state.model.clone().filter(|_| state.engine.spec().uses_hf_cache) {
+        let keys = state.in_use_keys();
+        if !keys.is_empty() {
             // The marker may have aged while the plugin was down: renew it now,
             // not at the next refresh round.
             let (c, id, node, commit) = (
@@ -34,7 +35,7 @@ impl Driver {
                 state.revision.clone().unwrap_or_default(),
             );
             let _ = tokio::task::spawn_blocking(move || {
-                crate::driver::cache::mark_in_use(&c, &id, &node, &model, &commit, false)
+                crate::driver::cache::mark_in_use(&c, &id, &node, &keys, &commit, false)
             })
             .await;
         }

@@ -19,22 +19,20 @@ impl Driver {
         let id = task.id.clone();
         // A start can take long (a prewarm, a big pull): keep the in-use marker
         // fresh until the task is tracked and the regular refresh takes over.
-        let refresher = match &cfg {
-            cfg if crate::driver::cache::uses_hf_cache(cfg) => cfg.model.clone().map(|model| {
-                let (cache, tid, node) = (self.config().hf_cache.clone(), task.id.clone(), task.node_name.clone());
-                tokio::spawn(async move {
-                    loop {
-                        tokio::time::sleep(crate::driver::IN_USE_REFRESH).await;
-                        let (c, t, n, m) = (cache.clone(), tid.clone(), node.clone(), model.clone());
-                        let _ = tokio::task::spawn_blocking(move || {
-                            crate::driver::cache::mark_in_use(&c, &t, &n, &m, "", false)
-                        })
-                        .await;
-                    }
-                })
-            }),
-            _ => None,
-        };
+        let keys = crate::driver::cache::in_use_keys(&cfg);
+        let refresher = (!keys.is_empty()).then(|| {
+            let (cache, tid, node) = (self.config().hf_cache.clone(), task.id.clone(), task.node_name.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(crate::driver::IN_USE_REFRESH).await;
+                    let (c, t, n, k) = (cache.clone(), tid.clone(), node.clone(), keys.clone());
+                    let _ = tokio::task::spawn_blocking(move || {
+                        crate::driver::cache::mark_in_use(&c, &t, &n, &k, "", false)
+                    })
+                    .await;
+                }
+            })
+        });
         let r = self.start_task_inner(task, cfg).await;
         if let Some(h) = refresher {
             h.abort();
@@ -94,6 +92,7 @@ impl Driver {
             image: plan.spec.image.clone(),
             engine: cfg.engine,
             model: cfg.model.clone(),
+            models: facts.ollama_models.clone(),
             revision: Some(facts.resolved_revision.clone().unwrap_or_else(|| cfg.revision.clone())),
             started_at_ns: started_at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64,
             stdout_path: task.stdout_path.clone(),
@@ -109,12 +108,14 @@ impl Driver {
         let entry = self.track(task, state, started_at, true).await;
         tracing::info!(task_id = %entry.task.id, container = %id, image = %entry.state.image, "task started");
         if let Some(url) = plan.readiness_url.clone() {
-            tokio::spawn(entry.clone().await_ready(
-                self.clone(),
-                url,
-                cfg.readiness.interval.0,
-                cfg.readiness.timeout.0,
-            ));
+            let (handle, driver, readiness) = (entry.clone(), self.clone(), cfg.readiness.clone());
+            let (preload, keep) = (facts.ollama_models.clone(), super::ollama::KeepAlive::for_task(&handle.task));
+            tokio::spawn(async move {
+                let ready = handle.await_ready(&driver, &url, readiness.interval.0, readiness.timeout.0).await;
+                if ready && !preload.is_empty() {
+                    handle.preload_ollama(driver, url, preload, keep, readiness.timeout.0).await;
+                }
+            });
         }
         Ok(Started { state: entry.state.clone(), port_map: plan.port_map })
     }

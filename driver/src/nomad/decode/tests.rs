@@ -111,6 +111,23 @@ fn task_config_checks() {
         field(&[("engine", Value::str("ollama")), ("load_strategy", Value::str("lazy"))]).as_deref(),
         Some("load_strategy")
     );
+    // Ollama names: each one safe, `models` only for ollama.
+    let models = |v: &[&str]| Value::List(v.iter().map(|m| Value::str(m)).collect());
+    assert_eq!(
+        field(&[("engine", Value::str("ollama")), ("models", models(&["llama3.2:3b", "../x:1"]))]).as_deref(),
+        Some("models")
+    );
+    assert_eq!(
+        field(&[("engine", Value::str("ollama")), ("model", Value::str("a/b/c/d:1"))]).as_deref(),
+        Some("model")
+    );
+    assert_eq!(
+        field(&[("engine", Value::str("vllm")), ("model", Value::str("o/m")), ("models", models(&["x:1"]))]).as_deref(),
+        Some("models")
+    );
+    let ok =
+        task(&[("engine", Value::str("ollama")), ("model", Value::str("qwen:1b")), ("models", models(&["qwen:1b"]))]);
+    assert_eq!(ok.unwrap().ollama_models().unwrap().len(), 1, "one model named twice is one model");
     assert_eq!(task_config(&[]).unwrap_err().field(), Some("engine"));
 }
 
