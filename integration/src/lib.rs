@@ -10,6 +10,7 @@ pub mod engines;
 pub mod faulthub;
 pub mod hcl_eval;
 pub mod hostilehub;
+pub mod imagereg;
 pub mod jobrun;
 pub mod nomadapi;
 pub mod olah;

@@ -1,6 +1,6 @@
 //! A small stand-in for the Nomad HTTP API, enough for the agent's job watch:
 //! `GET /v1/jobs` with blocking queries (`index`, `wait`, `X-Nomad-Index`)
-//! and `GET /v1/job/<id>`. Jobs are registered and stopped by the test; every
+//! `GET /v1/job/<id>` and `GET /v1/node/<id>`. Jobs and nodes are set by the test; every
 //! query is recorded so a test can tell blocking queries from polling.
 
 use std::collections::BTreeMap;
@@ -23,6 +23,8 @@ struct State {
     index: u64,
     /// id → (namespace, modify index, stopped, job JSON).
     jobs: BTreeMap<String, (String, u64, bool, serde_json::Value)>,
+    /// id → node JSON.
+    nodes: BTreeMap<String, serde_json::Value>,
     seen: Vec<Seen>,
 }
 
@@ -107,6 +109,21 @@ impl NomadApi {
         });
     }
 
+    /// Sets (or replaces) a node as `GET /v1/node/<id>` returns it (`ID` names it).
+    pub fn set_node(&self, node: serde_json::Value) {
+        let id = node["ID"].as_str().unwrap_or("node").to_string();
+        self.bump(|s, _| {
+            s.nodes.insert(id, node);
+        });
+    }
+
+    /// Removes a job from the list (as Nomad's job GC does after a stop).
+    pub fn purge(&self, id: &str) {
+        self.bump(|s, _| {
+            s.jobs.remove(id);
+        });
+    }
+
     /// Requests seen so far.
     pub fn seen(&self) -> Vec<Seen> {
         self.state.lock().unwrap().seen.clone()
@@ -159,6 +176,13 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         match s.jobs.get(id) {
             Some((_, _, _, job)) => ("200 OK", job.to_string(), s.index),
             None => ("404 Not Found", "job not found".to_string(), s.index),
+        }
+    } else if let Some(rest) = path.strip_prefix("/v1/node/") {
+        let id = rest.split('?').next().unwrap_or("");
+        let s = st.lock().unwrap();
+        match s.nodes.get(id) {
+            Some(node) => ("200 OK", node.to_string(), s.index),
+            None => ("404 Not Found", "node not found".to_string(), s.index),
         }
     } else {
         ("404 Not Found", "no such endpoint".to_string(), 0)

@@ -135,6 +135,41 @@ impl LiveDriver {
         (node, updates)
     }
 
+    /// The node as Nomad's API shows it (`GET /v1/node/<id>`) once the client
+    /// has applied these fingerprints: the driver's attributes in the node's
+    /// `Attributes` and in `Drivers.aimodel` with its health
+    /// (`client/node_updater.go`, `nomad/structs` `DriverInfo`). Attribute values
+    /// are strings there. No devices (no GPU here).
+    pub fn node_json(&self, id: &str, datacenter: &str) -> serde_json::Value {
+        use aimodel_proto::drivers::fingerprint_response::HealthState;
+        use aimodel_proto::structs::attribute::Value as A;
+        let (attrs, _) = self.node_view();
+        let text: serde_json::Map<String, serde_json::Value> = attrs
+            .iter()
+            .filter_map(|(k, v)| {
+                let s = match v.value.as_ref()? {
+                    A::StringVal(s) => s.clone(),
+                    A::BoolVal(b) => b.to_string(),
+                    A::IntVal(i) => i.to_string(),
+                    A::FloatVal(f) => f.to_string(),
+                };
+                Some((k.clone(), serde_json::Value::String(s)))
+            })
+            .collect();
+        let health = self.last_fingerprint().and_then(|f| HealthState::try_from(f.health).ok());
+        serde_json::json!({
+            "ID": id, "Name": id, "Datacenter": datacenter, "Status": "ready",
+            "Attributes": text.clone(),
+            "Drivers": {"aimodel": {
+                "Attributes": text,
+                "Detected": health.is_some_and(|h| h != HealthState::Undetected),
+                "Healthy": health == Some(HealthState::Healthy),
+                "HealthDescription": self.last_fingerprint().map(|f| f.health_description).unwrap_or_default(),
+            }},
+            "NodeResources": {"Devices": []},
+        })
+    }
+
     /// What the client does with a task's stored handle when it restarts
     /// (`client/allocrunner/taskrunner/task_runner.go` `restoreHandle`):
     /// RecoverTask; when that fails, DestroyTask with force, so nothing of the

@@ -216,3 +216,26 @@ pub fn agent_ok(o: &std::process::Output) -> String {
     );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
+
+/// The agent's `/status` document on `port` (`null` while it does not answer).
+pub async fn agent_status(port: u16) -> serde_json::Value {
+    serde_json::from_str(&http_body(port, "/status").await).unwrap_or_default()
+}
+
+/// Polls the agent's `/status` until `pred` holds; fails naming `what` and the last document.
+pub async fn wait_agent_status(
+    port: u16,
+    within: std::time::Duration,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let st = agent_status(port).await;
+        if pred(&st) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what} within {within:?}; /status: {st:#}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

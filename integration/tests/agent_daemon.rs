@@ -13,31 +13,15 @@ use aimodel_integration::faulthub::{FaultHub, COMMIT};
 use aimodel_integration::nomadapi::NomadApi;
 use aimodel_integration::pluginhcl::PluginHcl;
 use aimodel_integration::sequence;
-use aimodel_integration::support::{binary, http_body, DRIVER_BIN};
+use aimodel_integration::support::{agent_status, binary, http_body, wait_agent_status, DRIVER_BIN};
 use aimodel_integration::task::free_port;
 use aimodel_proto::drivers::FingerprintResponse;
 use aimodel_proto::structs::attribute::Value as A;
 use hf_cache::state::StateDir;
 use hf_cache::{check, Mode, RepoId};
 
-async fn status(port: u16) -> serde_json::Value {
-    serde_json::from_str(&http_body(port, "/status").await).unwrap_or_default()
-}
-
 fn model<'a>(st: &'a serde_json::Value, repo: &str) -> Option<&'a serde_json::Value> {
     st["models"].as_array()?.iter().find(|m| m["repo"] == repo)
-}
-
-async fn wait_status(port: u16, within: Duration, what: &str, pred: impl Fn(&serde_json::Value) -> bool) {
-    let deadline = Instant::now() + within;
-    loop {
-        let st = status(port).await;
-        if pred(&st) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{what} within {within:?}; /status: {st:#}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn warm(f: &FingerprintResponse, repo: &str) -> Option<String> {
@@ -109,22 +93,22 @@ gc {{
         .unwrap();
 
     // The manifest's model is prewarmed; the cold one is evicted.
-    wait_status(port, Duration::from_secs(60), "org/pinned warm", |st| {
+    wait_agent_status(port, Duration::from_secs(60), "org/pinned warm", |st| {
         model(st, "org/pinned").is_some_and(|m| m["state"] == "warm")
     })
     .await;
     assert!(complete(&hub, "org/pinned"));
     let cold = hub.join("models--org--cold");
-    wait_status(port, Duration::from_secs(10), "org/cold evicted", |st| {
+    wait_agent_status(port, Duration::from_secs(10), "org/cold evicted", |st| {
         st["counters"]["evicted_models"] == 1 && !cold.exists()
     })
     .await;
     // The gc after the pinned model's prewarm keeps it (the first ran before it existed).
-    wait_status(port, Duration::from_secs(10), "a gc that keeps org/pinned", |st| {
+    wait_agent_status(port, Duration::from_secs(10), "a gc that keeps org/pinned", |st| {
         st["gc"]["kept"]["org/pinned"] == "pinned"
     })
     .await;
-    let st = status(port).await;
+    let st = agent_status(port).await;
     assert_eq!(model(&st, "org/pinned").unwrap()["commit"], COMMIT);
     assert_eq!(model(&st, "org/pinned").unwrap()["bytes_done"], content.len() as u64);
 
@@ -142,12 +126,12 @@ gc {{
 
     // A job registered with Nomad: its aimodel task's model is prewarmed without polling.
     nomad.register("prod", aimodel_job("chat", "org/fromjob"));
-    wait_status(port, Duration::from_secs(60), "org/fromjob warm", |st| {
+    wait_agent_status(port, Duration::from_secs(60), "org/fromjob warm", |st| {
         model(st, "org/fromjob").is_some_and(|m| m["state"] == "warm" && m["sources"][0] == "nomad")
     })
     .await;
     assert!(complete(&hub, "org/fromjob"));
-    let st = status(port).await;
+    let st = agent_status(port).await;
     assert!(model(&st, "org/not-ours").is_none(), "a docker task's config is not ours: {st:#}");
     assert_eq!(st["nomad"]["jobs"]["prod/chat"][0], "org/fromjob@main", "{st:#}");
     let f = live.fingerprint_where(Duration::from_secs(15), |f| warm(f, "org/fromjob").is_some()).await.unwrap();
@@ -174,7 +158,7 @@ gc {{
     // The job stops: its model is no longer wanted, so the watermark evicts it
     // and the driver stops advertising it.
     nomad.stop("chat");
-    wait_status(port, Duration::from_secs(20), "org/fromjob evicted", |st| {
+    wait_agent_status(port, Duration::from_secs(20), "org/fromjob evicted", |st| {
         model(st, "org/fromjob").is_none() && st["counters"]["evicted_models"] == 2
     })
     .await;
@@ -277,7 +261,7 @@ async fn four_daemons_with_one_manifest_fetch_each_blob_once() {
         ports.push(port);
     }
     for port in &ports {
-        wait_status(*port, Duration::from_secs(60), "three models warm", |st| {
+        wait_agent_status(*port, Duration::from_secs(60), "three models warm", |st| {
             models.iter().all(|m| model(st, m).is_some_and(|s| s["state"] == "warm" && s["commit"] == COMMIT))
         })
         .await;

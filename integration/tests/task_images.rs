@@ -3,8 +3,9 @@
 
 use std::time::{Duration, Instant};
 
+use aimodel_integration::imagereg::AuthRegistry;
 use aimodel_integration::support::standin_image;
-use aimodel_integration::task::{free_port, TaskBuilder};
+use aimodel_integration::task::TaskBuilder;
 use aimodel_proto::drivers::StartTaskRequest;
 use tonic::Code;
 
@@ -18,62 +19,11 @@ use aimodel_integration::tasksim::*;
 /// tag the registry does not have is a clear, non-recoverable error.
 #[tokio::test]
 async fn images_are_pulled_from_a_registry() {
-    let registry_bin = std::path::Path::new("/usr/bin/docker-registry");
-    if !registry_bin.exists() {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "docker-registry is missing (scripts/test installs it)");
-        eprintln!("SKIP: no /usr/bin/docker-registry");
-        return;
-    }
+    let Some(reg) = AuthRegistry::start().await else { return };
     let Some(mut sim) = Sim::start().await else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let password = format!("pw-{}", aimodel_integration::task::random_hex(8));
-    let hash = bcrypt::hash(&password, 5).unwrap();
-    std::fs::write(dir.path().join("htpasswd"), format!("puller:{hash}\n")).unwrap();
-    std::fs::write(
-        dir.path().join("config.yml"),
-        format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\nauth:\n  htpasswd:\n    realm: test\n    path: {}\n",
-            dir.path().join("data").display(),
-            dir.path().join("htpasswd").display()
-        ),
-    )
-    .unwrap();
-    let mut registry = tokio::process::Command::new(registry_bin)
-        .arg("serve")
-        .arg(dir.path().join("config.yml"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        assert!(Instant::now() < deadline, "the registry did not start");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (port, password) = (reg.port, reg.password.clone());
     // An image with a layer of its own (so the pull really downloads), pushed, then removed locally.
-    let tag = format!("127.0.0.1:{port}/aimodel/pulled:{}", aimodel_integration::task::random_hex(4));
-    let ctx = tempfile::tempdir().unwrap();
-    std::fs::write(ctx.path().join("nonce"), aimodel_integration::task::random_hex(64)).unwrap();
-    std::fs::write(ctx.path().join("Dockerfile"), format!("FROM {}\nCOPY nonce /nonce\n", standin_image().unwrap()))
-        .unwrap();
-    // The docker CLI's credentials go to a directory of the test's own, not ~/.docker.
-    let docker_cfg = tempfile::tempdir().unwrap();
-    let docker = |args: &[&str]| {
-        let out = std::process::Command::new("docker")
-            .args(args)
-            .env("DOCKER_BUILDKIT", "0")
-            .env("DOCKER_CONFIG", docker_cfg.path())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "docker {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    docker(&["build", "-q", "-t", &tag, ctx.path().to_str().unwrap()]);
-    docker(&["login", "-u", "puller", "-p", &password, &format!("127.0.0.1:{port}")]);
-    docker(&["push", &tag]);
-    docker(&["rmi", &tag]);
-
+    let tag = reg.push_image("aimodel/pulled");
     let cfg = format!("engine = \"custom\"\nimage = \"{tag}\"\n");
     let b = TaskBuilder::new("anonymous", &cfg);
     let t = sim.prepare(&b);
@@ -139,7 +89,6 @@ async fn images_are_pulled_from_a_registry() {
     assert!(logged.iter().all(|l| !l.contains(&password)), "the registry password was logged");
 
     let _ = std::process::Command::new("docker").args(["rmi", "-f", &tag, &other]).output();
-    let _ = registry.kill().await;
 }
 
 /// `gc { image = true }`: an image no task uses any more is removed after

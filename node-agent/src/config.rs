@@ -81,6 +81,8 @@ pub struct AgentConfig {
     pub ollama_registry: Option<String>,
     pub nomad: Option<NomadConfig>,
     pub gc: Option<GcConfig>,
+    /// Pull the engine images of Nomad's `aimodel` tasks ahead (needs `nomad`).
+    pub images: Option<crate::images::ImagesConfig>,
 }
 
 /// One manifest entry.
@@ -301,6 +303,18 @@ impl AgentConfig {
                 )));
             }
         }
+        if let Some(i) = &cfg.images {
+            i.check().map_err(err)?;
+            if cfg.nomad.is_none() {
+                return Err(err("images: needs a nomad { ... } block (the jobs say which images are wanted)".into()));
+            }
+            if i.node_id.as_deref().is_none_or(|n| n.trim().is_empty()) {
+                return Err(err(
+                    "images: node_id is required (set AIMODEL_NODE_ID = \"${node.unique.id}\" in the agent's job)"
+                        .into(),
+                ));
+            }
+        }
         Ok(cfg)
     }
 
@@ -326,6 +340,11 @@ impl AgentConfig {
         }
         if self.ollama_registry.is_none() {
             self.ollama_registry = env.ollama_registry.clone();
+        }
+        if let Some(i) = &mut self.images {
+            if i.node_id.is_none() {
+                i.node_id = env.node_id.clone();
+            }
         }
         if let Some(n) = &mut self.nomad {
             n.address = Some(resolve_address(n.address.as_deref(), env));

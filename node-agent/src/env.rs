@@ -32,6 +32,8 @@ pub struct Environment {
     pub ollama_models: Option<PathBuf>,
     /// `AIMODEL_OLLAMA_REGISTRY`: the registry (or mirror) Ollama models come from.
     pub ollama_registry: Option<String>,
+    /// `AIMODEL_NODE_ID`: this node's Nomad node ID (`${node.unique.id}` in the agent's job).
+    pub node_id: Option<String>,
 }
 
 impl std::fmt::Debug for Environment {
@@ -47,6 +49,7 @@ impl std::fmt::Debug for Environment {
             .field("status_token", &redact(&self.status_token))
             .field("ollama_models", &self.ollama_models)
             .field("ollama_registry", &self.ollama_registry)
+            .field("node_id", &self.node_id)
             .finish_non_exhaustive()
     }
 }
@@ -70,6 +73,7 @@ impl Environment {
             log_format: s("AIMODEL_LOG_FORMAT"),
             ollama_models: p("OLLAMA_MODELS"),
             ollama_registry: s("AIMODEL_OLLAMA_REGISTRY"),
+            node_id: s("AIMODEL_NODE_ID"),
         }
     }
 }

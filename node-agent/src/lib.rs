@@ -8,6 +8,8 @@ pub mod daemon;
 pub mod env;
 pub mod fetch;
 pub mod hub;
+pub mod images;
+pub mod jobs;
 pub mod lease;
 pub mod logging;
 pub mod nomad;

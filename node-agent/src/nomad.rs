@@ -13,13 +13,7 @@ use tokio::sync::watch;
 
 use crate::config::NomadConfig;
 pub use crate::config::{resolve_address, token_safe_over};
-
-/// A model and revision some job wants.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-pub struct Wanted {
-    pub repo: String,
-    pub revision: String,
-}
+pub use crate::jobs::{images_of_job, models_of_job, TaskImage, Wanted};
 
 /// What the watcher knows, for `/status`.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -54,47 +48,8 @@ struct JobStub {
     status: String,
 }
 
-/// The models of the `driver = "aimodel"` tasks of one job (Nomad's job JSON).
-pub fn models_of_job(job: &serde_json::Value) -> Vec<Wanted> {
-    let mut out = BTreeSet::new();
-    let groups = job.get("TaskGroups").and_then(|g| g.as_array()).cloned().unwrap_or_default();
-    for g in groups {
-        for t in g.get("Tasks").and_then(|t| t.as_array()).cloned().unwrap_or_default() {
-            if t.get("Driver").and_then(|d| d.as_str()) != Some("aimodel") {
-                continue;
-            }
-            let cfg = t.get("Config").cloned().unwrap_or_default();
-            let s = |k: &str| cfg.get(k).and_then(|v| v.as_str()).map(str::to_string);
-            if s("engine").as_deref() == Some("ollama") {
-                // `model = "llama3.2:3b"` and/or `models = ["llama3.2:3b", "codellama:7b"]`.
-                let listed = cfg.get("models").and_then(|v| v.as_array()).cloned().unwrap_or_default();
-                let names = s("model").into_iter().chain(listed.iter().filter_map(|v| v.as_str().map(str::to_string)));
-                for name in names.filter(|n| !n.contains("${")) {
-                    if let Ok(n) = hf_cache::ollama::ModelName::parse(&name) {
-                        out.insert(Wanted {
-                            repo: format!("{}{}", hf_cache::ollama::SCHEME, n.short()),
-                            revision: n.tag,
-                        });
-                    }
-                }
-                continue;
-            }
-            let Some(repo) = s("model") else { continue };
-            let revision = s("revision").unwrap_or_else(|| "main".into());
-            // Runtime interpolation (`${NOMAD_META_model}`) is only known on the client.
-            if repo.contains("${")
-                || !hf_cache::layout::is_safe_revision(&revision)
-                || !hf_cache::layout::is_repo_id(&repo)
-            {
-                continue;
-            }
-            out.insert(Wanted { repo, revision });
-        }
-    }
-    out.into_iter().collect()
-}
-
 /// How the Nomad API is reached.
+#[derive(Debug)]
 enum Transport {
     /// `http://` or `https://` through reqwest.
     Http(reqwest::Client),
@@ -103,17 +58,28 @@ enum Transport {
     Unix(std::path::PathBuf),
 }
 
-struct Client {
+/// A Nomad API client (http(s) or the task API socket), with the token.
+pub struct Client {
     transport: Transport,
     address: String,
     token: Option<String>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("address", &self.address)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish_non_exhaustive()
+    }
 }
 
 /// Largest Nomad answer read (a job list of a big cluster is a few MB).
 const MAX_ANSWER: usize = 64 << 20;
 
 impl Client {
-    fn new(address: &str, token: Option<String>) -> Self {
+    /// A client of `address` (`http(s)://…` or `unix://…`).
+    pub fn new(address: &str, token: Option<String>) -> Self {
         let transport = match address.strip_prefix("unix://") {
             Some(path) => Transport::Unix(path.into()),
             // No proxy (a "local" token would reach it) and no redirects (reqwest
@@ -129,7 +95,8 @@ impl Client {
         Client { transport, address: address.to_string(), token }
     }
 
-    async fn get(&self, path: &str, timeout: Duration) -> Result<(serde_json::Value, u64), String> {
+    /// GETs `path`: the JSON answer and its `X-Nomad-Index`.
+    pub async fn get(&self, path: &str, timeout: Duration) -> Result<(serde_json::Value, u64), String> {
         let url = format!("{}{path}", self.address);
         let (status, index, body) = match &self.transport {
             Transport::Http(http) => {
@@ -247,7 +214,13 @@ fn enc(s: &str) -> String {
 
 /// Watches the job list and sends the set of wanted models whenever it changes.
 /// Runs until `tx` has no receivers.
-pub async fn watch(cfg: NomadConfig, tx: watch::Sender<BTreeSet<Wanted>>, status: Arc<Mutex<NomadStatus>>) {
+/// The images of the jobs' tasks go to `images` (the agent's image pull-ahead).
+pub async fn watch(
+    cfg: NomadConfig,
+    tx: watch::Sender<BTreeSet<Wanted>>,
+    images: watch::Sender<Vec<TaskImage>>,
+    status: Arc<Mutex<NomadStatus>>,
+) {
     // Both were completed from the environment when the configuration was loaded.
     let address = resolve_address(cfg.address.as_deref(), &crate::env::Environment::default());
     let token = cfg.token.clone().filter(|t| !t.is_empty());
@@ -259,7 +232,7 @@ pub async fn watch(cfg: NomadConfig, tx: watch::Sender<BTreeSet<Wanted>>, status
     }
     let wait = cfg.wait.0.max(Duration::from_secs(1));
     let mut index = 0u64;
-    let mut jobs: BTreeMap<String, (u64, Vec<Wanted>)> = BTreeMap::new();
+    let mut jobs: BTreeMap<String, (u64, Vec<Wanted>, Vec<TaskImage>)> = BTreeMap::new();
     let mut backoff = Duration::from_millis(500);
     loop {
         if tx.is_closed() {
@@ -298,26 +271,37 @@ pub async fn watch(cfg: NomadConfig, tx: watch::Sender<BTreeSet<Wanted>>, status
             let ns = s.namespace.clone().unwrap_or_else(|| "default".into());
             let key = format!("{ns}/{}", s.id);
             seen.insert(key.clone());
-            if jobs.get(&key).is_some_and(|(m, _)| *m == s.modify_index) {
+            if jobs.get(&key).is_some_and(|(m, _, _)| *m == s.modify_index) {
                 continue;
             }
             match client.get(&format!("/v1/job/{}?namespace={}", enc(&s.id), enc(&ns)), Duration::from_secs(30)).await {
                 Ok((job, _)) => {
-                    jobs.insert(key, (s.modify_index, models_of_job(&job)));
+                    jobs.insert(key, (s.modify_index, models_of_job(&job), images_of_job(&ns, &job)));
                 }
                 Err(e) => failed = Some(e),
             }
         }
         jobs.retain(|k, _| seen.contains(k));
-        let wanted: BTreeSet<Wanted> = jobs.values().flat_map(|(_, m)| m.iter().cloned()).collect();
+        let wanted: BTreeSet<Wanted> = jobs.values().flat_map(|(_, m, _)| m.iter().cloned()).collect();
+        // Only once every job was read: an image is never dropped for a failed read.
+        if failed.is_none() {
+            let all: Vec<TaskImage> = jobs.values().flat_map(|(_, _, i)| i.iter().cloned()).collect();
+            images.send_if_modified(|cur| {
+                let changed = *cur != all;
+                if changed {
+                    *cur = all;
+                }
+                changed
+            });
+        }
         {
             let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
             st.index = index;
             st.jobs_seen = seen.len();
             st.jobs = jobs
                 .iter()
-                .filter(|(_, (_, m))| !m.is_empty())
-                .map(|(k, (_, m))| (k.clone(), m.iter().map(|w| format!("{}@{}", w.repo, w.revision)).collect()))
+                .filter(|(_, (_, m, _))| !m.is_empty())
+                .map(|(k, (_, m, _))| (k.clone(), m.iter().map(|w| format!("{}@{}", w.repo, w.revision)).collect()))
                 .collect();
             st.last_error = failed.clone();
             st.errors += u64::from(failed.is_some());
@@ -346,35 +330,6 @@ pub async fn watch(cfg: NomadConfig, tx: watch::Sender<BTreeSet<Wanted>>, status
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn models_of_aimodel_tasks_only() {
-        let job = serde_json::json!({
-            "ID": "llm",
-            "TaskGroups": [
-                {"Tasks": [
-                    {"Driver": "aimodel", "Config": {"engine": "vllm", "model": "org/a", "revision": "v1"}},
-                    {"Driver": "aimodel", "Config": {"engine": "sglang", "model": "org/b"}},
-                    {"Driver": "aimodel", "Config": {"engine": "ollama", "model": "llama3"}},
-                    {"Driver": "aimodel", "Config": {"engine": "ollama", "models": ["llama3.2:3b", "../x", "${NOMAD_META_m}"]}},
-                    {"Driver": "docker", "Config": {"model": "org/c"}},
-                    {"Driver": "aimodel", "Config": {"engine": "vllm", "model": "${NOMAD_META_model}"}}
-                ]},
-                {"Tasks": [{"Driver": "aimodel", "Config": {"model": "org/a", "revision": "v1"}}]}
-            ]
-        });
-        let w = models_of_job(&job);
-        assert_eq!(
-            w,
-            [
-                Wanted { repo: "ollama://llama3.2:3b".into(), revision: "3b".into() },
-                Wanted { repo: "ollama://llama3:latest".into(), revision: "latest".into() },
-                Wanted { repo: "org/a".into(), revision: "v1".into() },
-                Wanted { repo: "org/b".into(), revision: "main".into() }
-            ]
-        );
-        assert!(models_of_job(&serde_json::json!({})).is_empty());
-    }
 
     #[test]
     fn tokens_travel_only_over_tls_the_socket_or_loopback() {

@@ -39,6 +39,14 @@ impl Driver {
         let mut attributes = BTreeMap::new();
         attributes.insert(format!("driver.{PLUGIN_NAME}"), AttrValue::Bool(true));
         attributes.insert(format!("driver.{PLUGIN_NAME}.version"), AttrValue::Str(PLUGIN_VERSION.into()));
+        // The image each engine defaults to here: the node agent pulls it ahead
+        // for tasks that do not name their own.
+        let plugin = self.config();
+        for e in crate::engines::ENGINES {
+            if let Some(image) = e.image_key.and_then(|k| plugin.images.get(k)).filter(|i| !i.is_empty()) {
+                attributes.insert(format!("driver.{PLUGIN_NAME}.image.{}", e.name), AttrValue::Str(image.to_string()));
+            }
+        }
         let runtime = self.runtime();
         let cache_cfg = self.config().hf_cache.clone();
         let cache =

@@ -114,6 +114,41 @@ pub fn metrics_text(cfg: &AgentConfig, s: &SharedRef) -> String {
             vec![(String::new(), n.errors)],
         );
     }
+    if let Some(i) = g.images.as_ref().map(|i| i.lock().unwrap_or_else(|p| p.into_inner()).clone()) {
+        let states = ["pending", "pulling", "present", "paused", "failed"];
+        let count = |st: &str| i.images.values().filter(|m| m.state == st).count() as u64;
+        metric(
+            "aimodel_agent_images",
+            "gauge",
+            "Engine images this node wants, by state.",
+            states.iter().map(|st| (format!("{{state=\"{st}\"}}"), count(st))).collect(),
+        );
+        metric(
+            "aimodel_agent_image_pulls_total",
+            "counter",
+            "Image pulls ahead, by result.",
+            vec![("{result=\"ok\"}".into(), i.pulls_ok), ("{result=\"failed\"}".into(), i.pulls_failed)],
+        );
+        let pulling: u64 = i.images.values().filter(|m| m.state == "pulling").map(|m| m.bytes_done).sum();
+        metric(
+            "aimodel_agent_image_pulled_bytes_total",
+            "counter",
+            "Bytes of images pulled ahead (finished pulls plus running ones).",
+            vec![(String::new(), i.pulled_bytes + pulling)],
+        );
+        metric(
+            "aimodel_agent_images_removed_total",
+            "counter",
+            "Images pulled ahead and removed once no job wanted them.",
+            vec![(String::new(), i.removed)],
+        );
+        metric(
+            "aimodel_agent_image_guard_active",
+            "gauge",
+            "1 while the disk guard holds pulls back.",
+            vec![(String::new(), u64::from(i.guard.is_some()))],
+        );
+    }
     metric(
         "aimodel_agent_cache_writable",
         "gauge",

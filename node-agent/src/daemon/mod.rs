@@ -82,6 +82,8 @@ pub struct Shared {
     pub counters: Counters,
     /// The Nomad watcher's own status, read when `/status` is served.
     pub nomad: Option<Arc<Mutex<NomadStatus>>>,
+    /// The image pull-ahead's status (`images { ... }`).
+    pub images: Option<Arc<Mutex<crate::images::ImagesStatus>>>,
     pub gc_last: Option<serde_json::Value>,
     /// Why the last write probe of the cache failed (`None`: writable, or not probed yet).
     pub cache_error: Option<String>,
@@ -118,6 +120,17 @@ pub enum DaemonError {
     Signal(std::io::Error),
 }
 
+/// Reads this node (`images.node_id`) from the Nomad API the job watch uses.
+fn node_reader(nomad: &crate::config::NomadConfig, images: &crate::images::ImagesConfig) -> crate::images::FetchNode {
+    let address = crate::config::resolve_address(nomad.address.as_deref(), &crate::env::Environment::default());
+    let client = Arc::new(crate::nomad::Client::new(&address, nomad.token.clone().filter(|t| !t.is_empty())));
+    let id = hf_cache::layout::percent_encode(images.node_id.as_deref().unwrap_or_default(), b"-_.");
+    Box::new(move || {
+        let (client, path) = (client.clone(), format!("/v1/node/{id}"));
+        Box::pin(async move { client.get(&path, Duration::from_secs(30)).await.map(|(v, _)| v) })
+    })
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(cfg: AgentConfig, hub: Hub) -> Result<(), DaemonError> {
     let sources = Sources { hub, registry: crate::ollama::Registry::new(cfg.ollama_registry.as_deref())? };
@@ -134,12 +147,18 @@ pub async fn run(cfg: AgentConfig, hub: Hub) -> Result<(), DaemonError> {
     tokio::spawn(http::run_http(listener, cfg.clone(), shared.clone()));
 
     let (tx, rx) = watch::channel(BTreeSet::new());
+    let (images_tx, images_rx) = watch::channel(Vec::new());
     // Without a Nomad source the sender is kept, silent: `rx.changed()` then never fires.
     let _silent = match cfg.nomad.clone() {
         Some(n) => {
             let status = Arc::new(Mutex::new(NomadStatus::default()));
             lock(&shared).nomad = Some(status.clone());
-            tokio::spawn(crate::nomad::watch(n, tx, status));
+            if let Some(images) = cfg.images.clone() {
+                let st = Arc::new(Mutex::new(crate::images::ImagesStatus::default()));
+                lock(&shared).images = Some(st.clone());
+                tokio::spawn(crate::images::run(images.clone(), node_reader(&n, &images), images_rx, st));
+            }
+            tokio::spawn(crate::nomad::watch(n, tx, images_tx, status));
             None
         }
         None => Some(tx),

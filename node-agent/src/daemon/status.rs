@@ -121,6 +121,7 @@ pub fn status_json(cfg: &AgentConfig, s: &SharedRef) -> serde_json::Value {
         "models": models,
         "counters": counters,
         "nomad": g.nomad.as_ref().map(|n| n.lock().unwrap_or_else(|p| p.into_inner()).clone()),
+        "images": g.images.as_ref().map(|i| i.lock().unwrap_or_else(|p| p.into_inner()).clone()),
         "gc": g.gc_last,
     })
 }
