@@ -17,7 +17,6 @@
 //! [`nomad::server::run`]; [`logrelay`] is the detached per-task log relay.
 
 #![deny(clippy::print_stdout, clippy::print_stderr)]
-#![warn(missing_debug_implementations)]
 
 pub mod config;
 pub mod driver;

@@ -1,12 +1,13 @@
 //! UTC timestamps without a date library: formatting for hclog and parsing
 //! Docker's RFC 3339 log timestamps.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// `2006-01-02T15:04:05.000000Z`, the layout go-plugin parses.
 pub fn micros_utc(at: SystemTime) -> String {
     let d = at.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs() as i64;
+    // SystemTime cannot reach i64::MAX seconds on our platforms; clamp rather than wrap.
+    let secs = i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let (y, m, day) = civil_from_days(days);
     format!("{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z", rem / 3600, rem % 3600 / 60, rem % 60, d.subsec_micros())
@@ -34,24 +35,24 @@ pub fn parse_rfc3339_utc(s: &str) -> Option<(i64, u32)> {
         return None;
     }
     let mut nanos: u32 = 0;
-    for (i, c) in frac.bytes().take(9).enumerate() {
-        nanos += u32::from(c - b'0') * 10u32.pow(8 - i as u32);
+    let scales = [100_000_000, 10_000_000, 1_000_000, 100_000, 10_000, 1_000, 100, 10, 1];
+    for (c, scale) in frac.bytes().zip(scales) {
+        nanos += u32::from(c - b'0') * scale;
     }
-    let days = days_from_civil(y, mo as u32, d as u32);
+    let days = days_from_civil(y, u32::try_from(mo).ok()?, u32::try_from(d).ok()?);
     Some((days * 86_400 + h * 3600 + mi * 60 + sec, nanos))
 }
 
 /// Unix seconds now.
 pub fn unix_now_secs() -> i64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
-}
-
-/// (secs, nanos) back to a SystemTime.
-pub fn from_parts(secs: i64, nanos: u32) -> SystemTime {
-    UNIX_EPOCH + Duration::new(secs.max(0) as u64, nanos)
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// Days since 1970-01-01 to (year, month, day); Howard Hinnant's algorithm.
+// The algorithm yields a day in 1..=31 and a month in 1..=12, so the casts are exact.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);
@@ -78,6 +79,7 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn formats_and_parses() {
@@ -89,9 +91,9 @@ mod tests {
         assert_eq!(parse_rfc3339_utc("2026-01-02T03:04:05.5Z"), Some((1_767_323_045, 500_000_000)));
         assert_eq!(parse_rfc3339_utc("2026-01-02 03:04:05Z"), None);
         assert_eq!(parse_rfc3339_utc("garbage"), None);
-        for secs in [0i64, 951_782_400, 1_767_323_045, 4_102_444_800] {
-            let s = micros_utc(UNIX_EPOCH + Duration::from_secs(secs as u64));
-            assert_eq!(parse_rfc3339_utc(&s), Some((secs, 0)), "{s}");
+        for secs in [0u64, 951_782_400, 1_767_323_045, 4_102_444_800] {
+            let s = micros_utc(UNIX_EPOCH + Duration::from_secs(secs));
+            assert_eq!(parse_rfc3339_utc(&s), Some((i64::try_from(secs).unwrap(), 0)), "{s}");
         }
     }
 }

@@ -287,8 +287,8 @@ fn partial_downloads(paths: &RepoPaths) -> Vec<(String, SystemTime)> {
             let n = e.name_str()?.to_string();
             let st = e.stat?;
             let mtime = SystemTime::UNIX_EPOCH
-                + Duration::from_secs(st.st_mtime.max(0) as u64)
-                + Duration::from_nanos(st.st_mtime_nsec.max(0) as u64);
+                + Duration::from_secs(u64::try_from(st.st_mtime).unwrap_or(0))
+                + Duration::from_nanos(u64::try_from(st.st_mtime_nsec).unwrap_or(0));
             n.ends_with(".incomplete").then_some((n, mtime))
         })
         .collect()
@@ -354,7 +354,8 @@ fn check_file(
     }
     let etag = linked;
     let blob = open_blob(ctx.hub, ctx.paths, &etag);
-    let size = blob.as_ref().ok().map(|b| b.stat.st_size as u64);
+    // st_size is never negative for a regular file; a negative one matches no listing.
+    let size = blob.as_ref().ok().and_then(|b| u64::try_from(b.stat.st_size).ok());
     let size_ok = size.is_some() && entry.is_none_or(|e| size == Some(e.content_size()));
     let modified = match (&blob, recorded_ctime) {
         (Ok(b), Some(rc)) => (b.stat.st_ctime, b.stat.st_ctime_nsec) > rc,
@@ -380,7 +381,7 @@ fn check_file(
             return None;
         }
     };
-    let size = blob.stat.st_size as u64;
+    let size = u64::try_from(blob.stat.st_size).unwrap_or(0);
     if let Some(e) = entry {
         if size != e.content_size() {
             findings.push(Finding::WrongSize { path: path.to_string(), expected: e.content_size(), actual: size });

@@ -223,13 +223,20 @@ pub fn record_completion_hashed(
     let hub = paths.root.parent().unwrap_or(Path::new("."));
     let old = read_completion(paths, commit);
     // Blob ctimes come from the file server's clock: move `trusted_since` onto it.
-    let nanos = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0);
+    let nanos = |t: SystemTime| {
+        t.duration_since(SystemTime::UNIX_EPOCH).map(|d| i128::try_from(d.as_nanos()).unwrap_or(i128::MAX)).unwrap_or(0)
+    };
     let skew = fs_clock(paths).map(|(fs, local)| fs - nanos(local)).unwrap_or(0);
     // Plus a second: file times come from a coarse clock (a few ms behind), so a
     // blob changed just before the prewarm started must not pass for one it
     // wrote; what it wrote in its first second is hashed again (cost, never trust).
     let since_ns = nanos(trusted_since) + skew + 1_000_000_000;
-    let since = (since_ns.div_euclid(1_000_000_000) as i64, since_ns.rem_euclid(1_000_000_000) as i64);
+    // Out of i64 range (an absurd clock) vouches for nothing: every blob is hashed again.
+    let since =
+        match (i64::try_from(since_ns.div_euclid(1_000_000_000)), i64::try_from(since_ns.rem_euclid(1_000_000_000))) {
+            (Ok(secs), Ok(ns)) => (secs, ns),
+            _ => (i64::MAX, i64::MAX),
+        };
     let mut files = BTreeMap::new();
     if let Some(old) = &old {
         for (path, f) in &old.files {
@@ -249,7 +256,7 @@ pub fn record_completion_hashed(
         }
         let b = crate::blob::open_blob(hub, paths, entry.etag())
             .map_err(|e| std::io::Error::other(format!("{path}: blob {}: {e}", entry.etag())))?;
-        if b.stat.st_size as u64 != entry.content_size() {
+        if u64::try_from(b.stat.st_size).ok() != Some(entry.content_size()) {
             return Err(std::io::Error::other(format!(
                 "{path}: blob {} has {} bytes, the listing says {}",
                 entry.etag(),

@@ -115,8 +115,8 @@ pub struct Pin {
 
 fn mtime_of(st: &nix::sys::stat::FileStat) -> SystemTime {
     SystemTime::UNIX_EPOCH
-        + Duration::from_secs(st.st_mtime.max(0) as u64)
-        + Duration::from_nanos(st.st_mtime_nsec.max(0) as u64)
+        + Duration::from_secs(u64::try_from(st.st_mtime).unwrap_or(0))
+        + Duration::from_nanos(u64::try_from(st.st_mtime_nsec).unwrap_or(0))
 }
 
 fn not_found(e: &std::io::Error) -> bool {

@@ -58,6 +58,9 @@ fn duration(text: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
+// The final cast runs on a finite, non-negative value checked against u64::MAX just
+// before (2^64 itself saturates to u64::MAX); floats have no `try_from`.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 fn bytes(text: &str) -> Result<u64, String> {
     let t = text.trim();
     if t.starts_with('-') {

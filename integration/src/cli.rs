@@ -260,7 +260,10 @@ async fn run_job(a: RunArgs) -> Result<()> {
         }
         result = match (ready, ports.values().next()) {
             (Ok(_), Some(port)) => {
-                let answer = chat(*port as u16, &a.ask).await;
+                let answer = match u16::try_from(*port) {
+                    Ok(port) => chat(port, &a.ask).await,
+                    Err(_) => Err(anyhow::anyhow!("Nomad gave the task port {port}, which is not a TCP port")),
+                };
                 match &answer {
                     Ok(text) => println!("== answer from 127.0.0.1:{port}/v1/chat/completions:\n{text}"),
                     Err(e) => println!("!! no answer: {e:#}"),

@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
 
 /// A running relay.
+#[derive(Debug)]
 pub struct DelayProxy {
     pub port: u16,
 }
@@ -70,7 +71,9 @@ where
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        let Ok(permit) = credit.acquire_many(n as u32).await else { break };
+        // n is at most the 64 KiB buffer.
+        let Ok(permits) = u32::try_from(n) else { break };
+        let Ok(permit) = credit.acquire_many(permits).await else { break };
         permit.forget();
         if tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
             break;

@@ -31,6 +31,7 @@ pub struct Log {
 }
 
 /// A running fault hub (and its second host for redirects).
+#[derive(Debug)]
 pub struct FaultHub {
     pub port: u16,
     pub log: Arc<Mutex<Log>>,

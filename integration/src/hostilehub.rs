@@ -40,6 +40,7 @@ pub const GOOD_OID: &str = "9e26dfeeb6e641a33dae4961196235bdb965b21b";
 pub use crate::faulthub::Log;
 
 /// A running hostile hub and its second host.
+#[derive(Debug)]
 pub struct HostileHub {
     pub port: u16,
     pub second_port: u16,

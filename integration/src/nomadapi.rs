@@ -18,7 +18,7 @@ pub struct Seen {
     pub token: Option<String>,
 }
 
-#[derive(Default)]
+#[derive(Default, Debug)]
 struct State {
     index: u64,
     /// id → (namespace, modify index, stopped, job JSON).
@@ -29,6 +29,7 @@ struct State {
 }
 
 /// A running fake Nomad API.
+#[derive(Debug)]
 pub struct NomadApi {
     pub port: u16,
     state: Arc<Mutex<State>>,

@@ -7,6 +7,7 @@ use sha2::Digest;
 /// A real hub-protocol server (olah, offline) serving a local git repo with an
 /// LFS file, stopped on drop.
 /// A running olah, stopped on drop.
+#[derive(Debug)]
 pub struct Olah {
     child: std::process::Child,
     pub port: u16,

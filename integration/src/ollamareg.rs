@@ -23,6 +23,7 @@ pub const PARAMS: &str = "application/vnd.ollama.image.params";
 pub const CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 
 /// A running registry; killed on drop.
+#[derive(Debug)]
 pub struct OllamaRegistry {
     child: Child,
     pub port: u16,

@@ -112,6 +112,7 @@ impl Launch {
 }
 
 /// A running plugin process, its handshake, its captured output and a channel.
+#[derive(Debug)]
 pub struct PluginProcess {
     pub child: Child,
     pub handshake: Handshake,
@@ -200,7 +201,7 @@ impl PluginProcess {
 
     /// The process id.
     pub fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.id().map_or(0, |p| p as i32))
+        Pid::from_raw(self.child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0))
     }
 
     /// The socket path from the handshake.

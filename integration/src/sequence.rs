@@ -53,6 +53,7 @@ impl<T> Default for StreamLog<T> {
 }
 
 /// The long-lived plugin as the Nomad client holds it after start-up.
+#[derive(Debug)]
 pub struct LiveDriver {
     pub process: PluginProcess,
     pub info: PluginInfoResponse,
@@ -245,6 +246,7 @@ impl LiveDriver {
 }
 
 /// Everything the start sequence observed.
+#[derive(Debug)]
 pub struct StartReport {
     pub fingerprint_process: ProcessReport,
     pub validation_process: ProcessReport,

@@ -25,6 +25,7 @@ pub struct ServedFile {
 }
 
 /// A running static hub serving one commit of any repo name.
+#[derive(Debug)]
 pub struct StaticHub {
     pub port: u16,
     pub commit: String,
@@ -197,7 +198,7 @@ async fn serve(
         let mut left = end - start;
         let mut buf = vec![0u8; 1 << 20];
         while left > 0 {
-            let want = (left as usize).min(buf.len());
+            let want = usize::try_from(left).map_or(buf.len(), |l| l.min(buf.len()));
             let n = src.read(&mut buf[..want]).await?;
             if n == 0 {
                 break;
@@ -265,7 +266,7 @@ pub fn write_model(dir: &std::path::Path, sizes: &[u64]) -> std::io::Result<Vec<
                 x ^= x << 17;
                 c.copy_from_slice(&x.to_le_bytes());
             }
-            let k = (left as usize).min(buf.len());
+            let k = usize::try_from(left).map_or(buf.len(), |l| l.min(buf.len()));
             f.write_all(&buf[..k])?;
             left -= k as u64;
         }

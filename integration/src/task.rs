@@ -45,7 +45,7 @@ pub fn free_port() -> u16 {
 }
 
 /// Reads one FIFO like Nomad's logmon: a single copy until EOF.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct LogmonReader {
     pub path: PathBuf,
     buf: Arc<Mutex<Vec<u8>>>,
@@ -271,6 +271,7 @@ impl TaskBuilder {
 }
 
 /// A TaskConfig ready for StartTask, with its log readers.
+#[derive(Debug)]
 pub struct PreparedTask {
     pub config: pb::TaskConfig,
     pub alloc_dir: PathBuf,

@@ -13,6 +13,7 @@ use crate::support::{binary, remove_containers_with_label, require_docker, stand
 use crate::task::{PreparedTask, TaskBuilder};
 
 /// One simulated Nomad client with its own data dir and HF cache dir.
+#[derive(Debug)]
 pub struct Sim {
     pub live: LiveDriver,
     pub data: tempfile::TempDir,

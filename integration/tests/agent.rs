@@ -18,7 +18,7 @@ fn agent(cache: &Path, endpoint: &str, args: &[&str]) -> Command {
 }
 
 fn weights() -> Vec<u8> {
-    (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect()
+    (0..3_000_000u32).map(|i| u8::try_from((i.wrapping_mul(2_654_435_761) >> 11) & 0xff).unwrap()).collect()
 }
 
 /// "… 2.9 MiB downloaded …" from the summary line, in MB (1e6 bytes).
@@ -118,7 +118,8 @@ fn assert_nothing_partial_visible(cache: &Path) {
 #[test]
 fn kill_9_at_random_points_never_exposes_a_partial_model() {
     let Some(py) = hf_python() else { return };
-    let w: Vec<u8> = (0..24_000_000u32).map(|i| (i.wrapping_mul(2_246_822_519) >> 9) as u8).collect();
+    let w: Vec<u8> =
+        (0..24_000_000u32).map(|i| u8::try_from((i.wrapping_mul(2_246_822_519) >> 9) & 0xff).unwrap()).collect();
     let olah = aimodel_integration::olah::start(&py, &w);
     let cache = tempfile::tempdir().unwrap();
     let args = ["prewarm", "org/served", "--heartbeat", "200ms", "--stale-after", "1s"];

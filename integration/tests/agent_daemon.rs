@@ -47,7 +47,8 @@ fn complete(hub: &Path, repo: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_keeps_manifest_and_nomad_models_warm_for_the_driver() {
-    let content: Vec<u8> = (0..1_500_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let content: Vec<u8> =
+        (0..1_500_000u32).map(|i| u8::try_from((i.wrapping_mul(2_654_435_761) >> 13) & 0xff).unwrap()).collect();
     let hub_server = FaultHub::start(content.clone()).await.unwrap();
     let nomad = NomadApi::start().await.unwrap();
     let home = tempfile::tempdir().unwrap();
@@ -181,8 +182,11 @@ gc {{
     assert!(seen.iter().all(|s| s.token.as_deref() == Some("nomad-secret-token")));
 
     // SIGTERM: a clean exit; no lease left; no secret in the log.
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent.id().unwrap() as i32), nix::sys::signal::Signal::SIGTERM)
-        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(agent.id().unwrap()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     let code = tokio::time::timeout(Duration::from_secs(10), agent.wait()).await.unwrap().unwrap();
     assert!(code.success(), "{code:?}");
     let text = std::fs::read_to_string(&log).unwrap();
@@ -228,7 +232,8 @@ fn walk(dir: &Path) -> Vec<String> {
 /// verification passes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_daemons_with_one_manifest_fetch_each_blob_once() {
-    let content: Vec<u8> = (0..2_000_000u32).map(|i| (i.wrapping_mul(2_246_822_519) >> 7) as u8).collect();
+    let content: Vec<u8> =
+        (0..2_000_000u32).map(|i| u8::try_from((i.wrapping_mul(2_246_822_519) >> 7) & 0xff).unwrap()).collect();
     let hub_server = FaultHub::start(content.clone()).await.unwrap();
     let home = tempfile::tempdir().unwrap();
     let hub = home.path().join("hub");

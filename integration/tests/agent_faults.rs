@@ -25,7 +25,7 @@ async fn prewarm(cache: &Path, hub: &FaultHub, repo: &str, token: Option<&str>) 
 }
 
 fn content() -> Vec<u8> {
-    (0..200_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8).collect()
+    (0..200_000u32).map(|i| u8::try_from((i.wrapping_mul(2_654_435_761) >> 7) & 0xff).unwrap()).collect()
 }
 
 fn published(cache: &Path, repo: &str) -> bool {
@@ -182,7 +182,8 @@ async fn a_holder_paused_past_stale_after_yields_and_nobody_fails() {
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
     // 4 MiB served at about 3 MiB/s: the first holder is paused mid-file.
-    let big: Vec<u8> = (0..4u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
+    let big: Vec<u8> =
+        (0..4u32 << 20).map(|i| u8::try_from((i.wrapping_mul(2_654_435_761) >> 11) & 0xff).unwrap()).collect();
     let hub = FaultHub::start(big.clone()).await.unwrap();
     let cache = tempfile::tempdir().unwrap();
     let repo = "slow/model";
@@ -199,7 +200,7 @@ async fn a_holder_paused_past_stale_after_yields_and_nobody_fails() {
         c.spawn().unwrap()
     };
     let (a, b) = (run(), run());
-    let pids = [a.id().unwrap() as i32, b.id().unwrap() as i32];
+    let pids = [i32::try_from(a.id().unwrap()).unwrap(), i32::try_from(b.id().unwrap()).unwrap()];
     let etag = {
         use sha2::Digest;
         format!("{:x}", sha2::Sha256::digest(&big))
@@ -240,7 +241,8 @@ async fn a_holder_paused_past_stale_after_yields_and_nobody_fails() {
 async fn a_killed_download_is_resumed_by_the_next_holder() {
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
-    let big: Vec<u8> = (0..4u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let big: Vec<u8> =
+        (0..4u32 << 20).map(|i| u8::try_from((i.wrapping_mul(2_654_435_761) >> 13) & 0xff).unwrap()).collect();
     let hub = FaultHub::start(big.clone()).await.unwrap();
     let cache = tempfile::tempdir().unwrap();
     let repo = "slow/resumed";
@@ -268,7 +270,7 @@ async fn a_killed_download_is_resumed_by_the_next_holder() {
         (n >= big.len() as u64 / 4).then_some(n)
     })
     .await;
-    kill(Pid::from_raw(first.id().unwrap() as i32), Signal::SIGKILL).unwrap();
+    kill(Pid::from_raw(i32::try_from(first.id().unwrap()).unwrap()), Signal::SIGKILL).unwrap();
     let _ = first.wait_with_output().await;
     // The lease is left behind: the next run takes it over as stale and adopts the partial.
     let out = run().output().await.unwrap();

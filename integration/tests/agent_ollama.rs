@@ -29,7 +29,10 @@ fn agent(home: &Path, registry: &OllamaRegistry, args: &[&str]) -> Command {
 /// GGUF-looking weights: the magic, then `n` bytes of a fixed pseudo-random sequence.
 fn weights(n: usize, seed: u32) -> Vec<u8> {
     let mut v = b"GGUF".to_vec();
-    v.extend((0..n as u32).map(|i| (i.wrapping_add(seed).wrapping_mul(2_654_435_761) >> 13) as u8));
+    v.extend(
+        (0..u32::try_from(n).unwrap())
+            .map(|i| u8::try_from((i.wrapping_add(seed).wrapping_mul(2_654_435_761) >> 13) & 0xff).unwrap()),
+    );
     v
 }
 

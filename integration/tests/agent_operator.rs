@@ -72,7 +72,8 @@ async fn until(within: Duration, what: &str, mut pred: impl FnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_whose_job_is_removed_is_abandoned_and_its_downloads_stop() {
     // 40 MB from a hub that sends 64 KiB every 20 ms: about 12 s for the whole file.
-    let content: Vec<u8> = (0..40_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let content: Vec<u8> =
+        (0..40_000_000u32).map(|i| u8::try_from((i.wrapping_mul(2_654_435_761) >> 13) & 0xff).unwrap()).collect();
     let hub_server = FaultHub::start(content.clone()).await.unwrap();
     let nomad = NomadApi::start().await.unwrap();
     let home = tempfile::tempdir().unwrap();

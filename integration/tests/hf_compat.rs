@@ -118,7 +118,8 @@ fn both_readers_reject_the_same_corruptions() {
 #[test]
 fn what_huggingface_hub_downloads_from_a_hub_server_is_complete_for_us() {
     let Some(py) = hf_python() else { return };
-    let weights: Vec<u8> = (0..300_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let weights: Vec<u8> =
+        (0..300_000u32).map(|i| u8::try_from((i.wrapping_mul(2_654_435_761) >> 13) & 0xff).unwrap()).collect();
     let olah = aimodel_integration::olah::start(&py, &weights);
     let cache = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(&py)

@@ -189,7 +189,10 @@ async fn signal_exec_and_stats() {
     let exec = |cmd: &[&str], timeout: Option<u64>| ExecTaskRequest {
         task_id: id.clone(),
         command: cmd.iter().map(|s| s.to_string()).collect(),
-        timeout: timeout.map(|ms| prost_types::Duration { seconds: 0, nanos: (ms * 1_000_000) as i32 }),
+        timeout: timeout.map(|ms| prost_types::Duration {
+            seconds: i64::try_from(ms / 1000).unwrap(),
+            nanos: i32::try_from(ms % 1000 * 1_000_000).unwrap(),
+        }),
     };
     let r = d.clone().exec_task(exec(&["/bin/sh", "-c", "echo out; echo err >&2; exit 4"], None)).await.unwrap();
     let r = r.into_inner();

@@ -18,7 +18,7 @@ use tonic::Code;
 
 fn weights(n: usize, seed: u8) -> Vec<u8> {
     let mut v = b"GGUF".to_vec();
-    v.extend((0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)));
+    v.extend((0..n).map(|i| u8::try_from(i % 256).unwrap().wrapping_mul(31).wrapping_add(seed)));
     v
 }
 

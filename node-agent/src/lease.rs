@@ -25,6 +25,7 @@ const RELEASED: &str = "released";
 /// A held lease. [`Lease::finish`] removes the file (if still ours); dropping it
 /// without finishing (an error, an aborted download) marks it released, so the
 /// next holder takes it over at once and adopts the partial download.
+#[derive(Debug)]
 pub struct Lease {
     path: PathBuf,
     token: String,
@@ -167,6 +168,7 @@ fn try_create(path: &Path, content: &str) -> std::io::Result<bool> {
 }
 
 /// The outcome of waiting for a lease.
+#[derive(Debug)]
 pub enum Acquired {
     /// We hold it: do the work.
     Held(Lease),

@@ -79,7 +79,10 @@ impl Driver {
                 attributes.insert(format!("driver.{PLUGIN_NAME}.docker.version"), AttrValue::Str(info.version));
                 attributes.insert(format!("driver.{PLUGIN_NAME}.docker.api_version"), AttrValue::Str(info.api_version));
                 if let Some(n) = self.scan_orphans(runtime.as_ref()).await {
-                    attributes.insert(format!("driver.{PLUGIN_NAME}.orphans"), AttrValue::Int(n as i64));
+                    attributes.insert(
+                        format!("driver.{PLUGIN_NAME}.orphans"),
+                        AttrValue::Int(i64::try_from(n).unwrap_or(i64::MAX)),
+                    );
                 }
                 self.docker_seen.store(true, std::sync::atomic::Ordering::SeqCst);
                 if cache.problems.is_empty() {
@@ -139,7 +142,8 @@ impl Driver {
         for c in dangling {
             let task = c.labels.get(crate::plan::LABEL_TASK_ID).cloned().unwrap_or_default();
             let short = c.id[..12.min(c.id.len())].to_string();
-            let old_enough = now.saturating_sub(c.created) >= policy.creation_grace.0.as_secs() as i64;
+            let old_enough =
+                now.saturating_sub(c.created) >= i64::try_from(policy.creation_grace.0.as_secs()).unwrap_or(i64::MAX);
             if policy.enabled && !policy.dry_run && old_enough {
                 match runtime.remove(&c.id, true).await {
                     Ok(()) => {

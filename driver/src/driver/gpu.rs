@@ -339,7 +339,7 @@ impl GpuMonitor {
 
     fn describe(&self, snap: &GpuSnapshot, st: &mut GpuStatus) {
         let a = &mut st.attributes;
-        a.insert("driver.aimodel.gpu.count".into(), AttrValue::Int(snap.gpus.len() as i64));
+        a.insert("driver.aimodel.gpu.count".into(), AttrValue::Int(i64::try_from(snap.gpus.len()).unwrap_or(i64::MAX)));
         a.insert("driver.aimodel.nvidia.driver_version".into(), AttrValue::Str(snap.driver_version.clone()));
         a.insert("driver.aimodel.nvidia.cuda_driver_version".into(), AttrValue::Str(snap.cuda_driver_version.clone()));
         let mut fatal = self.fatal.lock().unwrap_or_else(|p| p.into_inner());
@@ -349,14 +349,17 @@ impl GpuMonitor {
             if !g.uuid.is_empty() {
                 a.insert(format!("{p}.uuid"), AttrValue::Str(g.uuid.clone()));
                 a.insert(format!("{p}.name"), AttrValue::Str(g.name.clone()));
-                a.insert(format!("{p}.memory_mib"), AttrValue::Int(g.memory_mib as i64));
+                a.insert(format!("{p}.memory_mib"), AttrValue::Int(i64::try_from(g.memory_mib).unwrap_or(i64::MAX)));
                 a.insert(format!("{p}.compute_capability"), AttrValue::Str(g.compute_capability.clone()));
                 a.insert(format!("{p}.pci_bus_id"), AttrValue::Str(g.pci_bus_id.clone()));
                 a.insert(format!("{p}.mig"), AttrValue::Bool(g.mig_enabled));
                 for (j, m) in g.mig.iter().enumerate() {
                     a.insert(format!("{p}.mig.{j}.uuid"), AttrValue::Str(m.uuid.clone()));
                     a.insert(format!("{p}.mig.{j}.name"), AttrValue::Str(m.name.clone()));
-                    a.insert(format!("{p}.mig.{j}.memory_mib"), AttrValue::Int(m.memory_mib as i64));
+                    a.insert(
+                        format!("{p}.mig.{j}.memory_mib"),
+                        AttrValue::Int(i64::try_from(m.memory_mib).unwrap_or(i64::MAX)),
+                    );
                 }
             }
             let event = fatal.get(&g.uuid).cloned();

@@ -95,7 +95,8 @@ pub fn task_from_proto(c: &pb::TaskConfig) -> NomadTask {
 
 /// A Go-style duration from a proto Duration (missing: zero).
 pub fn duration(d: Option<&prost_types::Duration>) -> Duration {
-    d.map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)).unwrap_or_default()
+    d.map(|d| Duration::new(u64::try_from(d.seconds).unwrap_or(0), u32::try_from(d.nanos).unwrap_or(0)))
+        .unwrap_or_default()
 }
 
 /// Our exit result as Nomad's.

@@ -272,7 +272,11 @@ impl driver_server::Driver for Service {
         Ok(Response::new(pb::ExecTaskResponse {
             stdout: out.stdout,
             stderr: out.stderr,
-            result: Some(pb::ExitResult { exit_code: out.exit_code as i32, signal: 0, oom_killed: false }),
+            result: Some(pb::ExitResult {
+                exit_code: i32::try_from(out.exit_code).unwrap_or(if out.exit_code < 0 { i32::MIN } else { i32::MAX }),
+                signal: 0,
+                oom_killed: false,
+            }),
         }))
     }
 

@@ -200,7 +200,7 @@ pub fn task_volume(spec: &str, task: &NomadTask, plugin: &PluginConfig) -> Resul
 fn gpu_count(req: &Option<GpuRequest>) -> Option<usize> {
     match req {
         Some(GpuRequest::Uuids(v)) | Some(GpuRequest::Cdi(v)) => Some(v.len()),
-        Some(GpuRequest::Count(n)) if *n > 0 => Some(*n as usize),
+        Some(GpuRequest::Count(n)) if *n > 0 => Some(usize::try_from(*n).unwrap_or(usize::MAX)),
         _ => None,
     }
 }
@@ -418,6 +418,12 @@ pub fn plan(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, facts: &N
         (m, _) if m > 0 => (Some(m * mib), None),
         _ => (None, None),
     };
+    let shm_size = match cfg.shm_size {
+        Some(b) => Some(
+            i64::try_from(b.0).map_err(|_| err("shm_size", format!("{} bytes is more than Docker accepts", b.0)))?,
+        ),
+        None => None,
+    };
     let readiness_path = cfg.readiness.path.clone().or(health_path.map(str::to_string));
     let readiness_url = match (readiness_path, host) {
         (Some(path), Some((ip, port))) => Some(format!("http://{ip}:{port}{path}")),
@@ -438,7 +444,7 @@ pub fn plan(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, facts: &N
         memory_reservation_bytes,
         cpu_shares: Some(task.cpu_shares).filter(|c| *c > 0),
         cpuset_cpus: Some(task.cpuset_cpus.clone()).filter(|c| !c.is_empty()),
-        shm_size: cfg.shm_size.map(|b| b.0 as i64),
+        shm_size,
         ipc_mode: cfg.ipc_mode.clone(),
         privileged: cfg.privileged,
         gpus,

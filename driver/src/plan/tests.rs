@@ -142,6 +142,19 @@ fn env_keys_and_ipc_cannot_reach_around_the_rules() {
 }
 
 #[test]
+fn shm_size_beyond_what_docker_takes_is_a_config_error() {
+    let mut c = vllm();
+    c.push(("shm_size", Value::str("16g")));
+    let p = plan(&cfg(&c), &task(), &PluginConfig::default(), &NodeFacts::default()).unwrap();
+    assert_eq!(p.spec.shm_size, Some(16 << 30));
+    // 10^19 bytes fits a u64 but not Docker's int64: refused, not wrapped negative.
+    let mut c = vllm();
+    c.push(("shm_size", Value::str("10000000tb")));
+    let e = plan(&cfg(&c), &task(), &PluginConfig::default(), &NodeFacts::default()).unwrap_err();
+    assert_eq!(e.field(), Some("shm_size"), "{e}");
+}
+
+#[test]
 fn group_network_publishes_the_tasks_ports() {
     let mut t = task();
     t.network_mode = NetworkMode::Group;

@@ -79,7 +79,10 @@ pub fn host_cpu_in(text: &str, ticks_per_second: u64) -> Option<(u64, u32)> {
     let jiffies: u64 = first.split_whitespace().take(8).filter_map(|v| v.parse::<u64>().ok()).sum();
     let cores =
         text.lines().filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit)).count();
-    Some((jiffies.saturating_mul(1_000_000_000 / ticks_per_second.max(1)), cores.max(1) as u32))
+    Some((
+        jiffies.saturating_mul(1_000_000_000 / ticks_per_second.max(1)),
+        u32::try_from(cores.max(1)).unwrap_or(u32::MAX),
+    ))
 }
 
 /// `/proc/stat` counts in USER_HZ, which the kernel's ABI fixes at 100 on the

@@ -105,14 +105,14 @@ fn blob_bytes(paths: &RepoPaths) -> u64 {
         // Blobs, and the corrupt copies a repair set aside (kept for inspection,
         // they take space until the repo goes).
         .filter(|e| e.is_file() && e.name_str().is_some_and(|n| !n.contains('.') || n.ends_with(".corrupt")))
-        .filter_map(|e| e.stat.map(|s| s.st_size.max(0) as u64))
+        .filter_map(|e| e.stat.map(|s| u64::try_from(s.st_size).unwrap_or(0)))
         .sum()
 }
 
 fn mtime_of(st: &nix::sys::stat::FileStat) -> SystemTime {
     SystemTime::UNIX_EPOCH
-        + Duration::from_secs(st.st_mtime.max(0) as u64)
-        + Duration::from_nanos(st.st_mtime_nsec.max(0) as u64)
+        + Duration::from_secs(u64::try_from(st.st_mtime).unwrap_or(0))
+        + Duration::from_nanos(u64::try_from(st.st_mtime_nsec).unwrap_or(0))
 }
 
 fn newest_mtime(dirs: &[PathBuf]) -> SystemTime {
@@ -302,6 +302,7 @@ pub const GC_LOCK_STALE: Duration = Duration::from_secs(30);
 /// watches it: content that changes is a live holder (it gives up), content
 /// unchanged for `stale` on its own clock is a dead one (it takes over).
 /// Released only if the token is still ours.
+#[derive(Debug)]
 pub struct GcLock {
     root: Arc<OwnedFd>,
     token: String,
@@ -495,7 +496,11 @@ mod tests {
 
     fn seed(hub: &Path, repo: &str, size: usize, used_secs_ago: u64) {
         let commit = format!("{:0>40}", repo.len() + size);
-        let files = [NewFile { path: "model.safetensors".into(), bytes: vec![repo.len() as u8; size], lfs: true }];
+        let files = [NewFile {
+            path: "model.safetensors".into(),
+            bytes: vec![u8::try_from(repo.len()).unwrap(); size],
+            lfs: true,
+        }];
         publish_snapshot(hub, &RepoId::model(repo), &commit, "main", &files).unwrap();
         let s = StateDir::for_hub(hub);
         s.touch_used(repo).unwrap();

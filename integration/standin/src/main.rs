@@ -62,7 +62,7 @@ fn main() {
             }
             std::thread::sleep(interval);
         }
-        std::process::exit(env_u64("STANDIN_EXIT").unwrap_or(0) as i32);
+        std::process::exit(i32::try_from(env_u64("STANDIN_EXIT").unwrap_or(0)).unwrap_or(i32::MAX));
     }
     serve(&args);
 }

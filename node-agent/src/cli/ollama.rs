@@ -48,13 +48,16 @@ pub(super) async fn prewarm(a: PrewarmArgs, hub_dir: &Path, store: PathBuf, mirr
         eprintln!("aimodel-agent: could not record {label} as warm for the driver: {e}");
     }
     let secs = s.elapsed.as_secs_f64().max(1e-9);
+    // Display only: a float-to-int cast saturates (and is never negative here).
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let rate = (s.downloaded as f64 / secs) as u64;
     println!(
         "{label} = {}: {} blobs, {}, {} downloaded in {secs:.1} s ({}/s) into {}",
         s.manifest_digest,
         s.blobs,
         human_bytes(s.bytes),
         human_bytes(s.downloaded),
-        human_bytes((s.downloaded as f64 / secs) as u64),
+        human_bytes(rate),
         store.display()
     );
     Ok(ExitCode::SUCCESS)

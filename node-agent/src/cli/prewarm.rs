@@ -52,6 +52,9 @@ pub(super) async fn run(a: PrewarmArgs, dir: PathBuf, env: &Environment) -> Resu
         println!("{repo}@{rev}: {path}: the cached blob was corrupt; downloaded again");
     }
     let secs = s.elapsed.as_secs_f64().max(1e-9);
+    // Display only: a float-to-int cast saturates (and is never negative here).
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let rate = (s.downloaded as f64 / secs) as u64;
     println!(
         "{repo}@{rev} = {}: {} files, {}, {} downloaded in {:.1} s ({}/s)",
         s.commit,
@@ -59,7 +62,7 @@ pub(super) async fn run(a: PrewarmArgs, dir: PathBuf, env: &Environment) -> Resu
         human_bytes(s.bytes),
         human_bytes(s.downloaded),
         secs,
-        human_bytes((s.downloaded as f64 / secs) as u64)
+        human_bytes(rate)
     );
     Ok(ExitCode::SUCCESS)
 }

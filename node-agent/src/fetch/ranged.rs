@@ -81,10 +81,10 @@ pub(super) async fn ranged<S: BlobSource>(
     use std::os::unix::fs::FileExt;
     let fail = |e: FetchError| Ranged::Failed(e);
     let chunk = o.range_size.max(1 << 20);
-    if size.div_ceil(chunk) > MAX_RANGES {
-        return Err(fail(FetchError::TooManyRanges { path: url.into(), size, range: chunk, max: MAX_RANGES }));
-    }
-    let n = size.div_ceil(chunk) as usize;
+    let n = match usize::try_from(size.div_ceil(chunk)) {
+        Ok(n) if size.div_ceil(chunk) <= MAX_RANGES => n,
+        _ => return Err(fail(FetchError::TooManyRanges { path: url.into(), size, range: chunk, max: MAX_RANGES })),
+    };
     let parts_path = parts_of(mine);
     let mut done = vec![false; n];
     // The first line says how the file was cut; a record of other cuts (another
@@ -153,7 +153,7 @@ pub(super) async fn ranged<S: BlobSource>(
             }
             let (mut at, end) = ((i as u64).saturating_mul(chunk), (i as u64 + 1).saturating_mul(chunk).min(size));
             while at < end {
-                let want = ((end - at) as usize).min(buf.len());
+                let want = usize::try_from(end - at).map_or(buf.len(), |left| left.min(buf.len()));
                 if let Err(e) = hf.read_exact_at(&mut buf[..want], at) {
                     return Some(Err(e));
                 }

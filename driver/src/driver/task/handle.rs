@@ -49,7 +49,8 @@ impl TaskHandle {
             Err(e) => ExitResult { exit_code: -1, err: Some(e.to_string()), ..Default::default() },
             Ok(()) => match rt.inspect(&id).await {
                 Ok(Some(s)) => {
-                    let code = s.exit_code as i32;
+                    // Docker reports an int; clamp (never wrap) so a failure cannot read as 0.
+                    let code = i32::try_from(s.exit_code).unwrap_or(if s.exit_code < 0 { i32::MIN } else { i32::MAX });
                     ExitResult {
                         exit_code: code,
                         signal: if (129..=192).contains(&code) { code - 128 } else { 0 },

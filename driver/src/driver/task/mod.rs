@@ -139,7 +139,7 @@ impl Driver {
                 Some(pid) if !fresh => state.relay_pid = pid,
                 _ => match self.spawn_relay(&state) {
                     Ok(child) => {
-                        state.relay_pid = child.id().map_or(0, |p| p as i32);
+                        state.relay_pid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
                         tokio::spawn(async move {
                             let mut child = child;
                             let _ = child.wait().await;

@@ -19,10 +19,7 @@ impl Driver {
         if rt.inspect(&state.container_id).await?.is_none() {
             return Err(DriverError::ContainerGone { id: task.id.clone(), container: state.container_id.clone() });
         }
-        let started_at = crate::timefmt::from_parts(
-            (state.started_at_ns / 1_000_000_000) as i64,
-            (state.started_at_ns % 1_000_000_000) as u32,
-        );
+        let started_at = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(state.started_at_ns);
         self.image_ref(&state.image);
         let keys = state.in_use_keys();
         if !keys.is_empty() {

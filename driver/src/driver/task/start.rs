@@ -94,7 +94,12 @@ impl Driver {
             model: cfg.model.clone(),
             models: facts.ollama_models.clone(),
             revision: Some(facts.resolved_revision.clone().unwrap_or_else(|| cfg.revision.clone())),
-            started_at_ns: started_at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64,
+            started_at_ns: started_at
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos()
+                .try_into()
+                .unwrap_or(u64::MAX),
             stdout_path: task.stdout_path.clone(),
             stderr_path: task.stderr_path.clone(),
             logs_disabled: task.logs_disabled() || self.config().disable_log_collection,

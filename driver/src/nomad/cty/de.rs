@@ -68,6 +68,9 @@ impl<'a> ValueDe<'a> {
         }
     }
 
+    // The float cast runs only on a whole number below 1.8e19 in magnitude, which an
+    // i128 holds exactly (there is no `try_from` for floats).
+    #[allow(clippy::cast_possible_truncation)]
     fn integer(&self) -> Result<i128, Error> {
         match self.number()? {
             Number::Int(i) => Ok(i128::from(i)),
@@ -128,6 +131,8 @@ impl<'de, 'a> de::Deserializer<'de> for ValueDe<'a> {
     int_method!(deserialize_u32, visit_u32, u32);
     int_method!(deserialize_u64, visit_u64, u64);
 
+    // Narrowing to f32 rounds to the nearest f32, which is what asking for an f32 means.
+    #[allow(clippy::cast_possible_truncation)]
     fn deserialize_f32<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
         visitor.visit_f32(self.number()?.as_f64() as f32)
     }

@@ -109,8 +109,17 @@ impl Reader<'_> {
         Ok(s)
     }
 
-    fn be(&mut self, n: usize) -> Result<u64, CtyError> {
-        Ok(self.take(n)?.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b)))
+    /// The next `N` bytes as an array (for the `from_be_bytes` constructors).
+    fn bytes<const N: usize>(&mut self) -> Result<[u8; N], CtyError> {
+        let offset = self.buf.len();
+        <[u8; N]>::try_from(self.take(N)?).map_err(|_| CtyError::Truncated { offset })
+    }
+
+    /// A 32-bit msgpack length. It cannot exceed `usize` on the targets we build for;
+    /// if it did, no buffer could hold that many bytes, so it reads as truncated.
+    fn len32(&mut self) -> Result<usize, CtyError> {
+        let n = u32::from_be_bytes(self.bytes()?);
+        usize::try_from(n).map_err(|_| CtyError::Truncated { offset: self.buf.len() })
     }
 
     fn value(&mut self) -> Result<Value, CtyError> {
@@ -130,52 +139,50 @@ impl Reader<'_> {
             0xc3 => Ok(Value::Bool(true)),
             // bin only appears as the type half of a dynamic wrapper; read it as text.
             0xc4 | 0xd9 => {
-                let n = self.be(1)? as usize;
+                let n = usize::from(u8::from_be_bytes(self.bytes()?));
                 self.string(n)
             }
             0xc5 | 0xda => {
-                let n = self.be(2)? as usize;
+                let n = usize::from(u16::from_be_bytes(self.bytes()?));
                 self.string(n)
             }
             0xc6 | 0xdb => {
-                let n = self.be(4)? as usize;
+                let n = self.len32()?;
                 self.string(n)
             }
-            0xca => {
-                let bits = self.be(4)? as u32;
-                num(Number::from_f64(f64::from(f32::from_bits(bits)))?)
-            }
-            0xcb => num(Number::from_f64(f64::from_bits(self.be(8)?))?),
-            0xcc => num(Number::Int(self.be(1)? as i64)),
-            0xcd => num(Number::Int(self.be(2)? as i64)),
-            0xce => num(Number::Int(self.be(4)? as i64)),
+            0xca => num(Number::from_f64(f64::from(f32::from_be_bytes(self.bytes()?)))?),
+            0xcb => num(Number::from_f64(f64::from_be_bytes(self.bytes()?))?),
+            0xcc => num(Number::Int(i64::from(u8::from_be_bytes(self.bytes()?)))),
+            0xcd => num(Number::Int(i64::from(u16::from_be_bytes(self.bytes()?)))),
+            0xce => num(Number::Int(i64::from(u32::from_be_bytes(self.bytes()?)))),
             0xcf => {
-                let u = self.be(8)?;
+                let u = u64::from_be_bytes(self.bytes()?);
                 num(i64::try_from(u).map_or(Number::UInt(u), Number::Int))
             }
-            0xd0 => num(Number::Int(i64::from(self.be(1)? as u8 as i8))),
-            0xd1 => num(Number::Int(i64::from(self.be(2)? as u16 as i16))),
-            0xd2 => num(Number::Int(i64::from(self.be(4)? as u32 as i32))),
-            0xd3 => num(Number::Int(self.be(8)? as i64)),
+            0xd0 => num(Number::Int(i64::from(i8::from_be_bytes(self.bytes()?)))),
+            0xd1 => num(Number::Int(i64::from(i16::from_be_bytes(self.bytes()?)))),
+            0xd2 => num(Number::Int(i64::from(i32::from_be_bytes(self.bytes()?)))),
+            0xd3 => num(Number::Int(i64::from_be_bytes(self.bytes()?))),
             0xdc => {
-                let n = self.be(2)? as usize;
+                let n = usize::from(u16::from_be_bytes(self.bytes()?));
                 self.list(n)
             }
             0xdd => {
-                let n = self.be(4)? as usize;
+                let n = self.len32()?;
                 self.list(n)
             }
             0xde => {
-                let n = self.be(2)? as usize;
+                let n = usize::from(u16::from_be_bytes(self.bytes()?));
                 self.map(n)
             }
             0xdf => {
-                let n = self.be(4)? as usize;
+                let n = self.len32()?;
                 self.map(n)
             }
             // fixext1..16, ext8/16/32: go-cty uses extensions only for unknown values.
             0xd4..=0xd8 | 0xc7..=0xc9 => Err(CtyError::UnknownValue { at: self.at() }),
-            0xe0..=0xff => num(Number::Int(i64::from(m as i8))),
+            // Negative fixint: the marker byte is the two's-complement value itself.
+            0xe0..=0xff => num(Number::Int(i64::from(i8::from_be_bytes([m])))),
             0xc1 => Err(CtyError::UnsupportedMarker { marker: m, offset, at: self.at() }),
         }
     }
@@ -227,53 +234,65 @@ impl Reader<'_> {
     }
 }
 
-fn write_len(out: &mut Vec<u8>, n: usize, fix: u8, fix_max: usize, m8: Option<u8>, m16: u8, m32: u8) {
-    if n < fix_max {
-        out.push(fix | n as u8);
-    } else if let (Some(m), true) = (m8, n < 256) {
-        out.extend([m, n as u8]);
-    } else if n < 65536 {
-        out.push(m16);
-        out.extend((n as u16).to_be_bytes());
-    } else {
-        out.push(m32);
-        out.extend((n as u32).to_be_bytes());
+fn write_len(out: &mut Vec<u8>, n: usize, fix: u8, fix_max: u8, m8: Option<u8>, m16: u8, m32: u8) {
+    if let Ok(b) = u8::try_from(n) {
+        if b < fix_max {
+            out.push(fix | b);
+            return;
+        }
+        if let Some(m) = m8 {
+            out.extend([m, b]);
+            return;
+        }
     }
+    if let Ok(h) = u16::try_from(n) {
+        out.push(m16);
+        out.extend(h.to_be_bytes());
+        return;
+    }
+    // msgpack has no length wider than 32 bits: a longer string, list or map cannot be
+    // encoded at all (go-cty fails the same way). Writing a truncated length would
+    // silently corrupt the stream, so this is a bug in the caller.
+    let w = u32::try_from(n).expect("cty-msgpack cannot encode a string, list or map of 4 GiB entries or more");
+    out.push(m32);
+    out.extend(w.to_be_bytes());
 }
 
 fn write_uint(out: &mut Vec<u8>, u: u64) {
-    match u {
-        0..=127 => out.push(u as u8),
-        128..=255 => out.extend([0xcc, u as u8]),
-        256..=65535 => {
-            out.push(0xcd);
-            out.extend((u as u16).to_be_bytes());
+    if let Ok(b) = u8::try_from(u) {
+        if b <= 127 {
+            out.push(b);
+        } else {
+            out.extend([0xcc, b]);
         }
-        65536..=0xffff_ffff => {
-            out.push(0xce);
-            out.extend((u as u32).to_be_bytes());
-        }
-        _ => {
-            out.push(0xcf);
-            out.extend(u.to_be_bytes());
-        }
+    } else if let Ok(h) = u16::try_from(u) {
+        out.push(0xcd);
+        out.extend(h.to_be_bytes());
+    } else if let Ok(w) = u32::try_from(u) {
+        out.push(0xce);
+        out.extend(w.to_be_bytes());
+    } else {
+        out.push(0xcf);
+        out.extend(u.to_be_bytes());
     }
 }
 
 fn write_int(out: &mut Vec<u8>, i: i64) {
-    if i >= 0 {
-        return write_uint(out, i as u64);
+    if let Ok(u) = u64::try_from(i) {
+        return write_uint(out, u);
     }
-    if i >= -32 {
-        out.push(i as i8 as u8);
-    } else if i >= i64::from(i8::MIN) {
-        out.extend([0xd0, i as i8 as u8]);
-    } else if i >= i64::from(i16::MIN) {
+    if let Ok(b) = i8::try_from(i) {
+        // -32..=-1 is a negative fixint: the two's-complement byte is the marker.
+        if b < -32 {
+            out.push(0xd0);
+        }
+        out.extend(b.to_be_bytes());
+    } else if let Ok(h) = i16::try_from(i) {
         out.push(0xd1);
-        out.extend((i as i16).to_be_bytes());
-    } else if i >= i64::from(i32::MIN) {
+        out.extend(h.to_be_bytes());
+    } else if let Ok(w) = i32::try_from(i) {
         out.push(0xd2);
-        out.extend((i as i32).to_be_bytes());
+        out.extend(w.to_be_bytes());
     } else {
         out.push(0xd3);
         out.extend(i.to_be_bytes());

@@ -24,6 +24,9 @@ pub enum Number {
 
 impl Number {
     /// Canonical form of a float read off the wire or produced by a parser.
+    // The float-to-int casts run only on whole numbers checked to lie inside the
+    // target's range just before, so they are exact (there is no `try_from` for floats).
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     pub fn from_f64(f: f64) -> Result<Self, CtyError> {
         if f.is_nan() {
             return Err(CtyError::InvalidNumber { text: "NaN".into() });
@@ -118,7 +121,7 @@ impl Decimal {
         if !int_part.bytes().chain(frac_part.bytes()).all(|b| b.is_ascii_digit()) {
             return None;
         }
-        exp -= frac_part.len() as i64;
+        exp -= i64::try_from(frac_part.len()).ok()?;
         let mut digits: String = format!("{int_part}{frac_part}").trim_start_matches('0').to_string();
         while digits.ends_with('0') {
             digits.pop();
@@ -134,15 +137,18 @@ impl Decimal {
         if self.digits == "0" {
             return Number::Int(0);
         }
-        if self.exp >= 0 && self.digits.len() as i64 + self.exp <= 20 {
-            let text = format!("{}{}", self.digits, "0".repeat(self.exp as usize));
-            if let Ok(u) = text.parse::<u128>() {
-                let signed = if self.neg { -(u as i128) } else { u as i128 };
-                if let Ok(i) = i64::try_from(signed) {
-                    return Number::Int(i);
-                }
-                if let Ok(u) = u64::try_from(signed) {
-                    return Number::UInt(u);
+        if let Ok(zeros) = usize::try_from(self.exp) {
+            if self.digits.len().saturating_add(zeros) <= 20 {
+                let text = format!("{}{}", self.digits, "0".repeat(zeros));
+                // At most 20 digits, so the magnitude always fits an i128.
+                if let Some(mag) = text.parse::<u128>().ok().and_then(|u| i128::try_from(u).ok()) {
+                    let signed = if self.neg { -mag } else { mag };
+                    if let Ok(i) = i64::try_from(signed) {
+                        return Number::Int(i);
+                    }
+                    if let Ok(u) = u64::try_from(signed) {
+                        return Number::UInt(u);
+                    }
                 }
             }
         }
@@ -190,10 +196,11 @@ impl Decimal {
     /// `big.Float.Text('f', -1)`-style text: no exponent.
     fn plain_text(&self) -> String {
         let sign = if self.neg { "-" } else { "" };
-        if self.exp >= 0 {
-            return format!("{sign}{}{}", self.digits, "0".repeat(self.exp as usize));
+        if let Ok(zeros) = usize::try_from(self.exp) {
+            return format!("{sign}{}{}", self.digits, "0".repeat(zeros));
         }
-        let k = (-self.exp) as usize;
+        // `parse` bounds the exponent by the literal's length plus 100 000, so it fits.
+        let k = usize::try_from(self.exp.unsigned_abs()).unwrap_or(usize::MAX);
         if self.digits.len() > k {
             let (i, f) = self.digits.split_at(self.digits.len() - k);
             format!("{sign}{i}.{f}")

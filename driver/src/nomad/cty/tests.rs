@@ -59,12 +59,49 @@ fn golden_numbers() {
 }
 
 #[test]
+fn integer_width_boundaries() {
+    let cases: [(i64, &str); 14] = [
+        (-1, "ff"),
+        (-128, "d0 80"),
+        (i64::from(i16::MIN), "d1 80 00"),
+        (i64::from(i16::MIN) - 1, "d2 ff ff 7f ff"),
+        (i64::from(i32::MIN), "d2 80 00 00 00"),
+        (i64::from(i32::MIN) - 1, "d3 ff ff ff ff 7f ff ff ff"),
+        (i64::MIN, "d3 80 00 00 00 00 00 00 00"),
+        (65535, "cd ff ff"),
+        (256, "cd 01 00"),
+        (65536, "ce 00 01 00 00"),
+        (i64::from(u32::MAX), "ce ff ff ff ff"),
+        (i64::from(u32::MAX) + 1, "cf 00 00 00 01 00 00 00 00"),
+        (i64::MAX, "cf 7f ff ff ff ff ff ff ff"),
+        (-129, "d1 ff 7f"),
+    ];
+    for (i, want) in cases {
+        assert_eq!(encode(&Value::int(i)), hex(want), "encoding {i}");
+        assert_eq!(decode(&hex(want)).unwrap(), Value::int(i), "decoding {i}");
+    }
+    let max = Value::Number(Number::UInt(u64::MAX));
+    assert_eq!(encode(&max), hex("cf ff ff ff ff ff ff ff ff"));
+    assert_eq!(decode(&encode(&max)).unwrap(), max);
+    // float32 on the wire is widened; a negative fixint byte is the value itself.
+    assert_eq!(decode(&hex("ca 3f c0 00 00")).unwrap(), Value::Number(Number::Float(1.5)));
+    assert_eq!(decode(&hex("e0")).unwrap(), Value::int(-32));
+}
+
+#[test]
 fn string_lengths_use_smallest_form() {
     assert_eq!(encode(&Value::str(&"a".repeat(31)))[0], 0xbf);
     assert_eq!(&encode(&Value::str(&"a".repeat(32)))[..2], &[0xd9, 32]);
     assert_eq!(&encode(&Value::str(&"a".repeat(256)))[..3], &[0xda, 1, 0]);
     let list = Value::List(vec![Value::Null; 16]);
     assert_eq!(&encode(&list)[..3], &[0xdc, 0, 16]);
+    assert_eq!(&encode(&Value::str(&"a".repeat(65535)))[..3], &[0xda, 0xff, 0xff]);
+    let long = Value::str(&"a".repeat(65536));
+    assert_eq!(&encode(&long)[..5], &[0xdb, 0, 1, 0, 0]);
+    assert_eq!(decode(&encode(&long)).unwrap(), long);
+    let list = Value::List(vec![Value::Null; 65536]);
+    assert_eq!(&encode(&list)[..5], &[0xdd, 0, 1, 0, 0]);
+    assert_eq!(decode(&encode(&list)).unwrap(), list);
 }
 
 #[test]

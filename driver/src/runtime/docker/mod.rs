@@ -161,8 +161,8 @@ impl ContainerRuntime for DockerRuntime {
             if let Some(id) = info.id {
                 let entry = layers.entry(id).or_default();
                 if let Some(d) = info.progress_detail {
-                    entry.0 = d.current.unwrap_or(0).max(0) as u64;
-                    entry.1 = entry.1.max(d.total.unwrap_or(0).max(0) as u64);
+                    entry.0 = u64::try_from(d.current.unwrap_or(0)).unwrap_or(0);
+                    entry.1 = entry.1.max(u64::try_from(d.total.unwrap_or(0)).unwrap_or(0));
                 }
                 if matches!(info.status.as_deref(), Some("Pull complete" | "Already exists")) {
                     entry.2 = true;

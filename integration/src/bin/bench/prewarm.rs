@@ -24,7 +24,9 @@ pub(crate) fn cache(python: &str) -> Result<()> {
         let files: Vec<NewFile> = (0..10u32)
             .map(|f| NewFile {
                 path: if f == 0 { "model.safetensors".into() } else { format!("part/file-{f}.json") },
-                bytes: (0..if f == 0 { 65536 } else { 1024 }).map(|i: u32| (i ^ r ^ f) as u8).collect(),
+                bytes: (0..if f == 0 { 65536 } else { 1024 })
+                    .map(|i: u32| u8::try_from((i ^ r ^ f) & 0xff).unwrap())
+                    .collect(),
                 lfs: f == 0,
             })
             .collect();
