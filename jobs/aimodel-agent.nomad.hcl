@@ -2,7 +2,8 @@
 # and the model of every `driver = "aimodel"` task Nomad knows, warm in the
 # shared HF cache, fetching every byte once across all nodes; it records warm
 # models for the driver's fingerprint (`driver.aimodel.warm.<org>/<name>`) and
-# evicts cold ones above the watermark.
+# evicts cold ones above the watermark; it pulls the engine images those tasks
+# will run into this node's Docker engine ahead of placement.
 #   nomad var put nomad/jobs/aimodel-agent hf_token=hf_xxx status_token=<random>
 #   nomad acl policy apply -namespace default -job aimodel-agent aimodel-agent-read docs/aimodel-agent-policy.hcl
 #   nomad job run jobs/aimodel-agent.nomad.hcl
@@ -55,6 +56,22 @@ job "aimodel-agent" {
       read_only = false
     }
 
+    # Image pull-ahead (images { } below): the node's Docker engine, and a directory on
+    # the filesystem of Docker's data root for the disk guard (only its free space is read).
+    # The socket is root-equivalent: `aimodel` must be in the `docker` group, and only this
+    # operator-run job gets it. Remove both volumes and the images block to turn pull-ahead off.
+    volume "docker-sock" {
+      type      = "host"
+      source    = "docker-sock"
+      read_only = false
+    }
+
+    volume "docker-root" {
+      type      = "host"
+      source    = "docker-root"
+      read_only = true
+    }
+
     restart {
       attempts = 10
       interval = "30m"
@@ -95,6 +112,22 @@ job "aimodel-agent" {
         destination = "/mnt/hf-cache"
       }
 
+      volume_mount {
+        volume      = "docker-sock"
+        destination = "/var/run/docker.sock"
+      }
+
+      volume_mount {
+        volume      = "docker-root"
+        destination = "/docker-root"
+        read_only   = true
+      }
+
+      # The agent reads its own node (driver health, GPUs, the driver's default images).
+      env {
+        AIMODEL_NODE_ID = "${node.unique.id}"
+      }
+
       # The manifest. Models listed here are prewarmed on every node's view of the
       # cache; `pin = true` keeps one from ever being evicted. Every agent sharing
       # one export should use the same manifest (their gc honours the same pins).
@@ -120,6 +153,14 @@ job "aimodel-agent" {
 
           gc {
             target_free = "${var.target_free}"
+          }
+
+          # Pull the engine image of every aimodel task this node could run before
+          # Nomad places it (docs/operations.md, "Engine images pulled ahead").
+          images {
+            docker    = "unix:///var/run/docker.sock"
+            data_root = "/docker-root"
+            min_free  = "50GiB"
           }
         EOT
       }

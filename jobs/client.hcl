@@ -12,6 +12,19 @@ client {
     path      = "/mnt/hf-cache"
     read_only = false
   }
+
+  # For the node agent's image pull-ahead (jobs/aimodel-agent.nomad.hcl): the Docker
+  # socket, and a directory on Docker's data-root filesystem (its free space is the
+  # disk guard's measure; nothing in it is read).
+  host_volume "docker-sock" {
+    path      = "/var/run/docker.sock"
+    read_only = false
+  }
+
+  host_volume "docker-root" {
+    path      = "/var/lib/docker/tmp"
+    read_only = true
+  }
 }
 
 plugin_dir = "/opt/nomad/plugins"

@@ -275,7 +275,16 @@ async fn the_node_agent_job_renders_a_manifest_the_agent_runs() {
     let cfg = home.path().join("agent.hcl");
     std::fs::write(&cfg, &rendered).unwrap();
     let agent = binary("aimodel-agent").unwrap();
-    let check = std::process::Command::new(&agent).args(["run", "--check", "--config"]).arg(&cfg).output().unwrap();
+    // The job gives the agent its node ID (`${node.unique.id}`) for the image pull-ahead.
+    let env_block = block(task, "env");
+    let node_env = env_block.first().and_then(|e| e.body.attributes().find(|a| a.key.as_str() == "AIMODEL_NODE_ID"));
+    assert!(node_env.is_some_and(|a| a.expr.to_string().contains("node.unique.id")), "AIMODEL_NODE_ID from the node");
+    let check = std::process::Command::new(&agent)
+        .args(["run", "--check", "--config"])
+        .arg(&cfg)
+        .env("AIMODEL_NODE_ID", "node-1")
+        .output()
+        .unwrap();
     assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
     let listed = String::from_utf8_lossy(&check.stdout);
     assert!(listed.contains("mistralai/Mistral-7B-Instruct-v0.3@main (pinned)"), "{listed}");
@@ -287,6 +296,7 @@ async fn the_node_agent_job_renders_a_manifest_the_agent_runs() {
         .env_remove("NOMAD_ADDR")
         .env("NOMAD_SECRETS_DIR", &secrets_dir)
         .env("NOMAD_TOKEN", "workload-identity")
+        .env("AIMODEL_NODE_ID", "node-1")
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
