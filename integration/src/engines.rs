@@ -98,6 +98,14 @@ pub fn write_tiny_gguf(out: &Path, seed: u64, weight_type: &str) -> Result<()> {
     Ok(())
 }
 
+/// A random-weight llama GGUF of another shape (`extra`: `--embd N --layers N
+/// --ff N`), e.g. the ~1 GB model of the cold-start bench.
+pub fn write_gguf(out: &Path, seed: &str, weight_type: &str, extra: &[&str]) -> Result<()> {
+    let out_s = out.to_str().context("non-UTF-8 path")?;
+    run_script("tiny-gguf", &[&[out_s, "--seed", seed, "--type", weight_type][..], extra].concat())?;
+    Ok(())
+}
+
 /// The tiny model repo's files, written into `dir`: every GGUF of
 /// [`TINY_GGUF_FILES`] and a README; (path in the repo, file on disk).
 pub fn write_tiny_repo(dir: &Path) -> Result<Vec<(String, PathBuf)>> {

@@ -88,11 +88,23 @@ impl AuthRegistry {
     /// Builds `<host>/<repo>:<random tag>` from the stand-in plus a layer of
     /// its own, pushes it, removes it locally; returns the reference.
     pub fn push_image(&self, repo: &str) -> String {
+        self.push_image_with(repo, &standin_image().expect("stand-in image"), 0)
+    }
+
+    /// [`AuthRegistry::push_image`] from `from`, with a layer of `bytes` random
+    /// bytes (incompressible: a pull moves them all) besides the nonce.
+    pub fn push_image_with(&self, repo: &str, from: &str, bytes: usize) -> String {
         let tag = format!("{}/{repo}:{}", self.host(), random_hex(4));
         let ctx = tempfile::tempdir().expect("temp dir");
         std::fs::write(ctx.path().join("nonce"), random_hex(64)).expect("nonce");
-        let from = standin_image().expect("stand-in image");
-        std::fs::write(ctx.path().join("Dockerfile"), format!("FROM {from}\nCOPY nonce /nonce\n")).expect("Dockerfile");
+        let mut random = vec![0u8; bytes];
+        if bytes > 0 {
+            use std::io::Read;
+            std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut random)).expect("random bytes");
+        }
+        std::fs::write(ctx.path().join("payload"), &random).expect("payload");
+        std::fs::write(ctx.path().join("Dockerfile"), format!("FROM {from}\nCOPY nonce payload /aimodel-bench/\n"))
+            .expect("Dockerfile");
         self.docker(&["build", "-q", "-t", &tag, ctx.path().to_str().expect("utf-8 path")]);
         self.docker(&["push", &tag]);
         self.docker(&["rmi", &tag]);

@@ -8,6 +8,7 @@ llama-server loads the result and generates (nonsense) tokens with it.
 
 Run through scripts/images/tiny-gguf, which puts the sdist's gguf-py on the path:
     tiny-gguf OUT.gguf [--seed N] [--type f16|q8_0] [--vocab NAME]
+              [--embd N --layers N --ff N]   (a bigger model, e.g. ~1 GB for the cold-start bench)
 """
 
 import argparse
@@ -68,7 +69,13 @@ def main() -> int:
     p.add_argument("--type", choices=["f16", "q8_0"], default="f16")
     p.add_argument("--vocab", default="llama-spm", help="ggml-vocab-<NAME>.gguf from the tree's models/")
     p.add_argument("--tree", default=os.environ.get("LLAMA_CPP_TREE"), help="the llama.cpp tree")
+    p.add_argument("--embd", type=int, default=N_EMBD, help="embedding length (a multiple of 64)")
+    p.add_argument("--layers", type=int, default=N_LAYER, help="blocks")
+    p.add_argument("--ff", type=int, default=N_FF, help="feed-forward length")
     a = p.parse_args()
+    if a.embd % 64:
+        p.error("--embd must be a multiple of 64")
+    n_embd, n_layer, n_ff = a.embd, a.layers, a.ff
     if not a.tree:
         p.error("--tree or LLAMA_CPP_TREE is required")
 
@@ -78,12 +85,12 @@ def main() -> int:
     w = gguf.GGUFWriter(tmp, "llama")
     w.add_name(f"aimodel tiny llama (random, seed {a.seed})")
     w.add_context_length(N_CTX)
-    w.add_embedding_length(N_EMBD)
-    w.add_block_count(N_LAYER)
-    w.add_feed_forward_length(N_FF)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
     w.add_head_count(N_HEAD)
     w.add_head_count_kv(N_HEAD_KV)
-    w.add_rope_dimension_count(N_EMBD // N_HEAD)
+    w.add_rope_dimension_count(n_embd // N_HEAD)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_file_type(ftype)
     n_vocab = copy_vocab(w, os.path.join(a.tree, "models", f"ggml-vocab-{a.vocab}.gguf"))
@@ -101,21 +108,21 @@ def main() -> int:
             w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
 
     def norm(name: str) -> None:
-        w.add_tensor(name, np.ones(N_EMBD, dtype=np.float32))
+        w.add_tensor(name, np.ones(n_embd, dtype=np.float32))
 
-    n_embd_kv = N_EMBD // N_HEAD * N_HEAD_KV
-    matrix("token_embd.weight", n_vocab, N_EMBD)
+    n_embd_kv = n_embd // N_HEAD * N_HEAD_KV
+    matrix("token_embd.weight", n_vocab, n_embd)
     norm("output_norm.weight")  # no output.weight: llama.cpp ties it to token_embd
-    for i in range(N_LAYER):
+    for i in range(n_layer):
         norm(f"blk.{i}.attn_norm.weight")
-        matrix(f"blk.{i}.attn_q.weight", N_EMBD, N_EMBD)
-        matrix(f"blk.{i}.attn_k.weight", n_embd_kv, N_EMBD)
-        matrix(f"blk.{i}.attn_v.weight", n_embd_kv, N_EMBD)
-        matrix(f"blk.{i}.attn_output.weight", N_EMBD, N_EMBD)
+        matrix(f"blk.{i}.attn_q.weight", n_embd, n_embd)
+        matrix(f"blk.{i}.attn_k.weight", n_embd_kv, n_embd)
+        matrix(f"blk.{i}.attn_v.weight", n_embd_kv, n_embd)
+        matrix(f"blk.{i}.attn_output.weight", n_embd, n_embd)
         norm(f"blk.{i}.ffn_norm.weight")
-        matrix(f"blk.{i}.ffn_gate.weight", N_FF, N_EMBD)
-        matrix(f"blk.{i}.ffn_up.weight", N_FF, N_EMBD)
-        matrix(f"blk.{i}.ffn_down.weight", N_EMBD, N_FF)
+        matrix(f"blk.{i}.ffn_gate.weight", n_ff, n_embd)
+        matrix(f"blk.{i}.ffn_up.weight", n_ff, n_embd)
+        matrix(f"blk.{i}.ffn_down.weight", n_embd, n_ff)
 
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -10,6 +10,7 @@ use aimodel_integration::sequence;
 use aimodel_integration::support::{binary, DRIVER_BIN};
 use aimodel_proto::base::PluginInfoRequest;
 
+mod coldstart;
 mod engines;
 mod prewarm;
 
@@ -396,6 +397,7 @@ fn main() -> Result<()> {
             args.get(2).and_then(|n| n.parse().ok()).unwrap_or(20),
         )),
         Some("gpu") => rt.block_on(gpu()),
+        Some("coldstart") => rt.block_on(coldstart::coldstart(args.get(1).and_then(|n| n.parse().ok()).unwrap_or(300))),
         Some("attributes") => rt.block_on(attributes_bench(args.get(1).and_then(|n| n.parse().ok()).unwrap_or(120))),
         Some("stats") => rt.block_on(stats_bench(
             args.get(1).and_then(|n| n.parse().ok()).unwrap_or(20),
@@ -437,6 +439,6 @@ fn main() -> Result<()> {
                 std::env::var_os("AIMODEL_IN_NETNS").is_some(),
             ))
         }
-        _ => bail!("usage: bench startup [RUNS] | bench lifecycle [RUNS] [TASKS] | bench stats [TASKS] [SECONDS] | bench attributes [SECONDS] | bench cache [PYTHON] | bench gpu | bench prewarm [PYTHON] [ROUNDS] | bench prewarm-netem [PYTHON] [ROUNDS] | bench engine-first-token [RUNS] | bench llamacpp-first-token [RUNS] | bench prewarm-tiny HF_HOME"),
+        _ => bail!("usage: bench startup [RUNS] | bench lifecycle [RUNS] [TASKS] | bench stats [TASKS] [SECONDS] | bench attributes [SECONDS] | bench cache [PYTHON] | bench gpu | bench prewarm [PYTHON] [ROUNDS] | bench prewarm-netem [PYTHON] [ROUNDS] | bench engine-first-token [RUNS] | bench llamacpp-first-token [RUNS] | bench prewarm-tiny HF_HOME | bench coldstart [IMAGE_MIB]"),
     }
 }
