@@ -72,6 +72,38 @@ fn lock(s: &Mutex<ImagesStatus>) -> std::sync::MutexGuard<'_, ImagesStatus> {
     s.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The disk guard: the free bytes of the filesystem holding `root` (when
+/// readable) and whether a pull may run (`min` 0: always).
+pub fn disk_guard(root: &std::path::Path, min: u64) -> (Option<u64>, Result<(), String>) {
+    if min == 0 {
+        return (None, Ok(()));
+    }
+    match nix::sys::statvfs::statvfs(root) {
+        Ok(st) => {
+            let free = st.blocks_available().saturating_mul(st.fragment_size());
+            let r = if free < min {
+                Err(format!(
+                    "{}: {:.1} GB free, below images.min_free ({:.1} GB): pulls paused",
+                    root.display(),
+                    free as f64 / 1e9,
+                    min as f64 / 1e9
+                ))
+            } else {
+                Ok(())
+            };
+            (Some(free), r)
+        }
+        Err(e) => (
+            None,
+            Err(format!(
+                "cannot read the free space of {} ({e}): pulls paused (set images.data_root to Docker's data root as \
+                 the agent sees it, or images.min_free = \"0\")",
+                root.display()
+            )),
+        ),
+    }
+}
+
 /// Longest pause between retries of a failed pull.
 const MAX_RETRY: Duration = Duration::from_secs(600);
 
@@ -233,33 +265,12 @@ impl Puller {
 
     /// Free space of Docker's data root against `min_free`; the reason when too low or unreadable.
     fn guard(&self) -> Result<(), String> {
-        let min = self.cfg.min_free.0;
-        if min == 0 {
-            return Ok(());
+        let (free, r) = disk_guard(&self.cfg.data_root, self.cfg.min_free.0);
+        let mut s = lock(&self.status);
+        if free.is_some() {
+            s.free_bytes = free;
         }
-        let root = &self.cfg.data_root;
-        let r = match nix::sys::statvfs::statvfs(root) {
-            Ok(st) => {
-                let free = st.blocks_available().saturating_mul(st.fragment_size());
-                lock(&self.status).free_bytes = Some(free);
-                if free < min {
-                    Err(format!(
-                        "{}: {:.1} GB free, below images.min_free ({:.1} GB): pulls paused",
-                        root.display(),
-                        free as f64 / 1e9,
-                        min as f64 / 1e9
-                    ))
-                } else {
-                    Ok(())
-                }
-            }
-            Err(e) => Err(format!(
-                "cannot read the free space of {} ({e}): pulls paused (set images.data_root to Docker's data root as \
-                 the agent sees it, or images.min_free = \"0\")",
-                root.display()
-            )),
-        };
-        lock(&self.status).guard = r.as_ref().err().cloned();
+        s.guard = r.as_ref().err().cloned();
         r
     }
 
@@ -341,5 +352,22 @@ impl Puller {
             }
         }
         next
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_disk_guard_pauses_below_the_watermark_and_when_it_cannot_measure() {
+        let d = tempfile::tempdir().unwrap();
+        let (free, ok) = disk_guard(d.path(), 1);
+        assert!(ok.is_ok() && free.unwrap() > 0);
+        let (_, low) = disk_guard(d.path(), u64::MAX);
+        assert!(low.unwrap_err().contains("below images.min_free"));
+        let (free, gone) = disk_guard(&d.path().join("missing"), 1);
+        assert!(free.is_none() && gone.unwrap_err().contains("cannot read the free space"));
+        assert_eq!(disk_guard(&d.path().join("missing"), 0), (None, Ok(())), "min_free = 0 turns it off");
     }
 }

@@ -76,7 +76,12 @@ async fn setup(image_mib: usize, dir: &Path) -> Result<Setup> {
     eprintln!("== model: a ~1 GB random llama GGUF (f16, embd 1536, 16 layers)");
     let gguf = dir.join(FILE);
     let seed = "5";
-    aimodel_integration::engines::write_gguf(&gguf, seed, "f16", &["--embd", "1536", "--layers", "16", "--ff", "4096"])?;
+    aimodel_integration::engines::write_gguf(
+        &gguf,
+        seed,
+        "f16",
+        &["--embd", "1536", "--layers", "16", "--ff", "4096"],
+    )?;
     let model_bytes = std::fs::metadata(&gguf)?.len();
     let hub = serve_repo(&[(FILE.to_string(), gguf)]).await?;
     Ok(Setup { reg, image, hub_endpoint: hub.endpoint(), _hub: hub, model_bytes })
@@ -113,7 +118,13 @@ fn job(image: &str) -> serde_json::Value {
 
 /// When the first event of `task` containing `needle` arrived.
 fn event_at(live: &LiveDriver, task: &str, needle: &str) -> Option<Instant> {
-    live.events.lock().ok()?.items.iter().find(|e| e.msg.task_id == task && e.msg.message.contains(needle)).map(|e| e.at)
+    live.events
+        .lock()
+        .ok()?
+        .items
+        .iter()
+        .find(|e| e.msg.task_id == task && e.msg.message.contains(needle))
+        .map(|e| e.at)
 }
 
 /// StartTask of the llama task, then `/health`; the task is destroyed after.
@@ -179,7 +190,8 @@ async fn agent_done(port: u16, image: Option<&str>) -> Result<(Instant, Option<I
     let (mut warm, mut pulled) = (None, None);
     loop {
         let st = agent_status(port).await;
-        let model_warm = st["models"].as_array().is_some_and(|m| m.iter().any(|m| m["repo"] == REPO && m["state"] == "warm"));
+        let model_warm =
+            st["models"].as_array().is_some_and(|m| m.iter().any(|m| m["repo"] == REPO && m["state"] == "warm"));
         if model_warm && warm.is_none() {
             warm = Some(Instant::now());
         }
