@@ -14,15 +14,17 @@ client {
   }
 
   # For the node agent's image pull-ahead (jobs/aimodel-agent.nomad.hcl): the Docker
-  # socket, and a directory on Docker's data-root filesystem (its free space is the
-  # disk guard's measure; nothing in it is read).
+  # socket (root on this node: with ACLs, grant it to the agent's job only; with ACLs
+  # off, any job could mount it), and a directory on Docker's data-root filesystem
+  # (its free space is the disk guard's measure; nothing in it is read).
   host_volume "docker-sock" {
     path      = "/var/run/docker.sock"
     read_only = false
   }
 
+  # An empty directory on Docker's data-root filesystem: mkdir /var/lib/docker/aimodel-guard
   host_volume "docker-root" {
-    path      = "/var/lib/docker/tmp"
+    path      = "/var/lib/docker/aimodel-guard"
     read_only = true
   }
 }

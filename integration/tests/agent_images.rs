@@ -38,6 +38,13 @@ impl Drop for Cleanup {
     }
 }
 
+struct FakeHolder(String);
+impl Drop for FakeHolder {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("docker").args(["rm", "-f", &self.0]).output();
+    }
+}
+
 fn job(id: &str, tasks: serde_json::Value, meta: Option<serde_json::Value>) -> serde_json::Value {
     serde_json::json!({
         "ID": id, "Name": id, "Type": "service", "Datacenters": ["dc1"], "Meta": meta,
@@ -52,7 +59,26 @@ async fn the_agent_pulls_a_jobs_images_ahead_and_they_go_with_the_job() {
     let default = reg.push_image("aimodel/vllm");
     let opted = reg.push_image("aimodel/opted");
     let heavy = reg.push_image("aimodel/heavy");
-    let _cleanup = Cleanup(vec![own.clone(), default.clone(), opted.clone(), heavy.clone()]);
+    // An image loaded on the node by hand (not the agent's to remove), and a
+    // container that only pretends to be a holder (labels anyone can set).
+    let tag = |n: &str| format!("aimodel-ahead-test:{n}-{}", aimodel_integration::task::random_hex(4));
+    let (local, victim) = (tag("local"), tag("victim"));
+    let standin = aimodel_integration::support::standin_image().unwrap();
+    for t in [&local, &victim] {
+        assert!(std::process::Command::new("docker").args(["tag", &standin, t]).status().unwrap().success());
+    }
+    let fake = format!("fake-hold-{}", aimodel_integration::task::random_hex(4));
+    let key_of = aimodel_driver::runtime::registry::canonical(&victim);
+    let created = std::process::Command::new("docker")
+        .args(["create", "--name", &fake, "--label", "com.aimodel.hold=true"])
+        .args(["--label", &format!("com.aimodel.hold.image={key_of}"), "--label"])
+        .args([&format!("com.aimodel.hold.ref={victim}"), "--label", "com.aimodel.hold.pulled=true", &victim, "x"])
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let _cleanup =
+        Cleanup(vec![own.clone(), default.clone(), opted.clone(), heavy.clone(), local.clone(), victim.clone()]);
+    let _fake = FakeHolder(fake.clone());
     let plugin = format!(
         "fingerprint_period = \"300ms\"\ngc {{\n  image = true\n  image_delay = \"1s\"\n}}\nimages {{\n  vllm = \"{default}\"\n}}"
     );
@@ -71,6 +97,7 @@ async fn the_agent_pulls_a_jobs_images_ahead_and_they_go_with_the_job() {
             "ahead",
             serde_json::json!([
                 custom("server", &own),
+                custom("local", &local),
                 {"Name": "llm", "Driver": "aimodel", "Config": {"engine": "vllm", "model": "org/m"}}
             ]),
             None,
@@ -137,6 +164,11 @@ images {{
     .await;
     assert!(image_present(&own) && image_present(&default));
     assert_eq!(holders(&own).len(), 1, "one holder keeps the image");
+    wait_agent_status(port, Duration::from_secs(20), "the local image held", |st| {
+        st["images"]["images"][key(&local)]["state"] == "present"
+    })
+    .await;
+    assert_eq!(holders(&local).len(), 1);
     let st = agent_status(port).await;
     assert_eq!(st["images"]["images"][key(&own)]["tasks"], serde_json::json!(["default/ahead/g/server"]));
     assert!(st["images"]["images"][key(&own)]["bytes_total"].as_u64().unwrap() > 0, "{st:#}");
@@ -145,7 +177,7 @@ images {{
     assert!(!image_present(&opted) && !image_present(&heavy), "images the policy does not want were pulled");
     let metrics = http_body(port, "/metrics").await;
     assert!(metrics.contains("aimodel_agent_image_pulls_total{result=\"ok\"} 2"), "{metrics}");
-    assert!(metrics.contains("aimodel_agent_images{state=\"present\"} 2"), "{metrics}");
+    assert!(metrics.contains("aimodel_agent_images{state=\"present\"} 3"), "{metrics}");
 
     // StartTask pulls nothing: the task has no credentials, so a pull would fail.
     let (t, _) =
@@ -162,7 +194,7 @@ images {{
     // The job goes: after the delay both images and their holders are gone.
     nomad.stop("ahead");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while image_present(&own) || image_present(&default) || !holders(&own).is_empty() {
+    while image_present(&own) || image_present(&default) || !holders(&own).is_empty() || !holders(&local).is_empty() {
         assert!(
             Instant::now() < deadline,
             "the images of a stopped job were not removed: {:#}",
@@ -172,6 +204,9 @@ images {{
     }
     let st = agent_status(port).await;
     assert_eq!(st["images"]["removed"], 2, "{st:#}");
+    assert!(image_present(&local), "an image the agent did not pull was removed");
+    assert!(image_present(&victim), "a container with holder labels made the agent remove an image");
+    assert_eq!(holders(&victim).len(), 1, "a container that is not a holder was removed");
     let _ = agent.kill().await;
     let logged = std::fs::read_to_string(&log).unwrap();
     assert!(logged.contains("pulling ahead"), "{logged}");

@@ -67,8 +67,20 @@ pub struct TaskImage {
     pub gpus: u64,
     /// The job's datacenters (globs allowed, as Nomad allows them).
     pub datacenters: Vec<String>,
+    /// The job's node pool (`""` when Nomad sent none; `all` matches every node).
+    pub node_pool: String,
     /// `meta { "aimodel.prepull" = "false" }` on the job, group or task.
     pub opted_out: bool,
+}
+
+/// What the Nomad job watch tells the image pull-ahead.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageWants {
+    /// The images of the aimodel tasks of every job read so far.
+    pub tasks: Vec<TaskImage>,
+    /// Every listed job was read in the last pass (only then may an image no
+    /// task lists be released: a failed read must not look like a removed job).
+    pub complete: bool,
 }
 
 /// The meta key a job, group or task sets to `"false"` to opt out of image pull-ahead.
@@ -96,7 +108,10 @@ pub fn images_of_job(namespace: &str, job: &serde_json::Value) -> Vec<TaskImage>
                 .map(|r| arr(r, "Devices"))
                 .unwrap_or_default()
                 .iter()
-                .filter(|d| matches!(d.get("Name").and_then(|n| n.as_str()), Some("nvidia/gpu" | "gpu")))
+                // `gpu`, `nvidia/gpu`, or a model of it (`nvidia/gpu/Tesla T4`).
+                .filter(|d| {
+                    d.get("Name").and_then(|n| n.as_str()).is_some_and(|n| n == "gpu" || n.starts_with("nvidia/gpu"))
+                })
                 .filter_map(|d| d.get("Count").and_then(serde_json::Value::as_u64))
                 .sum();
             out.push(TaskImage {
@@ -105,6 +120,7 @@ pub fn images_of_job(namespace: &str, job: &serde_json::Value) -> Vec<TaskImage>
                 engine: cfg.get("engine").and_then(|v| v.as_str()).unwrap_or_default().to_string(),
                 gpus,
                 datacenters: datacenters.clone(),
+                node_pool: text(job, "NodePool"),
                 opted_out: opt_out(job) || opt_out(&g) || opt_out(&t),
             });
         }
@@ -152,7 +168,7 @@ mod tests {
             "TaskGroups": [
                 {"Name": "g", "Tasks": [
                     {"Name": "a", "Driver": "aimodel", "Config": {"engine": "vllm", "model": "org/a"},
-                     "Resources": {"Devices": [{"Name": "nvidia/gpu", "Count": 2}]}},
+                     "Resources": {"Devices": [{"Name": "nvidia/gpu", "Count": 1}, {"Name": "nvidia/gpu/Tesla T4", "Count": 1}]}},
                     {"Name": "b", "Driver": "aimodel", "Config": {"engine": "custom", "image": "r.example/x:1"},
                      "Meta": {"aimodel.prepull": "false"}},
                     {"Name": "c", "Driver": "aimodel", "Config": {"engine": "custom", "image": "${NOMAD_META_img}"}},

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 use crate::config::NomadConfig;
 pub use crate::config::{resolve_address, token_safe_over};
-pub use crate::jobs::{images_of_job, models_of_job, TaskImage, Wanted};
+pub use crate::jobs::{images_of_job, models_of_job, ImageWants, TaskImage, Wanted};
 
 /// What the watcher knows, for `/status`.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -218,7 +218,7 @@ fn enc(s: &str) -> String {
 pub async fn watch(
     cfg: NomadConfig,
     tx: watch::Sender<BTreeSet<Wanted>>,
-    images: watch::Sender<Vec<TaskImage>>,
+    images: watch::Sender<Option<ImageWants>>,
     status: Arc<Mutex<NomadStatus>>,
 ) {
     // Both were completed from the environment when the configuration was loaded.
@@ -283,17 +283,19 @@ pub async fn watch(
         }
         jobs.retain(|k, _| seen.contains(k));
         let wanted: BTreeSet<Wanted> = jobs.values().flat_map(|(_, m, _)| m.iter().cloned()).collect();
-        // Only once every job was read: an image is never dropped for a failed read.
-        if failed.is_none() {
-            let all: Vec<TaskImage> = jobs.values().flat_map(|(_, _, i)| i.iter().cloned()).collect();
-            images.send_if_modified(|cur| {
-                let changed = *cur != all;
-                if changed {
-                    *cur = all;
-                }
-                changed
-            });
-        }
+        // A job whose read failed keeps what was known of it; `complete` says
+        // whether an image no task lists may be released.
+        let all = ImageWants {
+            tasks: jobs.values().flat_map(|(_, _, i)| i.iter().cloned()).collect(),
+            complete: failed.is_none(),
+        };
+        images.send_if_modified(|cur| {
+            let changed = cur.as_ref() != Some(&all);
+            if changed {
+                *cur = Some(all);
+            }
+            changed
+        });
         {
             let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
             st.index = index;

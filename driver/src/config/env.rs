@@ -21,6 +21,9 @@ pub struct EnvOverrides {
     pub mountinfo: PathBuf,
     /// `PATH`, where the agent is looked for last.
     pub path: Option<String>,
+    /// `AIMODEL_OLLAMA_REGISTRY`: the operator's Ollama mirror, which `prewarm = true`
+    /// fetches from (the agent reads it from the plugin's environment).
+    pub ollama_registry: Option<String>,
 }
 
 impl Default for EnvOverrides {
@@ -31,6 +34,7 @@ impl Default for EnvOverrides {
             agent_bin: None,
             mountinfo: PathBuf::from("/proc/self/mountinfo"),
             path: None,
+            ollama_registry: None,
         }
     }
 }
@@ -43,6 +47,7 @@ impl EnvOverrides {
             stats_from_docker: get("AIMODEL_STATS_SOURCE").as_deref() == Some("docker"),
             agent_bin: get("AIMODEL_AGENT_BIN").map(PathBuf::from),
             path: get("PATH"),
+            ollama_registry: get("AIMODEL_OLLAMA_REGISTRY").filter(|r| !r.trim().is_empty()),
             ..Default::default()
         };
         if let Some(m) = get("AIMODEL_MOUNTINFO") {

@@ -272,6 +272,9 @@ impl TaskConfig {
                 );
             }
         }
+        if let Some(k) = self.labels.keys().find(|k| k.starts_with("com.aimodel.")) {
+            return invalid("labels", format!("{k:?}: labels under com.aimodel. are the driver's and the agent's own"));
+        }
         if let Some(m) = &self.network_mode {
             if !matches!(m.as_str(), "bridge" | "host" | "none") {
                 return invalid("network_mode", format!("{m:?} is not bridge, host or none"));

@@ -53,6 +53,9 @@ pub struct NodeFacts {
     pub ollama_store: Option<String>,
     /// Engine `ollama`: the models the gate found complete (short names).
     pub ollama_models: Vec<String>,
+    /// Directories inside a writable cache mount that stay read-only (host
+    /// path, container path): the shared Ollama store, which only the agent writes.
+    pub readonly_overlays: Vec<(String, String)>,
 }
 
 /// Where an `ollama` task sees the shared store (`OLLAMA_MODELS`): Ollama's
@@ -387,6 +390,11 @@ pub fn plan(cfg: &TaskConfig, task: &NomadTask, plugin: &PluginConfig, facts: &N
     binds.push(format!("{}:{}{}", hf.host_path, hf.container_path, if cache_writable { "" } else { ":ro" }));
     if let Some(store) = ollama_store {
         binds.push(format!("{store}:{OLLAMA_MODELS}:ro"));
+    }
+    if cache_writable {
+        for (host, inside) in &facts.readonly_overlays {
+            binds.push(format!("{host}:{inside}:ro"));
+        }
     }
     for m in &task.mounts {
         // As the docker driver maps Nomad's propagation modes.

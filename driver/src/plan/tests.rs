@@ -517,3 +517,21 @@ fn ollama_sees_the_shared_store_read_only_and_never_prunes_it() {
     let p = plan(&cfg(&vllm()), &task(), &PluginConfig::default(), &facts).unwrap();
     assert!(!p.spec.binds.iter().any(|b| b.contains(OLLAMA_MODELS)));
 }
+
+#[test]
+fn a_writable_cache_keeps_the_shared_ollama_store_read_only() {
+    let mut online = vllm();
+    online.push(("offline", Value::Bool(false)));
+    let facts = NodeFacts {
+        readonly_overlays: vec![("/mnt/hf-cache/ollama".into(), "/root/.cache/huggingface/ollama".into())],
+        ..NodeFacts::default()
+    };
+    let mut plugin = PluginConfig::default();
+    plugin.hf_cache.allow_write = true;
+    let p = plan(&cfg(&online), &task(), &plugin, &facts).unwrap();
+    assert!(p.spec.binds.contains(&"/mnt/hf-cache:/root/.cache/huggingface".to_string()), "{:?}", p.spec.binds);
+    assert!(p.spec.binds.contains(&"/mnt/hf-cache/ollama:/root/.cache/huggingface/ollama:ro".to_string()));
+    // Read-only cache: no overlay needed.
+    let p = plan(&cfg(&vllm()), &task(), &plugin, &facts).unwrap();
+    assert!(!p.spec.binds.iter().any(|b| b.contains("/ollama")), "{:?}", p.spec.binds);
+}

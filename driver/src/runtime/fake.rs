@@ -280,7 +280,13 @@ impl ContainerRuntime for FakeRuntime {
             .containers
             .iter()
             .filter(|(_, c)| c.labels.get(label).map(String::as_str) == Some(value))
-            .map(|(id, c)| Listed { id: id.clone(), labels: c.labels.clone(), created: 0 })
+            .map(|(id, c)| Listed {
+                id: id.clone(),
+                name: id.clone(),
+                state: "running".into(),
+                labels: c.labels.clone(),
+                created: 0,
+            })
             .collect())
     }
 }

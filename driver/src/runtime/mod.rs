@@ -180,6 +180,10 @@ pub struct Stats {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listed {
     pub id: String,
+    /// The container's name, without Docker's leading `/`.
+    pub name: String,
+    /// Docker's state: `created`, `running`, `exited`, …
+    pub state: String,
     pub labels: BTreeMap<String, String>,
     /// Creation time, unix seconds.
     pub created: i64,

@@ -129,12 +129,11 @@ pub fn metrics_text(cfg: &AgentConfig, s: &SharedRef) -> String {
             "Image pulls ahead, by result.",
             vec![("{result=\"ok\"}".into(), i.pulls_ok), ("{result=\"failed\"}".into(), i.pulls_failed)],
         );
-        let pulling: u64 = i.images.values().filter(|m| m.state == "pulling").map(|m| m.bytes_done).sum();
         metric(
             "aimodel_agent_image_pulled_bytes_total",
             "counter",
-            "Bytes of images pulled ahead (finished pulls plus running ones).",
-            vec![(String::new(), i.pulled_bytes + pulling)],
+            "Bytes of images pulled ahead by finished pulls.",
+            vec![(String::new(), i.pulled_bytes)],
         );
         metric(
             "aimodel_agent_images_removed_total",

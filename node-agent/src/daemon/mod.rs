@@ -147,7 +147,8 @@ pub async fn run(cfg: AgentConfig, hub: Hub) -> Result<(), DaemonError> {
     tokio::spawn(http::run_http(listener, cfg.clone(), shared.clone()));
 
     let (tx, rx) = watch::channel(BTreeSet::new());
-    let (images_tx, images_rx) = watch::channel(Vec::new());
+    // `None` until the first pass over the jobs: nothing is released before.
+    let (images_tx, images_rx) = watch::channel(None);
     // Without a Nomad source the sender is kept, silent: `rx.changed()` then never fires.
     let _silent = match cfg.nomad.clone() {
         Some(n) => {

@@ -16,5 +16,5 @@ mod policy;
 mod puller;
 
 pub use config::ImagesConfig;
-pub use policy::{decide, node_view, NodeView};
-pub use puller::{run, FetchNode, ImageStatus, ImagesStatus, HOLD_LABEL, HOLD_REF_LABEL};
+pub use policy::{decide, image_for, node_view, NodeView};
+pub use puller::{disk_guard, run, FetchNode, ImageStatus, ImagesStatus, HOLD_LABEL, HOLD_REF_LABEL};

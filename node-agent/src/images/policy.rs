@@ -1,13 +1,18 @@
 //! Which images this node pulls ahead: the documented policy, a pure function
 //! of the jobs' tasks and this node as Nomad reports it.
 //!
-//! A node pulls a task's image when all of these hold:
+//! A node *keeps* a task's image ([`image_for`]) when:
 //! - the job does not opt out (`meta { "aimodel.prepull" = "false" }` on the job, group or task);
-//! - the node is in one of the job's datacenters;
-//! - the node's `aimodel` driver is detected and healthy;
-//! - the node has at least the NVIDIA GPUs the task asks for (`device "nvidia/gpu"`);
+//! - the node is in one of the job's datacenters and in its node pool;
 //! - the image is known: the task's own `image`, else the default this node's
 //!   plugin publishes for the engine (`driver.aimodel.image.<engine>`).
+//!
+//! and *pulls* it ([`decide`]) when moreover:
+//! - the node's `aimodel` driver is detected and healthy;
+//! - the node has at least the NVIDIA GPUs the task asks for (`device "nvidia/gpu"`).
+//!
+//! Driver health and GPU health come and go (an NFS hiccup, a GPU fault): they
+//! gate new pulls, never the release of an image a registered job wants.
 
 use std::collections::BTreeMap;
 
@@ -17,6 +22,7 @@ use crate::jobs::TaskImage;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeView {
     pub datacenter: String,
+    pub node_pool: String,
     pub driver_healthy: bool,
     /// `driver.aimodel.*` attributes (the driver's fingerprint).
     pub attributes: BTreeMap<String, String>,
@@ -52,6 +58,7 @@ pub fn node_view(node: &serde_json::Value) -> NodeView {
         .unwrap_or(0);
     NodeView {
         datacenter: node.get("Datacenter").and_then(|d| d.as_str()).unwrap_or_default().to_string(),
+        node_pool: node.get("NodePool").and_then(|d| d.as_str()).unwrap_or_default().to_string(),
         driver_healthy: flag("Detected") && flag("Healthy"),
         attributes,
         gpus,
@@ -60,27 +67,27 @@ pub fn node_view(node: &serde_json::Value) -> NodeView {
 
 /// `*` matches any run of characters (Nomad's datacenter globs).
 fn glob(pattern: &str, text: &str) -> bool {
-    match pattern.split_once('*') {
-        None => pattern == text,
-        Some((head, rest)) => {
-            text.starts_with(head) && (0..=text.len() - head.len()).any(|i| glob(rest, &text[head.len() + i..]))
+    fn go(p: &[char], t: &[char]) -> bool {
+        match p.split_first() {
+            None => t.is_empty(),
+            Some(('*', rest)) => (0..=t.len()).any(|i| go(rest, &t[i..])),
+            Some((c, rest)) => t.first() == Some(c) && go(rest, &t[1..]),
         }
     }
+    go(&pattern.chars().collect::<Vec<_>>(), &text.chars().collect::<Vec<_>>())
 }
 
-/// The image this node pulls for `task`, or why it does not.
-pub fn decide(task: &TaskImage, node: &NodeView) -> Result<String, String> {
+/// The image this node keeps for `task` (a registered job wants it here), or why not.
+pub fn image_for(task: &TaskImage, node: &NodeView) -> Result<String, String> {
     if task.opted_out {
         return Err(format!("{}: the job opts out (meta {} = \"false\")", task.task, crate::jobs::PREPULL_META));
     }
     if !task.datacenters.is_empty() && !task.datacenters.iter().any(|d| glob(d, &node.datacenter)) {
         return Err(format!("{}: not in the job's datacenters {:?}", task.task, task.datacenters));
     }
-    if !node.driver_healthy {
-        return Err(format!("{}: the aimodel driver is not healthy on this node", task.task));
-    }
-    if task.gpus > node.gpus {
-        return Err(format!("{}: asks for {} GPUs, this node has {}", task.task, task.gpus, node.gpus));
+    let pool = task.node_pool.as_str();
+    if !pool.is_empty() && pool != "all" && !node.node_pool.is_empty() && pool != node.node_pool {
+        return Err(format!("{}: the job's node pool is {pool:?}, this node's {:?}", task.task, node.node_pool));
     }
     if let Some(image) = &task.image {
         return Ok(image.clone());
@@ -92,6 +99,18 @@ pub fn decide(task: &TaskImage, node: &NodeView) -> Result<String, String> {
         .ok_or_else(|| {
             format!("{}: no image, and this node's driver has no default for engine {:?}", task.task, task.engine)
         })
+}
+
+/// The image this node pulls for `task` now, or why it does not.
+pub fn decide(task: &TaskImage, node: &NodeView) -> Result<String, String> {
+    let image = image_for(task, node)?;
+    if !node.driver_healthy {
+        return Err(format!("{}: the aimodel driver is not healthy on this node", task.task));
+    }
+    if task.gpus > node.gpus {
+        return Err(format!("{}: asks for {} GPUs, this node has {}", task.task, task.gpus, node.gpus));
+    }
+    Ok(image)
 }
 
 #[cfg(test)]
@@ -117,6 +136,7 @@ mod tests {
             engine: "vllm".into(),
             gpus,
             datacenters: vec!["gpu-*".into()],
+            node_pool: String::new(),
             opted_out: false,
         }
     }
@@ -138,6 +158,14 @@ mod tests {
         let mut sick = node();
         sick["Drivers"]["aimodel"]["Healthy"] = false.into();
         assert!(decide(&task(None, 0), &node_view(&sick)).unwrap_err().contains("not healthy"));
+        assert!(image_for(&task(None, 0), &node_view(&sick)).is_ok(), "health gates pulls, not keeping");
         assert!(glob("*", "x") && glob("a*c", "abbc") && !glob("a*c", "abd") && glob("dc1", "dc1"));
+        assert!(glob("é*", "été") && !glob("a", "é"), "any characters, no byte slicing");
+        let pooled = TaskImage { node_pool: "gpu".into(), ..task(None, 0) };
+        let mut in_pool = node();
+        in_pool["NodePool"] = "default".into();
+        assert!(decide(&pooled, &node_view(&in_pool)).unwrap_err().contains("node pool"));
+        let any = TaskImage { node_pool: "all".into(), ..task(None, 0) };
+        assert!(decide(&any, &node_view(&in_pool)).is_ok());
     }
 }

@@ -21,6 +21,10 @@ impl Driver {
         if cfg.engine == crate::config::Engine::Ollama {
             return self.ollama_gate(task, cfg, facts).await;
         }
+        if !cfg.offline && cache_cfg.allow_write {
+            // The cache is mounted writable: the Ollama store inside it is not.
+            facts.readonly_overlays = super::ollama::store_overlay(&cache_cfg).await;
+        }
         let (Some(model), true) = (&cfg.model, crate::driver::cache::uses_hf_cache(cfg)) else { return Ok(facts) };
         // In use before the check: an agent's gc that reads the markers after
         // this cannot evict what the check is about to accept.

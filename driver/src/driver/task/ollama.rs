@@ -36,12 +36,15 @@ impl Driver {
         let cache = self.config().hf_cache.clone();
         let dir = cache.ollama_store();
         let names = cfg.ollama_models().map_err(DriverError::TaskConfig)?;
+        // What is bound into the container: the store's real directory, never a
+        // link someone with write access to the cache put in its place.
+        let (c, d) = (cache.clone(), dir.clone());
+        let mount = probe(&cache, &dir, move || store_to_mount(&c, &d))
+            .await?
+            .map_err(|reason| DriverError::CacheUnavailable { path: dir.display().to_string(), reason })?;
         if names.is_empty() {
             // No model named: the server sees what the store holds, if there is one.
-            let d = dir.clone();
-            if probe(&cache, &dir, move || d.is_dir()).await? {
-                facts.ollama_store = Some(dir.display().to_string());
-            }
+            facts.ollama_store = mount.map(|m| m.display().to_string());
             return Ok(facts);
         }
         let keys: Vec<String> = names.iter().map(hf_cache::ollama::state_key).collect();
@@ -53,6 +56,20 @@ impl Driver {
         if !missing.is_empty() {
             let message = failure_message(&cache, &dir, &missing);
             if !cfg.prewarm {
+                self.event(task, message.clone(), &[]);
+                return Err(DriverError::ModelIncomplete { message });
+            }
+            // Without the operator's mirror the agent fetches from the host in the
+            // model's name: a job must not make this node fetch from a host it picks.
+            let foreign = missing.iter().find(|c| !c.name.host.eq_ignore_ascii_case(hf_cache::ollama::DEFAULT_HOST));
+            if let (Some(c), None) = (foreign, &self.env().ollama_registry) {
+                let message = format!(
+                    "{message}; prewarm = true does not fetch {} from {}: only the operator's mirror \
+                     (AIMODEL_OLLAMA_REGISTRY) or {} (prewarm it with aimodel-agent)",
+                    c.name.short(),
+                    c.name.host,
+                    hf_cache::ollama::DEFAULT_HOST
+                );
                 self.event(task, message.clone(), &[]);
                 return Err(DriverError::ModelIncomplete { message });
             }
@@ -91,7 +108,7 @@ impl Driver {
         }
         let first = checks.first().and_then(|c| c.manifest_digest.clone()).unwrap_or_default();
         mark(&cache, task, &keys, &first, false).await;
-        facts.ollama_store = Some(dir.display().to_string());
+        facts.ollama_store = Some(mount.unwrap_or_else(|| dir.clone()).display().to_string());
         facts.ollama_models = names.iter().map(ModelName::short).collect();
         facts.model_bytes = Some(checks.iter().map(Check::bytes).sum());
         Ok(facts)
@@ -111,6 +128,49 @@ async fn probe<T: Send + 'static>(
         .await
         .map_err(|e| unavailable(e.to_string()))?
         .map_err(|t| unavailable(t.to_string()))
+}
+
+/// The store directory to bind into a container, if there is one: a real
+/// directory (a symbolic link in its place is refused, not followed), resolved;
+/// the default store (`<host_path>/ollama`) must resolve inside the cache.
+fn store_to_mount(cache: &HfCacheConfig, dir: &Path) -> Result<Option<PathBuf>, String> {
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+        Ok(m) if !m.is_dir() => {
+            return Err("the Ollama store is not a directory (a symbolic link there is refused, not followed)".into())
+        }
+        Ok(_) => {}
+    }
+    let real = std::fs::canonicalize(dir).map_err(|e| e.to_string())?;
+    if cache.ollama_path.is_empty() {
+        let base = std::fs::canonicalize(&cache.host_path).map_err(|e| e.to_string())?;
+        if !real.starts_with(&base) {
+            return Err(format!("the Ollama store resolves to {}, outside the cache", real.display()));
+        }
+    }
+    Ok(Some(real))
+}
+
+/// For a task that gets the cache writable: the shared store, when it is a
+/// directory inside the cache, as (host path, path in the container) to mount
+/// read-only over the writable cache.
+pub(super) async fn store_overlay(cache: &HfCacheConfig) -> Vec<(String, String)> {
+    let (c, dir) = (cache.clone(), cache.ollama_store());
+    let found = probe(cache, &dir, move || {
+        let real = store_to_mount(&c, &c.ollama_store()).ok()??;
+        let base = std::fs::canonicalize(&c.host_path).ok()?;
+        let rel = real.strip_prefix(&base).ok()?.to_path_buf();
+        Some((real, rel))
+    })
+    .await;
+    match found {
+        Ok(Some((real, rel))) => {
+            let inside = format!("{}/{}", cache.container_path.trim_end_matches('/'), rel.display());
+            vec![(real.display().to_string(), inside)]
+        }
+        _ => Vec::new(),
+    }
 }
 
 /// The quick check (metadata only) of every model.
@@ -270,6 +330,20 @@ impl TaskHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_real_store_directory_is_mounted() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = HfCacheConfig { host_path: d.path().display().to_string(), ..HfCacheConfig::default() };
+        let store = d.path().join("ollama");
+        assert_eq!(store_to_mount(&cache, &store).unwrap(), None, "no store, nothing mounted");
+        std::fs::create_dir(&store).unwrap();
+        assert_eq!(store_to_mount(&cache, &store).unwrap(), Some(std::fs::canonicalize(&store).unwrap()));
+        std::fs::remove_dir(&store).unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), &store).unwrap();
+        assert!(store_to_mount(&cache, &store).unwrap_err().contains("symbolic link"));
+    }
 
     #[test]
     fn preload_bodies_and_urls() {

@@ -128,6 +128,8 @@ fn task_config_checks() {
     let ok =
         task(&[("engine", Value::str("ollama")), ("model", Value::str("qwen:1b")), ("models", models(&["qwen:1b"]))]);
     assert_eq!(ok.unwrap().ollama_models().unwrap().len(), 1, "one model named twice is one model");
+    let labels = Value::object([("com.aimodel.hold", Value::str("true"))]);
+    assert_eq!(field(&[("engine", Value::str("ollama")), ("labels", labels)]).as_deref(), Some("labels"));
     assert_eq!(task_config(&[]).unwrap_err().field(), Some("engine"));
 }
 

@@ -448,8 +448,11 @@ impl ContainerRuntime for DockerRuntime {
         Ok(list
             .into_iter()
             .filter_map(|c| {
+                let name = c.names.as_ref().and_then(|n| n.first()).map(|n| n.trim_start_matches('/').to_string());
                 Some(Listed {
                     id: c.id?,
+                    name: name.unwrap_or_default(),
+                    state: c.state.map(|s| s.to_string()).unwrap_or_default(),
                     labels: c.labels.unwrap_or_default().into_iter().collect(),
                     created: c.created.unwrap_or(0),
                 })
