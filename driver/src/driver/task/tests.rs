@@ -191,3 +191,20 @@ async fn a_present_image_is_not_pulled_unless_the_task_says_always() {
     )
     .is_err());
 }
+
+#[tokio::test]
+async fn prewarm_fetches_foreign_ollama_names_only_through_the_operators_mirror() {
+    let fake = FakeRuntime::new(Script::default());
+    let d = driver_on(&fake);
+    let cache = tempfile::tempdir().unwrap();
+    let mut plugin = crate::config::PluginConfig::default();
+    plugin.hf_cache.host_path = cache.path().display().to_string();
+    d.set_config(plugin, true).unwrap();
+    let cfg = config(serde_json::json!({
+        "engine": "ollama", "image": "unit/ollama:1", "models": ["evil.example:8443/ns/m:t"], "prewarm": true
+    }));
+    let err = d.start_task(task("foreign"), cfg).await.unwrap_err();
+    assert!(matches!(err, DriverError::ModelIncomplete { .. }), "{err:?}");
+    assert!(err.to_string().contains("only the operator's mirror"), "{err}");
+    assert!(fake.calls().iter().all(|c| !c.starts_with("create ")), "{:?}", fake.calls());
+}
