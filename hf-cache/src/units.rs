@@ -88,6 +88,15 @@ fn bytes(text: &str) -> Result<u64, String> {
     Ok(bytes as u64)
 }
 
+/// `12.3 MiB/s`: `bytes` over `elapsed`, as [`human_bytes`] per second.
+pub fn human_rate(bytes: u64, elapsed: std::time::Duration) -> String {
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    // Display only: a float-to-int cast saturates (and is never negative here).
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let rate = (bytes as f64 / secs) as u64;
+    format!("{}/s", human_bytes(rate))
+}
+
 /// `12.3 GiB`: binary units, one decimal.
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 
 use hf_cache::ollama::{ModelName, Store};
 use hf_cache::state::StateDir;
-use hf_cache::units::human_bytes;
+use hf_cache::units::{human_bytes, human_rate};
 
 use super::prewarm::show_progress;
 use super::PrewarmArgs;
@@ -47,17 +47,14 @@ pub(super) async fn prewarm(a: PrewarmArgs, hub_dir: &Path, store: PathBuf, mirr
     if let Some(e) = record_err {
         eprintln!("aimodel-agent: could not record {label} as warm for the driver: {e}");
     }
-    let secs = s.elapsed.as_secs_f64().max(1e-9);
-    // Display only: a float-to-int cast saturates (and is never negative here).
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    let rate = (s.downloaded as f64 / secs) as u64;
     println!(
-        "{label} = {}: {} blobs, {}, {} downloaded in {secs:.1} s ({}/s) into {}",
+        "{label} = {}: {} blobs, {}, {} downloaded in {:.1} s ({}) into {}",
         s.manifest_digest,
         s.blobs,
         human_bytes(s.bytes),
         human_bytes(s.downloaded),
-        human_bytes(rate),
+        s.elapsed.as_secs_f64(),
+        human_rate(s.downloaded, s.elapsed),
         store.display()
     );
     Ok(ExitCode::SUCCESS)

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use hf_cache::units::human_bytes;
+use hf_cache::units::{human_bytes, human_rate};
 
 use super::{split, PrewarmArgs};
 use crate::env::Environment;
@@ -51,18 +51,14 @@ pub(super) async fn run(a: PrewarmArgs, dir: PathBuf, env: &Environment) -> Resu
     for path in &s.repaired {
         println!("{repo}@{rev}: {path}: the cached blob was corrupt; downloaded again");
     }
-    let secs = s.elapsed.as_secs_f64().max(1e-9);
-    // Display only: a float-to-int cast saturates (and is never negative here).
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    let rate = (s.downloaded as f64 / secs) as u64;
     println!(
-        "{repo}@{rev} = {}: {} files, {}, {} downloaded in {:.1} s ({}/s)",
+        "{repo}@{rev} = {}: {} files, {}, {} downloaded in {:.1} s ({})",
         s.commit,
         s.files,
         human_bytes(s.bytes),
         human_bytes(s.downloaded),
-        secs,
-        human_bytes(rate)
+        s.elapsed.as_secs_f64(),
+        human_rate(s.downloaded, s.elapsed)
     );
     Ok(ExitCode::SUCCESS)
 }
